@@ -1,0 +1,41 @@
+# One virtual environment at .venv, pinned versions from requirements/lock.txt.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch is what installs on CPU-only machines; GPU users may override TORCH_SPEC.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo toy test test-slow lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/lock.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -c requirements/lock.txt -e ".[dev,math,data]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/flowrl demo
+
+toy: $(STAMP)
+	$(BIN)/flowrl toy --plot outputs/toy.png
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check flowrl tests benchmarks
+	$(BIN)/ruff format --check flowrl tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix flowrl tests benchmarks
+	$(BIN)/ruff format flowrl tests benchmarks
+
+clean:
+	rm -rf $(VENV) outputs runs
