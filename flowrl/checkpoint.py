@@ -1,0 +1,122 @@
+"""Training checkpoints: written atomically, found again on resume.
+
+Layout of one checkpoint (``<output_dir>/checkpoints/step_000010/``)::
+
+    model/                   save_pretrained: config, safetensors weights, tokenizer (no log Z head)
+    log_z_head.safetensors   the head, keys prefixed with flowrl.partition.LOG_Z_PREFIX
+    trainer_state.pt         optimizer, scheduler, RNG states, data position, step
+    COMPLETE                 written last
+
+Everything is written into a hidden temporary directory that is renamed into place at the end, and a
+checkpoint counts only with its ``COMPLETE`` marker, so a kill during a save never leaves a checkpoint
+that looks valid but is not.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from flowrl.partition import LOG_Z_PREFIX
+
+HEAD_FILE = "log_z_head.safetensors"
+STATE_FILE = "trainer_state.pt"
+MODEL_DIR = "model"
+COMPLETE_MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def save_log_z_head(head: nn.Module | None, path: str | Path) -> None:
+    """Save the head's weights with the project's key prefix (an empty file for no head)."""
+    from safetensors.torch import save_file
+
+    tensors = {} if head is None else {LOG_Z_PREFIX + k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_file(tensors, str(path))
+
+
+def load_log_z_head(head: nn.Module | None, path: str | Path) -> None:
+    """Load weights saved by :func:`save_log_z_head` into ``head`` (strict)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    if head is None:
+        if tensors:
+            raise ValueError(f"{path} holds a log Z head but this run has none (log_z.num_layers or objective differ)")
+        return
+    state = {k[len(LOG_Z_PREFIX) :]: v for k, v in tensors.items() if k.startswith(LOG_Z_PREFIX)}
+    head.load_state_dict(state, strict=True)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    *,
+    model: nn.Module,
+    tokenizer: Any,
+    head: nn.Module | None,
+    trainer_state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically and keep only the ``keep`` newest."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp_step_{step:06d}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp / MODEL_DIR, safe_serialization=True)
+    tokenizer.save_pretrained(tmp / MODEL_DIR)
+    save_log_z_head(head, tmp / HEAD_FILE)
+    torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
+    with open(tmp / COMPLETE_MARKER, "w") as f:
+        f.write(f"{step}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():  # re-saving a step after a resume
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / COMPLETE_MARKER).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint (call :func:`set_rng_state` on its ``rng`` when resuming)."""
+    return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False)

@@ -1,0 +1,220 @@
+"""The trainer's configuration: typed dataclasses, YAML files and dotted command-line overrides.
+
+``load_config("configs/x.yaml", ["optim.lr=1e-6"])`` merges the dataclass defaults, the YAML file and
+the overrides with OmegaConf structured configs (types checked by OmegaConf), then :func:`validate`
+checks the combinations. An unknown key is named together with the closest valid one.
+
+Defaults trace to the paper (arXiv 2509.15207, spec section 4) unless a comment says otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+
+@dataclass
+class ModelConfig:
+    path: str = MISSING  # local directory or hub id of a causal LM (transformers Auto classes)
+    dtype: str = "float32"  # weights' dtype: float32 (with bf16 autocast on GPU), bfloat16 or auto
+    attn_implementation: str = "sdpa"  # "sdpa", "eager" or "flash_attention_2"
+    gradient_checkpointing: bool | None = None  # None: on for GPU, off on CPU
+    trust_remote_code: bool = False
+    logprob_chunk_size: int = 1024  # tokens per chunk of the log-softmax (memory: chunk x vocabulary)
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)  # parquet/jsonl files in verl's schema
+    max_prompt_length: int = 2048  # prompts longer than this (in tokens) are skipped, counted and reported
+    shuffle: bool = True  # reshuffle every epoch (seeded)
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # rollout engine; "hf" = transformers generate on the policy itself
+    num_samples_per_prompt: int = 8  # n responses per prompt (a GRPO/FlowRL group)
+    temperature: float = 1.0  # paper: 1.0 for math, 0.6 for code; log-probs use the same temperature
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    max_new_tokens: int = 8192  # paper: 8192 response tokens
+    batch_size: int = 64  # sequences per generate call
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "flowrl"  # a key of flowrl.objectives.OBJECTIVES: flowrl, grpo, dr_grpo, reinforce_pp
+    loss: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the objective's loss function
+    advantage: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its advantage function
+
+
+@dataclass
+class LogZConfig:
+    num_layers: int = 3  # MLP depth (spec section 2); 0 = no head, log Z = 0 (the authors' ablation)
+    dropout: float = 0.1
+    lr: float | None = None  # None: the policy's learning rate (the reference code shares the optimizer)
+    weight_decay: float | None = None  # None: the policy's weight decay
+    detach_input: bool = False  # stop the TB gradient into the backbone through log Z
+    exclude_last_prompt_token: bool = False  # reproduce the reference code's pooling off-by-one
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 10  # RL steps of linear warm-up
+    schedule: str = "constant"  # after warm-up: "constant" or "cosine"
+
+
+@dataclass
+class RewardConfig:
+    function: str | None = None  # "module:function" called as fn(response, example); None: by data_source
+    num_workers: int = 2  # worker processes for math checks / sandboxed programs
+
+
+@dataclass
+class TrainConfig:
+    total_steps: int = 200  # RL steps (one rollout batch each)
+    prompts_per_step: int = 512
+    mini_batch_size: int = 256  # sequences per optimizer step (paper: 32 prompts x 8 = 256)
+    micro_batch_size: int = 8  # sequences per forward/backward; does not change the loss
+    epochs_per_rollout: int = 1  # passes over a rollout batch (paper: 16 mini-batches, one pass)
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
+    bf16: bool | None = None  # autocast to bfloat16; None: on for CUDA, off on CPU
+    output_dir: str = "runs/flowrl"
+    save_every: int = 50  # steps between checkpoints (and always at the end); 0 = only at the end
+    keep_checkpoints: int = 2  # most recent checkpoints kept on disk
+    sample_every: int = 10  # steps between printed sample responses; 0 = never
+    num_samples_to_show: int = 3
+    tensorboard: bool = True
+    wandb_project: str | None = None  # log to W&B when set and wandb is installed
+    progress: bool = True  # progress bars during generation and updates
+    plot: bool = True  # PNG of reward, loss, log Z and length at the end
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    log_z: LogZConfig = field(default_factory=LogZConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _valid_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        keys.append(name)
+        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config")):
+            keys += _valid_keys(globals()[f.type] if isinstance(f.type, str) else f.type, f"{name}.")
+    return keys
+
+
+def _unknown_key_error(exc: Exception, source: str) -> ValueError:
+    key = getattr(exc, "full_key", None) or str(exc)
+    close = difflib.get_close_matches(str(key), _valid_keys(Config), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"unknown config key {key!r} in {source}{hint}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Merge defaults, a YAML file and ``key=value`` overrides into a validated :class:`Config`."""
+    merged = OmegaConf.structured(Config)
+    sources: list[tuple[str, DictConfig]] = []
+    if path is not None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        sources.append((str(path), OmegaConf.load(path)))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ValueError(f"overrides must look like key=value (e.g. optim.lr=1e-6), got {bad}")
+    if overrides:
+        sources.append(("command-line overrides", OmegaConf.from_dotlist(list(overrides))))
+    for source, conf in sources:
+        try:
+            merged = OmegaConf.merge(merged, conf)
+        except (ConfigKeyError, ConfigAttributeError) as exc:
+            raise _unknown_key_error(exc, source) from exc
+        except ValidationError as exc:
+            raise ValueError(f"invalid value in {source}: {exc.msg} (key {exc.full_key!r})") from exc
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ValueError(f"missing required config value(s) {missing}; set them in the YAML or as key=value")
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def _check_kwargs(fn: Any, kwargs: dict[str, Any], where: str, reserved: set[str]) -> None:
+    params = inspect.signature(fn).parameters
+    allowed = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in reserved]
+    for key in kwargs:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown option {where}.{key}{hint} (valid: {', '.join(allowed)})")
+
+
+def validate(cfg: Config) -> None:
+    """Check combinations OmegaConf's types cannot; raise ``ValueError`` saying what to change."""
+    from flowrl.objectives import OBJECTIVES
+
+    name = cfg.algorithm.name
+    if name not in OBJECTIVES:
+        raise ValueError(f"algorithm.name={name!r} is not one of {sorted(OBJECTIVES)}")
+    objective = OBJECTIVES[name]
+    if objective.needs_values:
+        raise ValueError(
+            f"algorithm.name={name!r} needs a value model, which the LM trainer does not train; "
+            "use flowrl, grpo, dr_grpo or reinforce_pp"
+        )
+    _check_kwargs(objective.loss_fn, cfg.algorithm.loss, "algorithm.loss", {"normalizer"})
+    _check_kwargs(objective.advantage_fn, cfg.algorithm.advantage, "algorithm.advantage", {"num_samples_per_prompt"})
+    t = cfg.train
+    n = cfg.rollout.num_samples_per_prompt
+    if n < 1 or t.prompts_per_step < 1:
+        raise ValueError("rollout.num_samples_per_prompt and train.prompts_per_step must be >= 1")
+    if n == 1 and name != "reinforce_pp":
+        raise ValueError(f"{name} normalizes rewards within a group: set rollout.num_samples_per_prompt >= 2")
+    if t.micro_batch_size < 1 or t.mini_batch_size < t.micro_batch_size:
+        raise ValueError(
+            f"need 1 <= train.micro_batch_size <= train.mini_batch_size "
+            f"(got {t.micro_batch_size} and {t.mini_batch_size})"
+        )
+    if t.total_steps < 1 or t.epochs_per_rollout < 1:
+        raise ValueError("train.total_steps and train.epochs_per_rollout must be >= 1")
+    if cfg.optim.schedule not in ("constant", "cosine"):
+        raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {cfg.optim.schedule!r}")
+    if cfg.rollout.engine != "hf":
+        raise ValueError(f"rollout.engine={cfg.rollout.engine!r}: only 'hf' (transformers) is available")
+    if cfg.rollout.temperature <= 0:
+        raise ValueError("rollout.temperature must be > 0 for training (log-probs are divided by it)")
+    if cfg.log_z.num_layers < 0:
+        raise ValueError("log_z.num_layers must be >= 0 (0 = no head, log Z fixed at 0)")
+    if not cfg.data.train_files:
+        raise ValueError("data.train_files is empty; give one or more parquet/jsonl files in verl's schema")
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (printed at start and saved with the run)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """A :class:`Config` from a plain dict (a saved run's config)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))  # type: ignore[return-value]

@@ -1,0 +1,240 @@
+"""The objectives: FlowRL and its baselines as pure tensor functions, and a plain dict of them.
+
+Shape legend:
+    N  sequences (prompts x samples, contiguous groups of ``num_samples_per_prompt``)
+    T  response tokens (right-padded)
+    response_mask  (N, T), 1 on real response tokens
+
+Each :class:`Objective` bundles a loss, the advantage estimator it expects and what the trainer must
+provide. The trainer calls::
+
+    advantages = objective.advantage_fn(rewards, response_mask, old_logprobs, ref_logprobs,
+                                        num_samples_per_prompt=n, **advantage_kwargs)
+    normalizer = sum(objective.count_units(micro.response_mask, **loss_kwargs) for micro in mini_batch)
+    loss, metrics = objective.loss_fn(logprobs=..., old_logprobs=..., advantages=..., response_mask=...,
+                                      [ref_logprobs=...,] [log_z=...,] normalizer=normalizer, **loss_kwargs)
+
+and the micro-batch losses add up to the loss of the whole mini-batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from flowrl.objectives.advantages import (
+    KL_ESTIMATORS,
+    gae,
+    group_normalized_rewards,
+    kl_penalty,
+    reinforce_pp_advantages,
+)
+from flowrl.objectives.flowrl import (
+    IMPORTANCE_WEIGHT_MODES,
+    REFERENCES,
+    SEQUENCE_WEIGHTINGS,
+    flowrl_loss,
+    sequence_importance_weight,
+)
+from flowrl.objectives.grpo import dr_grpo_loss, grpo_loss
+from flowrl.objectives.masked import (
+    LOSS_AGG_MODES,
+    aggregate_loss,
+    count_units,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+    mean_over_sequences,
+)
+from flowrl.objectives.ppo import clipped_surrogate, ppo_policy_loss, value_loss
+from flowrl.objectives.reinforce_pp import reinforce_pp_loss
+
+LossFn = Callable[..., tuple[Tensor, dict[str, Tensor]]]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A policy objective and what the trainer must feed it."""
+
+    name: str
+    """Key in :data:`OBJECTIVES` and the ``objective`` config value."""
+    loss_fn: LossFn
+    """Keyword tensors (``logprobs``, ``old_logprobs``, ``advantages``, ``response_mask``, plus the ones
+    flagged below) and hyperparameters in; ``(loss, metrics)`` out."""
+    advantage_fn: Callable[..., Tensor]
+    """``advantage_fn(rewards, response_mask, old_logprobs, ref_logprobs, *, num_samples_per_prompt,
+    **advantage_kwargs)``: (N,) per-sequence or (N, T) per-token advantages, without gradient."""
+    uses_log_z: bool
+    """``loss_fn`` takes ``log_z`` (N,): the trainer needs a partition head."""
+    uses_ref_logprobs: bool
+    """``loss_fn`` takes ``ref_logprobs`` (N, T)."""
+    needs_values: bool
+    """Needs a critic (PPO); the LM trainer has none and refuses the objective."""
+    count_units: Callable[..., float]
+    """``count_units(response_mask, **loss_kwargs)``: the local number of units the loss averages over
+    (tokens, sequences, or the summed sequence lengths of FlowRL's ``sequence_weighting="length"``).
+    Summed over a mini-batch, it is the ``normalizer`` to pass to every micro-batch."""
+    advantage_uses_ref_logprobs: bool = False
+    """``advantage_fn`` reads ``ref_logprobs`` (REINFORCE++ puts the KL into the reward), so the trainer
+    must compute them even when ``uses_ref_logprobs`` is False."""
+
+
+def _loss_default(loss_fn: LossFn, argument: str) -> Any:
+    """The default of a loss argument, read from its signature so the two cannot drift apart."""
+    return inspect.signature(loss_fn).parameters[argument].default
+
+
+def _units_by_agg_mode(loss_fn: LossFn) -> Callable[..., float]:
+    """``count_units`` for a loss aggregated with ``loss_agg_mode`` (default: the loss's own)."""
+    default_mode = _loss_default(loss_fn, "loss_agg_mode")
+
+    def units(response_mask: Tensor, *, loss_agg_mode: str = default_mode, **_loss_kwargs: Any) -> float:
+        return count_units(response_mask, loss_agg_mode)
+
+    return units
+
+
+def _flowrl_units(
+    response_mask: Tensor,
+    *,
+    sequence_weighting: str = _loss_default(flowrl_loss, "sequence_weighting"),
+    **_loss_kwargs: Any,
+) -> float:
+    # Length weighting divides by the summed lengths, i.e. the token count; the plain mean by N.
+    return count_units(
+        response_mask, "token-mean" if sequence_weighting == "length" else "seq-mean-token-mean"
+    )
+
+
+def _group_advantages(
+    rewards: Tensor,
+    response_mask: Tensor,
+    old_logprobs: Tensor | None,
+    ref_logprobs: Tensor | None,
+    *,
+    num_samples_per_prompt: int,
+    **advantage_kwargs: Any,
+) -> Tensor:
+    """GRPO's group-normalized rewards (FlowRL's r_hat); ``advantage_kwargs``: ``eps``, ``scale_by_std``."""
+    return group_normalized_rewards(rewards, num_samples_per_prompt, **advantage_kwargs)
+
+
+def _dr_grpo_advantages(
+    rewards: Tensor,
+    response_mask: Tensor,
+    old_logprobs: Tensor | None,
+    ref_logprobs: Tensor | None,
+    *,
+    num_samples_per_prompt: int,
+    **advantage_kwargs: Any,
+) -> Tensor:
+    """Dr. GRPO's advantage: rewards minus the group mean, not divided by the group std (2503.20783)."""
+    return group_normalized_rewards(rewards, num_samples_per_prompt, scale_by_std=False, **advantage_kwargs)
+
+
+def _reinforce_pp_advantages(
+    rewards: Tensor,
+    response_mask: Tensor,
+    old_logprobs: Tensor,
+    ref_logprobs: Tensor,
+    *,
+    num_samples_per_prompt: int,
+    **advantage_kwargs: Any,
+) -> Tensor:
+    """REINFORCE++ advantages; groups play no part (the whole batch is whitened).
+
+    ``advantage_kwargs``: ``kl_coef``, ``kl_estimator``.
+    """
+    return reinforce_pp_advantages(rewards, response_mask, old_logprobs, ref_logprobs, **advantage_kwargs)
+
+
+def _ppo_advantages(*args: Any, **kwargs: Any) -> Tensor:
+    raise ValueError(
+        "PPO needs a value model: its advantages come from a critic's values through "
+        "flowrl.objectives.gae(token_rewards, values, response_mask), which this trainer does not train. "
+        "Use objective 'flowrl', 'grpo', 'dr_grpo' or 'reinforce_pp', or call gae and ppo_policy_loss "
+        "directly with your own critic."
+    )
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "flowrl": Objective(
+        name="flowrl",
+        loss_fn=flowrl_loss,
+        advantage_fn=_group_advantages,
+        uses_log_z=True,
+        uses_ref_logprobs=True,
+        needs_values=False,
+        count_units=_flowrl_units,
+    ),
+    "grpo": Objective(
+        name="grpo",
+        loss_fn=grpo_loss,
+        advantage_fn=_group_advantages,
+        uses_log_z=False,
+        uses_ref_logprobs=True,
+        needs_values=False,
+        count_units=_units_by_agg_mode(grpo_loss),
+    ),
+    "dr_grpo": Objective(
+        name="dr_grpo",
+        loss_fn=dr_grpo_loss,
+        advantage_fn=_dr_grpo_advantages,
+        uses_log_z=False,
+        uses_ref_logprobs=True,
+        needs_values=False,
+        count_units=_units_by_agg_mode(dr_grpo_loss),
+    ),
+    "reinforce_pp": Objective(
+        name="reinforce_pp",
+        loss_fn=reinforce_pp_loss,
+        advantage_fn=_reinforce_pp_advantages,
+        uses_log_z=False,
+        uses_ref_logprobs=False,
+        needs_values=False,
+        count_units=_units_by_agg_mode(reinforce_pp_loss),
+        advantage_uses_ref_logprobs=True,
+    ),
+    "ppo": Objective(
+        name="ppo",
+        loss_fn=ppo_policy_loss,
+        advantage_fn=_ppo_advantages,
+        uses_log_z=False,
+        uses_ref_logprobs=False,
+        needs_values=True,
+        count_units=_units_by_agg_mode(ppo_policy_loss),
+    ),
+}
+"""Every objective by name. Only "ppo" has ``needs_values``."""
+
+__all__ = [
+    "IMPORTANCE_WEIGHT_MODES",
+    "KL_ESTIMATORS",
+    "LOSS_AGG_MODES",
+    "OBJECTIVES",
+    "REFERENCES",
+    "SEQUENCE_WEIGHTINGS",
+    "Objective",
+    "aggregate_loss",
+    "clipped_surrogate",
+    "count_units",
+    "dr_grpo_loss",
+    "flowrl_loss",
+    "gae",
+    "group_normalized_rewards",
+    "grpo_loss",
+    "kl_penalty",
+    "masked_mean",
+    "masked_sum",
+    "masked_whiten",
+    "mean_over_sequences",
+    "ppo_policy_loss",
+    "reinforce_pp_advantages",
+    "reinforce_pp_loss",
+    "sequence_importance_weight",
+    "value_loss",
+]

@@ -1,0 +1,193 @@
+"""Advantage estimators: group-normalized rewards, REINFORCE++ returns, GAE, KL penalties.
+
+Shape legend:
+    N  sequences (prompts x samples, contiguous groups of ``num_samples_per_prompt``)
+    T  response tokens (right-padded)
+    response_mask  (N, T), 1 on real response tokens
+
+Advantages are targets, not functions of the parameters: every estimator runs under
+``torch.no_grad()`` and returns a tensor without history.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from flowrl.objectives.masked import apply_mask, check_batch_shapes, masked_whiten
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+"""Schulman's per-token estimators of KL(pi || pi_ref) from tokens sampled from pi ("Approximating KL
+Divergence", 2020). With the log-ratio ``d = log pi - log pi_ref``: k1 = d, k2 = d^2 / 2,
+k3 = exp(-d) - 1 + d."""
+
+GROUP_STD_EPS = 1e-6
+"""Added to the group std in GRPO's normalization (2402.03300; verl's ``epsilon``)."""
+
+
+@torch.no_grad()
+def group_normalized_rewards(
+    rewards: Tensor,
+    num_samples_per_prompt: int,
+    eps: float = GROUP_STD_EPS,
+    *,
+    scale_by_std: bool = True,
+) -> Tensor:
+    """GRPO's outcome advantage: rewards standardized within each prompt's group (2402.03300, sec. 4.1.2).
+
+    ``r_hat = (r - mean_group(r)) / (std_group(r) + eps)`` with the unbiased (n - 1) std. A group of one
+    uses mean 0 and std 1, so ``r_hat = r`` (verl's convention, here without eps). A group whose rewards are all equal gets
+    exactly 0. With ``scale_by_std=False`` only the mean is subtracted: Dr. GRPO (2503.20783), which
+    argues the std division biases updates toward too easy and too hard prompts.
+
+    Args:
+        rewards: (N,) one scalar reward per response; groups are contiguous.
+        num_samples_per_prompt: n, the group size; must divide N.
+        eps: added to the std.
+        scale_by_std: divide by the group std (GRPO) or not (Dr. GRPO).
+
+    Returns:
+        (N,) normalized rewards, same dtype as ``rewards`` (float32 when they are integers).
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be (N,), one per response; got shape {tuple(rewards.shape)}")
+    n = num_samples_per_prompt
+    if n < 1 or rewards.shape[0] % n != 0:
+        raise ValueError(
+            f"num_samples_per_prompt={n} must be a positive divisor of the number of responses "
+            f"N={rewards.shape[0]}; responses come in contiguous groups of num_samples_per_prompt per prompt"
+        )
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+    if n == 1:
+        return rewards.clone()  # mean 0 and std 1 (without eps): a lone response keeps its reward
+    groups = rewards.view(-1, n)
+    # Shift by the first member before averaging: a group of equal rewards then gives exact zeros
+    # (a float mean of equal numbers can miss them by an ulp, which the division by eps magnifies).
+    shifted = groups - groups[:, :1]
+    mean = groups[:, :1] + shifted.mean(dim=1, keepdim=True)
+    std = shifted.std(dim=1, keepdim=True)
+    centered = groups - mean
+    normalized = centered / (std + eps) if scale_by_std else centered
+    return normalized.reshape(-1)
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str) -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (see :data:`KL_ESTIMATORS`).
+
+    Not under ``no_grad``: GRPO's KL loss differentiates it.
+
+    Args:
+        logprobs: (N, T) log pi of the sampled tokens.
+        ref_logprobs: (N, T) log pi_ref of the same tokens.
+        kind: ``"k1"`` (unbiased, high variance), ``"k2"`` (squared log-ratio / 2) or ``"k3"``
+            (unbiased and nonnegative; GRPO's choice, 2402.03300 eq. 4).
+
+    Returns:
+        (N, T) per-token estimates (padding is not masked here).
+    """
+    if ref_logprobs.shape != logprobs.shape:
+        raise ValueError(
+            f"ref_logprobs has shape {tuple(ref_logprobs.shape)} but logprobs has {tuple(logprobs.shape)}; "
+            "they must match"
+        )
+    log_ratio = logprobs - ref_logprobs
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio.square()
+    if kind == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown kl estimator {kind!r}; use one of {', '.join(KL_ESTIMATORS)}")
+
+
+def _last_token_index(response_mask: Tensor) -> Tensor:
+    """(N,) index of the last real token of each row (0 for an empty row)."""
+    positions = torch.arange(response_mask.shape[-1], device=response_mask.device)
+    return torch.where(response_mask.to(torch.bool), positions, 0).argmax(dim=-1)
+
+
+@torch.no_grad()
+def reinforce_pp_advantages(
+    rewards: Tensor,
+    response_mask: Tensor,
+    old_logprobs: Tensor,
+    ref_logprobs: Tensor,
+    *,
+    kl_coef: float = 0.001,
+    kl_estimator: str = "k1",
+) -> Tensor:
+    """REINFORCE++ advantages (Hu, 2501.03262): KL-shaped token rewards, return-to-go, batch whitening.
+
+    Token reward ``-kl_coef * kl_t`` on every response token plus the scalar reward on the last one;
+    the undiscounted return-to-go of those rewards; then whitened over all real tokens of the batch
+    (the global normalization that replaces GRPO's per-prompt one). ``kl_coef = 0.001`` is the paper's.
+
+    Args:
+        rewards: (N,) scalar outcome reward per response.
+        response_mask: (N, T), 1 on real response tokens.
+        old_logprobs: (N, T) log-probs of the sampling policy.
+        ref_logprobs: (N, T) log-probs of the reference policy.
+        kl_coef: weight of the per-token KL penalty in the reward.
+        kl_estimator: one of :data:`KL_ESTIMATORS`.
+
+    Returns:
+        (N, T) advantages, 0 on padding.
+    """
+    check_batch_shapes(
+        response_mask,
+        per_token={"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs},
+        per_sequence={"rewards": rewards},
+    )
+    kl = kl_penalty(
+        apply_mask(old_logprobs, response_mask), apply_mask(ref_logprobs, response_mask), kl_estimator
+    )
+    token_rewards = -kl_coef * kl
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    token_rewards[rows, _last_token_index(response_mask)] += rewards.to(token_rewards.dtype)
+    token_rewards = apply_mask(token_rewards, response_mask)
+    returns = token_rewards.flip(-1).cumsum(-1).flip(-1)
+    return masked_whiten(returns, response_mask)
+
+
+@torch.no_grad()
+def gae(
+    token_rewards: Tensor,
+    values: Tensor,
+    response_mask: Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimation (Schulman et al., 1506.02438) for PPO (1707.06347).
+
+    ``delta_t = r_t + gamma V_{t+1} - V_t`` and ``A_t = delta_t + gamma lam A_{t+1}``, where t+1 is the
+    next *real* token (padding is skipped) and the value after the last real token is 0 (the response
+    ended). Returns are ``A_t + V_t``, the critic's regression target. Not whitened: verl whitens the
+    advantages afterwards (``masked_whiten``), which the caller may do.
+
+    Args:
+        token_rewards: (N, T) reward per token (usually the outcome on the last token, minus a KL term).
+        values: (N, T) critic values V_t of the states before each token.
+        response_mask: (N, T), 1 on real response tokens.
+        gamma: discount factor (1.0 for LLM responses, as in verl).
+        lam: GAE's bias-variance trade-off (0.95, verl's default).
+
+    Returns:
+        ``(advantages, returns)``, each (N, T), 0 on padding.
+    """
+    check_batch_shapes(response_mask, per_token={"token_rewards": token_rewards, "values": values})
+    real = response_mask.to(torch.bool)
+    token_rewards, values = apply_mask(token_rewards, real), apply_mask(values, real)
+    next_value = torch.zeros_like(values[:, 0])
+    next_advantage = torch.zeros_like(values[:, 0])
+    advantages = torch.zeros_like(values)
+    for t in reversed(range(values.shape[-1])):
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        # A padded position passes the next real token's value and advantage through unchanged.
+        next_value = torch.where(real[:, t], values[:, t], next_value)
+        next_advantage = torch.where(real[:, t], advantage, next_advantage)
+        advantages[:, t] = next_advantage
+    advantages = apply_mask(advantages, real)
+    return advantages, apply_mask(advantages + values, real)

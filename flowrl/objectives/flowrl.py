@@ -1,0 +1,191 @@
+"""The FlowRL loss (Zhu et al., "FlowRL: Matching Reward Distributions for LLM Reasoning", 2509.15207).
+
+Shape legend:
+    N  sequences (prompts x samples, contiguous groups of ``num_samples_per_prompt``)
+    T  response tokens (right-padded)
+    response_mask  (N, T), 1 on real response tokens
+
+FlowRL fits the policy to the target ``p*(y|x) = exp(beta r_hat(x, y)) pi_ref(y|x) / Z(x)``. Minimizing
+KL(pi || p*) is, in gradient, the trajectory-balance loss of GFlowNets: a squared residual between
+``log Z(x) + log pi(y|x)`` and ``beta r_hat + log pi_ref(y|x)``, with length-normalized log-probs and a
+sequence-level importance weight for off-policy samples. The switches below are the choices on which
+the paper, its reference code and the verl recipe differ (docs/flowrl-spec.md, section 3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from flowrl.objectives.masked import (
+    check_batch_shapes,
+    masked_mean,
+    masked_sum,
+    mean_over_sequences,
+    sequence_lengths,
+)
+
+BETA = 15.0
+"""Inverse temperature of the target distribution (the paper's value, hard-coded in its code)."""
+
+MAX_IMPORTANCE_WEIGHT = 10.0
+"""Cap of the ``"clamp"`` importance weight (the authors' later default and the verl recipe's)."""
+
+CLIP_EPS = 0.2
+"""Half-width of the ``"clip"`` importance-weight interval [1 - eps, 1 + eps] (the paper's text)."""
+
+IMPORTANCE_WEIGHT_MODES = ("clamp", "clip", "none", "on_policy")
+"""``clamp``: min(exp(log_w), max) (default); ``clip``: clip(exp(log_w), 1 - eps, 1 + eps) (the paper);
+``none``: exp(log_w), unbounded (the code behind the paper's numbers); ``on_policy``: 1."""
+
+REFERENCES = ("ref", "old")
+"""The policy in the residual: pi_ref (the paper) or pi_old (an ablation the authors tried)."""
+
+SEQUENCE_WEIGHTINGS = ("mean", "length")
+"""``mean``: plain mean over sequences (default); ``length``: weighted by response length (what a
+loss-scaling bug in the reference code did)."""
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; use one of {', '.join(choices)}")
+
+
+def sequence_importance_weight(
+    log_w: Tensor,
+    mode: str,
+    *,
+    max_importance_weight: float = MAX_IMPORTANCE_WEIGHT,
+    clip_eps: float = CLIP_EPS,
+) -> Tensor:
+    """Sequence-level importance weight ``w`` from the log-ratio ``log_w``, detached.
+
+    Computed in log space where it is bounded, so no mode but ``"none"`` can overflow.
+
+    Args:
+        log_w: (N,) ``sum_t (logprobs - old_logprobs)`` over each response's tokens.
+        mode: one of :data:`IMPORTANCE_WEIGHT_MODES`.
+        max_importance_weight: the cap of ``"clamp"``.
+        clip_eps: the interval half-width of ``"clip"``.
+
+    Returns:
+        (N,) weights without gradient history.
+    """
+    _check_choice("importance_weight", mode, IMPORTANCE_WEIGHT_MODES)
+    log_w = log_w.detach()
+    if mode == "clamp":
+        if not max_importance_weight > 0:
+            raise ValueError(f"max_importance_weight must be positive, got {max_importance_weight}")
+        return torch.exp(torch.clamp(log_w, max=math.log(max_importance_weight)))
+    if mode == "clip":
+        if not 0 < clip_eps < 1:
+            raise ValueError(f"clip_eps must be in (0, 1) for importance_weight='clip', got {clip_eps}")
+        return torch.exp(torch.clamp(log_w, min=math.log1p(-clip_eps), max=math.log1p(clip_eps)))
+    if mode == "none":
+        return torch.exp(log_w)
+    return torch.ones_like(log_w)
+
+
+def _mean_exp(log_w: Tensor) -> Tensor:
+    """mean(exp(log_w)) through a log-sum-exp, saturating at the dtype's largest finite value."""
+    log_mean = torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
+    return torch.exp(torch.clamp(log_mean, max=math.log(torch.finfo(log_w.dtype).max)))
+
+
+def flowrl_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    ref_logprobs: Tensor,
+    log_z: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    *,
+    beta: float = BETA,
+    importance_weight: str = "clamp",
+    max_importance_weight: float = MAX_IMPORTANCE_WEIGHT,
+    clip_eps: float = CLIP_EPS,
+    reference: str = "ref",
+    sequence_weighting: str = "mean",
+    normalizer: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """FlowRL's trajectory-balance loss (2509.15207), with the switches of its reference code.
+
+    Per response::
+
+        ell     = masked_mean_t(logprobs)            # length-normalized log pi(y|x)
+        ell_ref = masked_mean_t(ref_logprobs)        # or of old_logprobs when reference="old"
+        delta   = log_z + ell - beta * advantages - ell_ref
+        log_w   = masked_sum_t(logprobs - old_logprobs)
+        w       = stop_gradient(importance_weight(log_w))
+        loss    = mean over sequences of w * delta**2
+
+    The gradient reaches the policy through ``ell`` and through ``log_z`` (which the caller computes
+    from the policy's hidden states; it is never detached here), and the partition head through
+    ``log_z``. ``d loss / d log_z_i = 2 w_i delta_i / N``.
+
+    Args:
+        logprobs: (N, T) log-probs of the current policy at temperature-scaled logits (differentiated).
+        old_logprobs: (N, T) log-probs of the policy that sampled the responses.
+        ref_logprobs: (N, T) log-probs of the reference policy.
+        log_z: (N,) log Z(x) of each response's prompt, from the partition head.
+        advantages: (N,) the reward term multiplied by ``beta``: group-normalized rewards in the trainer
+            (the paper's r_hat), the raw log-density reward in the toy. Treated as a constant.
+        response_mask: (N, T), 1 on real response tokens.
+        beta: inverse temperature of the target distribution.
+        importance_weight: one of :data:`IMPORTANCE_WEIGHT_MODES`.
+        max_importance_weight: cap of the ``"clamp"`` weight.
+        clip_eps: half-width of the ``"clip"`` interval.
+        reference: one of :data:`REFERENCES`.
+        sequence_weighting: one of :data:`SEQUENCE_WEIGHTINGS`; ``"length"`` gives
+            ``sum(len w delta^2) / sum(len)``.
+        normalizer: when given, the (weighted) sum is divided by it instead of by N (or by the total
+            length): the mini-batch's unit count, so micro-batch losses add up to the mini-batch loss.
+
+    Returns:
+        ``(loss, metrics)``: a scalar loss and detached scalar metrics, means over sequences unless
+        noted: ``flowrl/ell``, ``flowrl/ell_old``, ``flowrl/ell_ref`` (always of ``ref_logprobs``),
+        ``flowrl/log_z``, ``flowrl/r_hat`` (of ``advantages``), ``flowrl/residual`` (delta),
+        ``flowrl/residual_abs``, ``flowrl/loss`` (the returned loss), ``flowrl/importance_weight_raw``
+        (mean exp(log_w), saturating instead of overflowing), ``flowrl/importance_weight`` (mean w),
+        ``flowrl/ppo_kl`` and ``flowrl/ref_kl`` (masked means over all tokens of ``old - new`` and
+        ``ref - new``).
+    """
+    _check_choice("reference", reference, REFERENCES)
+    _check_choice("sequence_weighting", sequence_weighting, SEQUENCE_WEIGHTINGS)
+    check_batch_shapes(
+        response_mask,
+        per_token={"logprobs": logprobs, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs},
+        per_sequence={"log_z": log_z, "advantages": advantages},
+    )
+    ell = masked_mean(logprobs, response_mask, dim=-1)
+    ell_old = masked_mean(old_logprobs, response_mask, dim=-1)
+    ell_ref = masked_mean(ref_logprobs, response_mask, dim=-1)
+    residual = log_z + ell - beta * advantages - (ell_ref if reference == "ref" else ell_old)
+
+    log_w = masked_sum(logprobs.detach() - old_logprobs, response_mask, dim=-1)
+    weight = sequence_importance_weight(
+        log_w, importance_weight, max_importance_weight=max_importance_weight, clip_eps=clip_eps
+    )
+    loss = mean_over_sequences(
+        weight * residual.square(),
+        normalizer=normalizer,
+        weights=sequence_lengths(response_mask) if sequence_weighting == "length" else None,
+    )
+
+    metrics = {
+        "flowrl/ell": ell.mean(),
+        "flowrl/ell_old": ell_old.mean(),
+        "flowrl/ell_ref": ell_ref.mean(),
+        "flowrl/log_z": log_z.mean(),
+        "flowrl/r_hat": advantages.mean(),
+        "flowrl/residual": residual.mean(),
+        "flowrl/residual_abs": residual.abs().mean(),
+        "flowrl/loss": loss,
+        "flowrl/importance_weight_raw": _mean_exp(log_w),
+        "flowrl/importance_weight": weight.mean(),
+        "flowrl/ppo_kl": masked_mean(old_logprobs - logprobs, response_mask),
+        "flowrl/ref_kl": masked_mean(ref_logprobs - logprobs, response_mask),
+    }
+    return loss, {name: value.detach() for name, value in metrics.items()}

@@ -1,0 +1,227 @@
+"""The policy: a Hugging Face causal LM plus the log Z head, and the passes the trainer needs from it.
+
+Shape legend: B sequences, P prompt tokens (left-padded), T response tokens (right-padded), H hidden
+size, V vocabulary.
+
+One forward over ``[prompt | response]`` gives both things FlowRL needs:
+
+* token log-probs of the response, temperature-scaled, computed from the final hidden states in chunks
+  of ``logprob_chunk_size`` tokens, so a full-vocabulary log-softmax is never held for every token (the
+  chunk is recomputed in backward instead of stored);
+* log Z(x) from the same final hidden states, mean-pooled over the prompt tokens. Causal attention makes
+  those independent of the response, and only the last layer is used (no ``output_hidden_states``).
+
+The head is the submodule ``log_z_head`` of :class:`Policy`, so its parameter names carry
+:data:`flowrl.partition.LOG_Z_PREFIX` in every state dict; exports save ``policy.model`` alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from flowrl.partition import LogZHead, pool_prompt_states
+
+DEFAULT_LOGPROB_CHUNK_SIZE = 1024
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
+    """Load a tokenizer (local directory or hub id) set up for left-padded batched generation.
+
+    A tokenizer without a pad token gets its EOS token as pad (the usual choice for causal LMs); one with
+    neither is refused, since responses could not be terminated or padded.
+    """
+    from transformers import AutoTokenizer
+
+    _check_model_path(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer at {path!r} has no EOS token; set `eos_token` in its tokenizer_config.json")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(
+    path: str,
+    *,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = "sdpa",
+    trust_remote_code: bool = False,
+) -> Any:
+    """Load a causal LM with ``AutoModelForCausalLM`` from a local directory or a hub id."""
+    from transformers import AutoModelForCausalLM
+
+    _check_model_path(path)
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+    )
+    return model.to(device)
+
+
+def _check_model_path(path: str) -> None:
+    looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") > 1
+    if looks_local and not Path(path).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"model directory {path!r} does not exist; give a local directory with config.json and weights, "
+            "or a hub id such as 'Qwen/Qwen2.5-0.5B' on a machine that can download it"
+        )
+
+
+def prompt_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """Render chat messages with the tokenizer's chat template, or join their contents when it has none."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n".join(m["content"] for m in messages)
+
+
+def encode_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a prompt; the chat template already holds any special tokens it needs."""
+    text = prompt_text(tokenizer, messages)
+    return tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
+
+
+@dataclass
+class PolicyOutput:
+    """What one policy forward returns."""
+
+    logprobs: Tensor  # (B, T) float32, 0 on padding
+    log_z: Tensor | None  # (B,) float32, when the head was asked for
+    entropy: Tensor | None  # (B, T) float32, when asked for (no gradient)
+
+
+def _chunk_logprobs(hidden: Tensor, targets: Tensor, lm_head: nn.Module, temperature: float) -> Tensor:
+    logits = lm_head(hidden).float() / temperature  # (n, V), lives only for this chunk
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+@torch.no_grad()
+def _chunk_entropy(hidden: Tensor, lm_head: nn.Module, temperature: float) -> Tensor:
+    logp = F.log_softmax(lm_head(hidden).float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def token_logprobs(
+    hidden: Tensor,
+    targets: Tensor,
+    lm_head: nn.Module,
+    *,
+    temperature: float,
+    chunk_size: int = DEFAULT_LOGPROB_CHUNK_SIZE,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """log softmax(lm_head(hidden) / temperature)[target] for packed tokens, chunk by chunk.
+
+    Args:
+        hidden: (n, H) final hidden states of the positions that predict ``targets``.
+        targets: (n,) token ids.
+        lm_head: the output projection.
+        temperature: the sampling temperature (log-probs of the distribution actually sampled from).
+        chunk_size: tokens per chunk; memory is O(chunk_size * V) instead of O(n * V).
+        with_entropy: also return the per-token entropy (no gradient).
+
+    Returns:
+        ``(logprobs (n,), entropy (n,) or None)``.
+    """
+    out, ent = [], []
+    needs_grad = torch.is_grad_enabled() and hidden.requires_grad
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if needs_grad:  # recompute the chunk's logits in backward rather than keep them
+            out.append(checkpoint(_chunk_logprobs, h, y, lm_head, temperature, use_reentrant=False))
+        else:
+            out.append(_chunk_logprobs(h, y, lm_head, temperature))
+        if with_entropy:
+            ent.append(_chunk_entropy(h.detach(), lm_head, temperature))
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    logprobs = torch.cat(out) if out else empty
+    return logprobs, (torch.cat(ent) if ent else empty) if with_entropy else None
+
+
+class Policy(nn.Module):
+    """A causal LM (``model``) and its partition head (``log_z_head``), trained together.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` with a causal-LM head.
+        log_z_head: the log Z head, or None for objectives that do not use log Z.
+        logprob_chunk_size: tokens per chunk in the log-prob computation.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        log_z_head: LogZHead | None = None,
+        *,
+        logprob_chunk_size: int = DEFAULT_LOGPROB_CHUNK_SIZE,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.log_z_head = log_z_head
+        self.logprob_chunk_size = logprob_chunk_size
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        prompt_length: int,
+        *,
+        temperature: float = 1.0,
+        with_log_z: bool = False,
+        with_entropy: bool = False,
+        detach_log_z_input: bool = False,
+        exclude_last_prompt_token: bool = False,
+    ) -> PolicyOutput:
+        """Response log-probs (and log Z, entropy) for ``[prompt | response]`` sequences.
+
+        Args:
+            input_ids: (B, P + T) left-padded prompts followed by right-padded responses.
+            attention_mask: (B, P + T) 1 on real tokens; its last T columns are the response mask.
+            prompt_length: P.
+            temperature: sampling temperature that scales the logits.
+            with_log_z: run the head on the pooled prompt states.
+            with_entropy: also return per-token entropy (detached).
+            detach_log_z_input: stop the gradient from log Z into the backbone.
+            exclude_last_prompt_token: reproduce the reference code's pooling off-by-one.
+        """
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state  # (B, P+T, H): after the final norm
+        response_mask = attention_mask[:, prompt_length:].bool()
+        # The token at position P+t is predicted by the hidden state at P+t-1.
+        predicting = hidden[:, prompt_length - 1 : -1][response_mask]  # (n, H), padding-free
+        targets = input_ids[:, prompt_length:][response_mask]
+        packed, packed_entropy = token_logprobs(
+            predicting,
+            targets,
+            self.model.get_output_embeddings(),
+            temperature=temperature,
+            chunk_size=self.logprob_chunk_size,
+            with_entropy=with_entropy,
+        )
+        logprobs = hidden.new_zeros(response_mask.shape, dtype=torch.float32)
+        logprobs = logprobs.masked_scatter(response_mask, packed)
+        entropy = None
+        if packed_entropy is not None:
+            entropy = torch.zeros_like(logprobs).masked_scatter(response_mask, packed_entropy)
+        log_z = None
+        if with_log_z:
+            if self.log_z_head is None:
+                raise ValueError("this policy has no log Z head; build it with a LogZHead for FlowRL")
+            prompt_states = hidden[:, :prompt_length]
+            if detach_log_z_input:
+                prompt_states = prompt_states.detach()
+            pooled = pool_prompt_states(
+                prompt_states, attention_mask[:, :prompt_length], exclude_last_token=exclude_last_prompt_token
+            )
+            log_z = self.log_z_head(pooled)
+        return PolicyOutput(logprobs=logprobs, log_z=log_z, entropy=entropy)

@@ -1,0 +1,30 @@
+"""``flowrl train CONFIG.yaml [key=value ...] [--resume]``: the trainer's entry point."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="flowrl train",
+        description="Post-train a causal LM with FlowRL (or grpo, dr_grpo, reinforce_pp: algorithm.name=...).",
+        epilog="example: flowrl train configs/demo.yaml optim.lr=1e-3 train.total_steps=20",
+    )
+    parser.add_argument("config", help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-6 algorithm.name=grpo")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    args = parser.parse_args(argv)
+
+    from flowrl.config import load_config
+    from flowrl.trainer import train
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"flowrl train: {exc}", file=sys.stderr)
+        return 2
+    result = train(cfg, resume=args.resume)
+    print(f"done: {len(result.metrics)} steps logged in {result.run_dir}")
+    return 0

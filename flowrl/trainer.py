@@ -1,0 +1,479 @@
+"""The training loop, top to bottom: rollout -> score -> reference and old log-probs -> update -> log.
+
+Shape legend: N sequences per RL step (prompts_per_step x num_samples_per_prompt, the samples of one
+prompt contiguous), P prompt tokens, T response tokens.
+
+One RL step:
+  1. take ``prompts_per_step`` prompts, sample ``num_samples_per_prompt`` responses each;
+  2. score them (the reward registry, or the config's ``module:function``); failed rewards are counted
+     and their samples left out of the update; a step where every reward failed stops the run;
+  3. advantages with the objective's advantage function (group-normalized rewards for FlowRL and GRPO);
+  4. reference log-probs from the frozen copy and old log-probs, without gradient (old log-probs are
+     skipped when the batch is used for exactly one optimizer step: then they equal the current ones);
+  5. mini-batch AdamW steps with micro-batch gradient accumulation. Every micro-batch loss is divided
+     by the mini-batch's unit count (``normalizer``), so the summed gradient is the mini-batch mean's,
+     whatever the micro-batch size;
+  6. metrics: one console line, JSONL / TensorBoard / W&B, sample responses every ``sample_every``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from flowrl import checkpoint as ckpt
+from flowrl.config import Config, to_yaml
+from flowrl.data.schema import read_rows
+from flowrl.logging import MetricsLogger, plot_metrics
+from flowrl.objectives import OBJECTIVES, Objective
+from flowrl.partition import LogZHead, log_z_param_groups
+from flowrl.policy import Policy, encode_prompt, load_model, load_tokenizer
+from flowrl.rewards.base import RewardResult, load_callable
+from flowrl.rewards.registry import check_batch_usable, score_batch, status_counts
+from flowrl.rollout import HFRolloutEngine, RolloutBatch, SamplingParams
+
+
+@dataclass
+class PromptSet:
+    """Training prompts after tokenization; over-long ones are skipped and listed in ``skipped``."""
+
+    examples: list[dict[str, Any]]
+    prompt_ids: list[list[int]]
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_prompts(files: list[str], tokenizer: Any, max_prompt_length: int) -> PromptSet:
+    """Read verl-schema files, tokenize the prompts, skip (and record) those over ``max_prompt_length``."""
+    examples, prompt_ids, skipped = [], [], []
+    for path in files:
+        for i, row in enumerate(read_rows(path)):
+            ids = encode_prompt(tokenizer, row["prompt"])
+            if len(ids) > max_prompt_length:
+                skipped.append({"file": str(path), "row": i, "tokens": len(ids), "reason": "prompt too long"})
+                continue
+            examples.append(row)
+            prompt_ids.append(ids)
+    if not examples:
+        why = f" (all {len(skipped)} prompts exceed data.max_prompt_length={max_prompt_length})" if skipped else ""
+        raise ValueError(f"no training prompts in {files}{why}; check data.train_files / data.max_prompt_length")
+    return PromptSet(examples, prompt_ids, skipped)
+
+
+class PromptSampler:
+    """Seeded shuffled epochs over the prompts; its position is part of every checkpoint."""
+
+    def __init__(self, size: int, *, seed: int, shuffle: bool) -> None:
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.epoch, self.cursor = 0, 0
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+
+    def next(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            order = self._order()
+            take = order[self.cursor : self.cursor + k - len(out)]
+            out += take
+            self.cursor += len(take)
+            if self.cursor >= self.size:
+                self.epoch, self.cursor = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+
+
+def _lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Any:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "cosine":
+            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _init_distributed() -> None:
+    """Under torchrun, join the process group; a plain launch never touches torch.distributed."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if "RANK" not in os.environ:
+        return
+    if world_size > 1:
+        raise ValueError(
+            f"launched with WORLD_SIZE={world_size}: data-parallel training is not available yet; "
+            "run one process (python -m flowrl.cli train ... or torchrun --nproc_per_node 1)"
+        )
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+
+
+@dataclass
+class Micro:
+    """The tensors of one micro-batch, trimmed to its own longest prompt and response."""
+
+    input_ids: Tensor  # (m, P' + T')
+    attention_mask: Tensor  # (m, P' + T')
+    prompt_length: int  # P'
+    rows: Tensor  # (m,) indices into the step's sequences
+    response_width: int  # T'
+
+
+def _micro(rollout: RolloutBatch, rows: Tensor) -> Micro:
+    prompt_mask, response_mask = rollout.prompt_mask[rows], rollout.response_mask[rows]
+    first = int((prompt_mask.sum(0) > 0).nonzero()[0])  # left padding shared by every row
+    width = max(1, int(response_mask.sum(-1).max()))
+    ids = torch.cat([rollout.prompt_ids[rows, first:], rollout.response_ids[rows, :width]], dim=1)
+    mask = torch.cat([prompt_mask[:, first:], response_mask[:, :width]], dim=1)
+    return Micro(ids, mask, prompt_mask.shape[1] - first, rows, width)
+
+
+def _pad_to(x: Tensor, width: int) -> Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: list[dict[str, float]]
+    policy: Policy
+    tokenizer: Any
+
+
+class Trainer:
+    """Holds the run's parts; :meth:`fit` is the loop. Build it with a :class:`~flowrl.config.Config`."""
+
+    def __init__(self, cfg: Config, *, resume: bool = False) -> None:
+        _init_distributed()
+        self.cfg = cfg
+        self.objective: Objective = OBJECTIVES[cfg.algorithm.name]
+        self.device = _pick_device(cfg.train.device)
+        self.bf16 = cfg.train.bf16 if cfg.train.bf16 is not None else self.device.type == "cuda"
+        self.run_dir = Path(cfg.train.output_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.train.seed)
+
+        resume_from = ckpt.latest_checkpoint(self.run_dir / "checkpoints") if resume else None
+        if resume and resume_from is None:
+            print(f"note: --resume given but no checkpoint under {self.run_dir / 'checkpoints'}; starting fresh")
+        print(f"flowrl train | {cfg.algorithm.name} | device {self.device} | run dir {self.run_dir}")
+        print(to_yaml(cfg), flush=True)
+        (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+        m = cfg.model
+        self.tokenizer = load_tokenizer(m.path, trust_remote_code=m.trust_remote_code)
+        policy_path = str(resume_from / ckpt.MODEL_DIR) if resume_from else m.path
+        load = dict(dtype=m.dtype, device=self.device, attn_implementation=m.attn_implementation)
+        model = load_model(policy_path, trust_remote_code=m.trust_remote_code, **load)
+        grad_ckpt = m.gradient_checkpointing if m.gradient_checkpointing is not None else self.device.type == "cuda"
+        if grad_ckpt:
+            model.gradient_checkpointing_enable()
+        model.config.use_cache = True
+        head = None
+        if self.objective.uses_log_z:
+            head = LogZHead(model.config.hidden_size, num_layers=cfg.log_z.num_layers, dropout=cfg.log_z.dropout)
+            head.to(self.device)
+        self.policy = Policy(model, head, logprob_chunk_size=m.logprob_chunk_size)
+        self.policy.train()
+        self.ref_model = None
+        if self._needs_reference():
+            self.ref_model = load_model(m.path, trust_remote_code=m.trust_remote_code, **load).eval()
+            self.ref_model.requires_grad_(False)
+            self.ref_policy = Policy(self.ref_model, logprob_chunk_size=m.logprob_chunk_size)
+
+        o = cfg.optim
+        groups = log_z_param_groups(
+            model, head if head is not None else torch.nn.Module(), lr=o.lr, weight_decay=o.weight_decay,
+            head_lr=cfg.log_z.lr, head_weight_decay=cfg.log_z.weight_decay,
+        )
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(o.warmup_steps, cfg.train.total_steps, o.schedule)
+        )
+        self.engine = HFRolloutEngine(
+            model,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            batch_size=cfg.rollout.batch_size,
+            show_progress=cfg.train.progress,
+        )
+        self.sampling = SamplingParams(
+            n=cfg.rollout.num_samples_per_prompt,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            top_k=cfg.rollout.top_k,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+        )
+        self.reward_fn = load_callable(cfg.reward.function) if cfg.reward.function else None
+
+        self.prompts = load_prompts(cfg.data.train_files, self.tokenizer, cfg.data.max_prompt_length)
+        if self.prompts.skipped:
+            report = self.run_dir / "skipped_prompts.jsonl"
+            report.write_text("".join(json.dumps(s) + "\n" for s in self.prompts.skipped))
+            print(
+                f"skipped {len(self.prompts.skipped)} of {len(self.prompts.skipped) + len(self.prompts.examples)} "
+                f"prompts longer than data.max_prompt_length={cfg.data.max_prompt_length} (listed in {report})"
+            )
+        self.sampler = PromptSampler(len(self.prompts.examples), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+
+        self.step = 0
+        if resume_from is not None:
+            state = ckpt.load_trainer_state(resume_from)
+            ckpt.load_log_z_head(head, resume_from / ckpt.HEAD_FILE)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.sampler.load_state_dict(state["sampler"])
+            ckpt.set_rng_state(state["rng"])
+            self.step = state["step"]
+            print(f"resumed from {resume_from} at step {self.step}")
+        self.logger = MetricsLogger(
+            self.run_dir,
+            total_steps=cfg.train.total_steps,
+            tensorboard=cfg.train.tensorboard,
+            wandb_project=cfg.train.wandb_project,
+            config=asdict(cfg),
+            append=resume_from is not None,
+            resume_step=self.step,
+        )
+
+    # -- pieces of one step ------------------------------------------------------------------------
+
+    def _needs_reference(self) -> bool:
+        kl_coef = self.cfg.algorithm.loss.get("kl_coef", 0.0) or self.cfg.algorithm.advantage.get("kl_coef", 0.0)
+        return self.objective.uses_ref_logprobs or self.objective.advantage_uses_ref_logprobs or kl_coef > 0
+
+    def _autocast(self) -> Any:
+        if self.bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _micro_batches(self, rows: Tensor, rollout: RolloutBatch) -> Iterator[Micro]:
+        size = self.cfg.train.micro_batch_size
+        for start in range(0, len(rows), size):
+            yield _micro(rollout, rows[start : start + size])
+
+    @torch.no_grad()
+    def _logprobs_no_grad(self, policy: Policy, rollout: RolloutBatch) -> tuple[Tensor, Tensor]:
+        """(N, T) log-probs and entropies of every sequence, without gradient."""
+        n, width = rollout.response_ids.shape
+        logprobs = torch.zeros(n, width, device=self.device)
+        entropy = torch.zeros(n, width, device=self.device)
+        was_training = policy.training
+        policy.eval()  # no dropout: these are the log-probs the samples were drawn with
+        for mb in self._micro_batches(torch.arange(n, device=self.device), rollout):
+            with self._autocast():
+                out = policy(mb.input_ids, mb.attention_mask, mb.prompt_length,
+                             temperature=self.sampling.temperature, with_entropy=True)
+            logprobs[mb.rows] = _pad_to(out.logprobs, width)
+            entropy[mb.rows] = _pad_to(out.entropy, width)
+        policy.train(was_training)
+        return logprobs, entropy
+
+    def _score(self, rollout: RolloutBatch, indices: list[int]) -> tuple[list[str], list[RewardResult]]:
+        texts = self.tokenizer.batch_decode(
+            [ids[mask.bool()] for ids, mask in zip(rollout.response_ids, rollout.response_mask)],
+            skip_special_tokens=True,
+        )
+        n = self.sampling.n
+        examples = [self.prompts.examples[i] for i in indices for _ in range(n)]
+        results = score_batch(texts, examples, reward_fn=self.reward_fn, num_workers=self.cfg.reward.num_workers)
+        return texts, results
+
+    def _update(
+        self,
+        rollout: RolloutBatch,
+        rows: Tensor,
+        advantages: Tensor,
+        old_logprobs: Tensor | None,
+        ref_logprobs: Tensor | None,
+    ) -> dict[str, float]:
+        """Mini-batch AdamW steps over the sequences ``rows``; returns averaged metrics."""
+        t, obj = self.cfg.train, self.objective
+        loss_kwargs = dict(self.cfg.algorithm.loss)
+        sums: dict[str, float] = defaultdict(float)
+        count = 0
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        num_minibatches = math.ceil(len(rows) / t.mini_batch_size) * t.epochs_per_rollout
+        bar = tqdm(total=num_minibatches, desc="update", disable=not t.progress, leave=False)
+        for _ in range(t.epochs_per_rollout):
+            order = rows[torch.randperm(len(rows), device=rows.device)]
+            for start in range(0, len(order), t.mini_batch_size):
+                mini = order[start : start + t.mini_batch_size]
+                normalizer = float(obj.count_units(rollout.response_mask[mini].float(), **loss_kwargs))
+                self.optimizer.zero_grad(set_to_none=True)
+                mini_loss = 0.0
+                for mb in self._micro_batches(mini, rollout):
+                    with self._autocast():
+                        out = self.policy(
+                            mb.input_ids, mb.attention_mask, mb.prompt_length,
+                            temperature=self.sampling.temperature,
+                            with_log_z=obj.uses_log_z,
+                            with_entropy=old_logprobs is None,
+                            detach_log_z_input=self.cfg.log_z.detach_input,
+                            exclude_last_prompt_token=self.cfg.log_z.exclude_last_prompt_token,
+                        )
+                    w = mb.response_width
+                    tensors: dict[str, Tensor] = {
+                        "logprobs": out.logprobs,
+                        "old_logprobs": out.logprobs.detach() if old_logprobs is None else old_logprobs[mb.rows, :w],
+                        "advantages": advantages[mb.rows] if advantages.dim() == 1 else advantages[mb.rows, :w],
+                        "response_mask": rollout.response_mask[mb.rows, :w].float(),
+                    }
+                    if obj.uses_ref_logprobs:
+                        tensors["ref_logprobs"] = ref_logprobs[mb.rows, :w]
+                    if obj.uses_log_z:
+                        tensors["log_z"] = out.log_z
+                    loss, metrics = obj.loss_fn(**tensors, **loss_kwargs, normalizer=normalizer)
+                    loss.backward()
+                    mini_loss += float(loss.detach())
+                    m = len(mb.rows)
+                    for key, value in metrics.items():
+                        sums[key] += float(value) * m
+                    if out.entropy is not None:
+                        sums["rollout/entropy"] += float((out.entropy * tensors["response_mask"]).sum()
+                                                         / tensors["response_mask"].sum().clamp(min=1)) * m
+                    count += m
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
+                self.optimizer.step()
+                # Every metric is a mean over sequences: weight each mini-batch by its size.
+                sums["loss"] += mini_loss * len(mini)
+                sums["optim/grad_norm"] += float(grad_norm) * len(mini)
+                bar.update(1)
+        bar.close()
+        out_metrics = {k: v / count for k, v in sums.items()}
+        out_metrics["optim/num_minibatches"] = float(num_minibatches)
+        return out_metrics
+
+    def _show_samples(self, step: int, indices: list[int], texts: list[str], results: list[RewardResult]) -> None:
+        k = self.cfg.train.num_samples_to_show
+        n = self.sampling.n
+        lines = []
+        with (self.run_dir / "samples.jsonl").open("a") as f:
+            for j in range(min(k, len(texts))):
+                row = j * n  # the first sample of the first k prompts
+                messages = self.prompts.examples[indices[row // n]]["prompt"]
+                record = {"step": step, "prompt": messages[-1]["content"], "response": texts[row],
+                          "reward": results[row].score, "status": results[row].status.value}
+                f.write(json.dumps(record) + "\n")
+                lines.append(f"  [{record['status']} {record['reward']:+.2f}] {record['prompt'][:80]!r} -> "
+                             f"{record['response'][:160]!r}")
+        print(f"samples at step {step}:\n" + "\n".join(lines), flush=True)
+
+    def _save(self) -> Path:
+        return ckpt.save_checkpoint(
+            self.run_dir / "checkpoints",
+            self.step,
+            model=self.policy.model,
+            tokenizer=self.tokenizer,
+            head=self.policy.log_z_head,
+            trainer_state={
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "sampler": self.sampler.state_dict(),
+            },
+            keep=self.cfg.train.keep_checkpoints,
+        )
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        cfg, obj, n = self.cfg, self.objective, self.sampling.n
+        t = cfg.train
+        while self.step < t.total_steps:
+            self.step += 1
+            started = time.perf_counter()
+
+            # 1. rollout
+            indices = self.sampler.next(t.prompts_per_step)
+            rollout = self.engine.generate([self.prompts.prompt_ids[i] for i in indices], self.sampling)
+            generated = time.perf_counter()
+
+            # 2. rewards; failures are counted and left out, never scored 0
+            texts, results = self._score(rollout, indices)
+            check_batch_usable(results)
+            rewards = torch.tensor([r.score for r in results], dtype=torch.float32, device=self.device)
+            valid = torch.tensor([r.ok for r in results], device=self.device)
+
+            # 3-4. reference and old log-probs (no gradient), then advantages
+            updates_per_rollout = math.ceil(int(valid.sum()) / t.mini_batch_size) * t.epochs_per_rollout
+            old_logprobs = entropy = ref_logprobs = None
+            if updates_per_rollout > 1 or obj.advantage_uses_ref_logprobs:  # REINFORCE++ KL needs both
+                old_logprobs, entropy = self._logprobs_no_grad(self.policy, rollout)
+            if self.ref_model is not None:
+                ref_logprobs, _ = self._logprobs_no_grad(self.ref_policy, rollout)
+            mask = rollout.response_mask.float()
+            advantages = obj.advantage_fn(
+                rewards, mask, old_logprobs, ref_logprobs, num_samples_per_prompt=n, valid=valid,
+                **cfg.algorithm.advantage,
+            )
+            scored = time.perf_counter()
+
+            # 5. update on the sequences whose reward was computed
+            rows = valid.nonzero().squeeze(-1)
+            metrics = self._update(rollout, rows, advantages, old_logprobs, ref_logprobs)
+            self.scheduler.step()
+
+            # 6. metrics
+            finite = rewards[valid]
+            lengths = rollout.response_lengths.float()
+            metrics.update(status_counts(results))
+            metrics.update({
+                "reward/mean": float(finite.mean()),
+                "reward/std": float(finite.std()) if len(finite) > 1 else 0.0,
+                "reward/failed": float((~valid).sum()),
+                "reward/advantage_mean": float(advantages[rows].mean()) if advantages.dim() == 1 else 0.0,
+                "rollout/response_length": float(lengths.mean()),
+                "rollout/response_length_max": float(lengths.max()),
+                "rollout/truncation_rate": float(rollout.truncated.float().mean()),
+                "optim/lr": self.optimizer.param_groups[0]["lr"],
+                "perf/rollout_time_s": generated - started,
+                "perf/score_and_logprob_time_s": scored - generated,
+                "perf/update_time_s": time.perf_counter() - scored,
+                "perf/step_time_s": time.perf_counter() - started,
+                "perf/tokens_per_s": float(lengths.sum()) / (time.perf_counter() - started),
+            })
+            if entropy is not None:
+                metrics["rollout/entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
+            self.logger.log(self.step, metrics)
+            if t.sample_every and self.step % t.sample_every == 0:
+                self._show_samples(self.step, indices, texts, results)
+            if (t.save_every and self.step % t.save_every == 0) or self.step == t.total_steps:
+                self._save()
+        self.logger.close()
+        if t.plot:
+            plot = plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "training.png")
+            print(f"plot: {plot}")
+        from flowrl.logging import read_metrics
+
+        return TrainResult(self.run_dir, read_metrics(self.run_dir / "metrics.jsonl"), self.policy, self.tokenizer)
+
+
+def train(cfg: Config, *, resume: bool = False) -> TrainResult:
+    """Build a :class:`Trainer` from ``cfg`` and run it to ``train.total_steps``."""
+    return Trainer(cfg, resume=resume).fit()

@@ -1,0 +1,234 @@
+"""The trainer end to end on a tiny random model: CLI, log-probs, micro-batches, resume, checkpoints, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flowrl import cli
+from flowrl.checkpoint import HEAD_FILE, MODEL_DIR, latest_checkpoint
+from flowrl.config import load_config
+from flowrl.data import synthetic
+from flowrl.data.schema import write_rows
+from flowrl.logging import read_metrics
+from flowrl.partition import LOG_Z_PREFIX
+from flowrl.policy import Policy, load_model, load_tokenizer
+from flowrl.rollout import HFRolloutEngine, SamplingParams
+from flowrl.trainer import Trainer
+
+TINY = dict(hidden_size=32, num_layers=1, num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthetic.save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0, **TINY)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_rows(synthetic.rows(), tmp_path_factory.mktemp("data") / "train.jsonl")
+
+
+def overrides(model_dir: Path, data_file: Path, out: Path, **extra: object) -> list[str]:
+    base = {
+        "model.path": model_dir,
+        "data.train_files": f"[{data_file}]",
+        "data.max_prompt_length": 16,
+        "rollout.num_samples_per_prompt": 4,
+        "rollout.max_new_tokens": 6,
+        "train.prompts_per_step": 4,
+        "train.mini_batch_size": 8,
+        "train.micro_batch_size": 4,
+        "train.total_steps": 2,
+        "train.save_every": 0,
+        "train.sample_every": 1,
+        "train.progress": "false",
+        "train.tensorboard": "false",
+        "train.plot": "false",
+        "train.output_dir": out,
+        "optim.lr": 1e-2,
+        "optim.warmup_steps": 1,
+        "log_z.lr": 1e-1,
+        "reward.function": "flowrl.data.synthetic:reward",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def write_config(path: Path, items: list[str]) -> Path:
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(OmegaConf.from_dotlist(items), path)
+    return path
+
+
+def test_train_cli_two_steps_updates_every_parameter(model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "run.yaml", overrides(model_dir, data_file, tmp_path / "run", **{"train.plot": "true"}))
+    assert cli.main(["train", str(config)]) == 0
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["flowrl/log_z"]) for r in rows)
+    assert (tmp_path / "run" / "training.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "run" / "config.yaml").exists() and (tmp_path / "run" / "samples.jsonl").exists()
+
+    final = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    before = load_model(str(model_dir)).state_dict()
+    after = load_model(str(final / MODEL_DIR)).state_dict()
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert unchanged == [], f"parameters not updated: {unchanged}"
+
+
+def test_trainer_updates_the_head(model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    trainer = Trainer(load_config(None, overrides(model_dir, data_file, tmp_path / "run")))
+    head0 = {k: v.clone() for k, v in trainer.policy.log_z_head.state_dict().items()}
+    trainer.fit()
+    head1 = trainer.policy.log_z_head.state_dict()
+    assert head0 and all(not torch.equal(head0[k], head1[k]) for k in head0)
+    saved = load_file(str(latest_checkpoint(tmp_path / "run" / "checkpoints") / HEAD_FILE))
+    assert set(saved) == {LOG_Z_PREFIX + k for k in head1}
+    assert all(torch.equal(saved[LOG_Z_PREFIX + k], head1[k]) for k in head1)
+
+
+def test_logprobs_equal_independent_recomputation(model_dir: Path) -> None:
+    tokenizer, model = load_tokenizer(str(model_dir)), load_model(str(model_dir)).eval()
+    engine = HFRolloutEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             show_progress=False)
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in ("sum 7:", "sum 12:", "sum 9:")]
+    temperature = 0.7
+    torch.manual_seed(0)
+    batch = engine.generate(prompts, SamplingParams(n=2, temperature=temperature, max_new_tokens=6,
+                                                   return_logprobs=True))
+    policy = Policy(model, logprob_chunk_size=3)  # several chunks
+    with torch.no_grad():
+        ours = policy(batch.input_ids, batch.attention_mask, batch.prompt_ids.shape[1], temperature=temperature)
+    # independently: each sequence alone, no padding, full logits, plain log_softmax
+    for i in range(batch.input_ids.shape[0]):
+        prompt = batch.prompt_ids[i][batch.prompt_mask[i].bool()]
+        response = batch.response_ids[i][batch.response_mask[i].bool()]
+        ids = torch.cat([prompt, response])[None]
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1 : -1] / temperature
+        expected = torch.log_softmax(logits.float(), -1).gather(-1, response[:, None]).squeeze(-1)
+        got = ours.logprobs[i][batch.response_mask[i].bool()]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        # and the engine's sampling log-probs are the same distribution's
+        sampled = batch.sampling_logprobs[i][batch.response_mask[i].bool()]
+        torch.testing.assert_close(sampled, expected, atol=1e-4, rtol=1e-4)
+    assert torch.all(ours.logprobs[batch.response_mask == 0] == 0)
+
+
+@pytest.mark.parametrize("algorithm", ["flowrl", "grpo"])
+def test_update_does_not_depend_on_micro_batch_size(
+    algorithm: str, model_dir: Path, data_file: Path, tmp_path: Path
+) -> None:
+    results = []
+    for micro in (1, 3, 8):
+        cfg = load_config(None, overrides(model_dir, data_file, tmp_path / f"m{micro}", **{
+            "train.micro_batch_size": micro, "log_z.dropout": 0.0, "algorithm.name": algorithm}))
+        trainer = Trainer(cfg)
+        torch.manual_seed(1)
+        indices = trainer.sampler.next(4)
+        rollout = trainer.engine.generate([trainer.prompts.prompt_ids[i] for i in indices], trainer.sampling)
+        rewards = torch.linspace(0, 1, rollout.response_ids.shape[0])
+        valid = torch.ones_like(rewards, dtype=torch.bool)
+        advantages = trainer.objective.advantage_fn(rewards, rollout.response_mask.float(), None, None,
+                                                    num_samples_per_prompt=4, valid=valid)
+        ref = trainer._logprobs_no_grad(trainer.ref_policy, rollout)[0] if trainer.ref_model is not None else None
+        torch.manual_seed(2)
+        metrics = trainer._update(rollout, torch.arange(len(rewards)), advantages, None, ref)
+        params = torch.cat([p.detach().flatten() for p in trainer.policy.parameters()])
+        results.append((metrics["loss"], params))
+    for loss, params in results[1:]:
+        assert loss == pytest.approx(results[0][0], rel=1e-5, abs=1e-7)
+        torch.testing.assert_close(params, results[0][1], atol=2e-6, rtol=1e-5)
+
+
+def test_stop_and_resume_equals_straight_run(model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    common = {"train.save_every": 2, "train.sample_every": 0, "train.mini_batch_size": 4}
+    straight = tmp_path / "straight"
+    Trainer(load_config(None, overrides(model_dir, data_file, straight, **common, **{"train.total_steps": 4}))).fit()
+    resumed = tmp_path / "resumed"
+    Trainer(load_config(None, overrides(model_dir, data_file, resumed, **common, **{"train.total_steps": 2}))).fit()
+    cfg = load_config(None, overrides(model_dir, data_file, resumed, **common, **{"train.total_steps": 4}))
+    Trainer(cfg, resume=True).fit()
+    a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(resumed / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "reward/mean", "flowrl/log_z", "rollout/response_length", "optim/grad_norm"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), (ra["step"], key)
+
+
+def test_export_leaves_the_head_out(model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    Trainer(load_config(None, overrides(model_dir, data_file, tmp_path / "run"))).fit()
+    final = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    weights = {}
+    for f in (final / MODEL_DIR).glob("*.safetensors"):
+        weights.update(load_file(str(f)))
+    assert weights and not any("log_z" in k for k in weights)
+    assert all(k.startswith(LOG_Z_PREFIX) for k in load_file(str(final / HEAD_FILE)))
+
+
+def test_failed_rewards_are_counted_and_left_out(model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    cfg = load_config(None, overrides(model_dir, data_file, tmp_path / "run", **{
+        "reward.function": "tests.helpers.flaky_rewards:every_third_fails", "train.total_steps": 1}))
+    result = Trainer(cfg).fit()
+    row = result.metrics[0]
+    assert row["reward/failed"] > 0 and row["reward/status_error"] == row["reward/failed"]
+    assert math.isfinite(row["loss"])
+
+
+def test_all_rewards_failing_stops_the_run(model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    cfg = load_config(None, overrides(model_dir, data_file, tmp_path / "run", **{
+        "reward.function": "tests.helpers.flaky_rewards:always_nan"}))
+    with pytest.raises(RuntimeError, match="(?i)every reward|all"):
+        Trainer(cfg).fit()
+
+
+def test_long_prompts_are_skipped_and_reported(model_dir: Path, tmp_path: Path) -> None:
+    rows = synthetic.rows()
+    rows[0]["prompt"][0]["content"] = "sum " + "9" * 40 + ":"
+    data = write_rows(rows, tmp_path / "train.jsonl")
+    trainer = Trainer(load_config(None, overrides(model_dir, data, tmp_path / "run")))
+    assert len(trainer.prompts.examples) == len(rows) - 1
+    report = [json.loads(x) for x in (tmp_path / "run" / "skipped_prompts.jsonl").read_text().splitlines()]
+    assert len(report) == 1 and report[0]["row"] == 0 and report[0]["reason"] == "prompt too long"
+
+
+def test_empty_dataset_is_refused(model_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no training prompts"):
+        Trainer(load_config(None, overrides(model_dir, tmp_path / "empty.jsonl", tmp_path / "run")))
+
+
+def test_missing_model_directory_names_the_fix(data_file: Path, tmp_path: Path) -> None:
+    cfg = load_config(None, overrides(tmp_path / "nope", data_file, tmp_path / "run"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Trainer(cfg)
+
+
+def test_tokenizer_without_pad_token_gets_eos(model_dir: Path, tmp_path: Path) -> None:
+    tokenizer = load_tokenizer(str(model_dir))
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path / "tok")
+    reloaded = load_tokenizer(str(tmp_path / "tok"))
+    assert reloaded.pad_token_id == reloaded.eos_token_id and reloaded.padding_side == "left"
+
+
+def test_unknown_config_key_is_named_with_the_closest(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"optim\.lrr.*did you mean 'optim\.lr'"):
+        load_config(None, ["model.path=x", "data.train_files=[a.jsonl]", "optim.lrr=1e-6"])
+    with pytest.raises(ValueError, match="did you mean 'beta'"):
+        load_config(None, ["model.path=x", "data.train_files=[a.jsonl]", "algorithm.loss.betta=3"])
+    with pytest.raises(ValueError, match="not one of"):
+        load_config(None, ["model.path=x", "data.train_files=[a.jsonl]", "algorithm.name=ppo2"])
+
+
+def test_cli_reports_bad_config_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path / "bad.yaml", ["model.path=x", "data.train_files=[a.jsonl]", "train.totl_steps=3"])
+    assert cli.main(["train", str(config)]) == 2
+    assert "train.total_steps" in capsys.readouterr().err
