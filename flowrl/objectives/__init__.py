@@ -67,7 +67,9 @@ class Objective:
     flagged below) and hyperparameters in; ``(loss, metrics)`` out."""
     advantage_fn: Callable[..., Tensor]
     """``advantage_fn(rewards, response_mask, old_logprobs, ref_logprobs, *, num_samples_per_prompt,
-    **advantage_kwargs)``: (N,) per-sequence or (N, T) per-token advantages, without gradient."""
+    valid=None, **advantage_kwargs)``: (N,) per-sequence or (N, T) per-token advantages, without
+    gradient. ``valid`` (N,) bool marks the responses whose reward was computed; the others are left
+    out of the statistics and get 0. Its options are keyword-only arguments with defaults."""
     uses_log_z: bool
     """``loss_fn`` takes ``log_z`` (N,): the trainer needs a partition head."""
     uses_ref_logprobs: bool
@@ -83,14 +85,14 @@ class Objective:
     must compute them even when ``uses_ref_logprobs`` is False."""
 
 
-def _loss_default(loss_fn: LossFn, argument: str) -> Any:
-    """The default of a loss argument, read from its signature so the two cannot drift apart."""
-    return inspect.signature(loss_fn).parameters[argument].default
+def _default(fn: Callable[..., Any], argument: str) -> Any:
+    """The default of a function's argument, read from its signature so the two cannot drift apart."""
+    return inspect.signature(fn).parameters[argument].default
 
 
 def _units_by_agg_mode(loss_fn: LossFn) -> Callable[..., float]:
     """``count_units`` for a loss aggregated with ``loss_agg_mode`` (default: the loss's own)."""
-    default_mode = _loss_default(loss_fn, "loss_agg_mode")
+    default_mode = _default(loss_fn, "loss_agg_mode")
 
     def units(response_mask: Tensor, *, loss_agg_mode: str = default_mode, **_loss_kwargs: Any) -> float:
         return count_units(response_mask, loss_agg_mode)
@@ -101,13 +103,16 @@ def _units_by_agg_mode(loss_fn: LossFn) -> Callable[..., float]:
 def _flowrl_units(
     response_mask: Tensor,
     *,
-    sequence_weighting: str = _loss_default(flowrl_loss, "sequence_weighting"),
+    sequence_weighting: str = _default(flowrl_loss, "sequence_weighting"),
     **_loss_kwargs: Any,
 ) -> float:
     # Length weighting divides by the summed lengths, i.e. the token count; the plain mean by N.
     return count_units(
         response_mask, "token-mean" if sequence_weighting == "length" else "seq-mean-token-mean"
     )
+
+
+# The advantage functions spell out their options (no **kwargs) so a config can be checked against them.
 
 
 def _group_advantages(
@@ -117,10 +122,11 @@ def _group_advantages(
     ref_logprobs: Tensor | None,
     *,
     num_samples_per_prompt: int,
-    **advantage_kwargs: Any,
+    eps: float = _default(group_normalized_rewards, "eps"),
+    valid: Tensor | None = None,
 ) -> Tensor:
-    """GRPO's group-normalized rewards (FlowRL's r_hat); ``advantage_kwargs``: ``eps``, ``scale_by_std``."""
-    return group_normalized_rewards(rewards, num_samples_per_prompt, **advantage_kwargs)
+    """GRPO's group-normalized rewards (FlowRL's r_hat); see :func:`group_normalized_rewards`."""
+    return group_normalized_rewards(rewards, num_samples_per_prompt, eps, valid=valid)
 
 
 def _dr_grpo_advantages(
@@ -130,10 +136,10 @@ def _dr_grpo_advantages(
     ref_logprobs: Tensor | None,
     *,
     num_samples_per_prompt: int,
-    **advantage_kwargs: Any,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Dr. GRPO's advantage: rewards minus the group mean, not divided by the group std (2503.20783)."""
-    return group_normalized_rewards(rewards, num_samples_per_prompt, scale_by_std=False, **advantage_kwargs)
+    return group_normalized_rewards(rewards, num_samples_per_prompt, scale_by_std=False, valid=valid)
 
 
 def _reinforce_pp_advantages(
@@ -143,13 +149,20 @@ def _reinforce_pp_advantages(
     ref_logprobs: Tensor,
     *,
     num_samples_per_prompt: int,
-    **advantage_kwargs: Any,
+    kl_coef: float = _default(reinforce_pp_advantages, "kl_coef"),
+    kl_estimator: str = _default(reinforce_pp_advantages, "kl_estimator"),
+    valid: Tensor | None = None,
 ) -> Tensor:
-    """REINFORCE++ advantages; groups play no part (the whole batch is whitened).
-
-    ``advantage_kwargs``: ``kl_coef``, ``kl_estimator``.
-    """
-    return reinforce_pp_advantages(rewards, response_mask, old_logprobs, ref_logprobs, **advantage_kwargs)
+    """REINFORCE++ advantages; groups play no part (the whole batch is whitened)."""
+    return reinforce_pp_advantages(
+        rewards,
+        response_mask,
+        old_logprobs,
+        ref_logprobs,
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        valid=valid,
+    )
 
 
 def _ppo_advantages(*args: Any, **kwargs: Any) -> Tensor:

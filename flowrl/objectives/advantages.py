@@ -14,12 +14,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flowrl.objectives.masked import apply_mask, check_batch_shapes, masked_whiten
+from flowrl.objectives.masked import apply_mask, check_batch_shapes, masked_mean, masked_sum, masked_whiten
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 """Schulman's per-token estimators of KL(pi || pi_ref) from tokens sampled from pi ("Approximating KL
 Divergence", 2020). With the log-ratio ``d = log pi - log pi_ref``: k1 = d, k2 = d^2 / 2,
 k3 = exp(-d) - 1 + d."""
+
+KL_COEF = 0.001
+"""Weight of the per-token KL penalty in REINFORCE++'s reward (verl's default ``kl_ctrl.kl_coef``)."""
 
 GROUP_STD_EPS = 1e-6
 """Added to the group std in GRPO's normalization (2402.03300; verl's ``epsilon``)."""
@@ -32,19 +35,23 @@ def group_normalized_rewards(
     eps: float = GROUP_STD_EPS,
     *,
     scale_by_std: bool = True,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """GRPO's outcome advantage: rewards standardized within each prompt's group (2402.03300, sec. 4.1.2).
 
     ``r_hat = (r - mean_group(r)) / (std_group(r) + eps)`` with the unbiased (n - 1) std. A group of one
-    uses mean 0 and std 1, so ``r_hat = r`` (verl's convention, here without eps). A group whose rewards are all equal gets
-    exactly 0. With ``scale_by_std=False`` only the mean is subtracted: Dr. GRPO (2503.20783), which
-    argues the std division biases updates toward too easy and too hard prompts.
+    uses mean 0 and std 1, so ``r_hat = r`` (verl's convention, here without eps). A group whose rewards
+    are all equal gets exactly 0. With ``scale_by_std=False`` only the mean is subtracted: Dr. GRPO
+    (2503.20783), which argues the std division biases updates toward too easy and too hard prompts.
 
     Args:
         rewards: (N,) one scalar reward per response; groups are contiguous.
         num_samples_per_prompt: n, the group size; must divide N.
         eps: added to the std.
         scale_by_std: divide by the group std (GRPO) or not (Dr. GRPO).
+        valid: (N,) bool, optional: False for responses whose reward could not be computed (their
+            reward may be NaN). They are left out of their group's statistics and get 0; a group's
+            size is then its number of valid members.
 
     Returns:
         (N,) normalized rewards, same dtype as ``rewards`` (float32 when they are integers).
@@ -57,19 +64,22 @@ def group_normalized_rewards(
             f"num_samples_per_prompt={n} must be a positive divisor of the number of responses "
             f"N={rewards.shape[0]}; responses come in contiguous groups of num_samples_per_prompt per prompt"
         )
+    if valid is not None and valid.shape != rewards.shape:
+        raise ValueError(f"valid has shape {tuple(valid.shape)}, expected (N,) = {tuple(rewards.shape)}")
     if not rewards.is_floating_point():
         rewards = rewards.float()
-    if n == 1:
-        return rewards.clone()  # mean 0 and std 1 (without eps): a lone response keeps its reward
     groups = rewards.view(-1, n)
+    members = torch.ones_like(groups, dtype=torch.bool) if valid is None else valid.view(-1, n).to(torch.bool)
+    size = members.sum(dim=1, keepdim=True)
     # Shift by the first member before averaging: a group of equal rewards then gives exact zeros
     # (a float mean of equal numbers can miss them by an ulp, which the division by eps magnifies).
-    shifted = groups - groups[:, :1]
-    mean = groups[:, :1] + shifted.mean(dim=1, keepdim=True)
-    std = shifted.std(dim=1, keepdim=True)
-    centered = groups - mean
+    anchor = groups.gather(1, members.to(torch.uint8).argmax(dim=1, keepdim=True))
+    shifted = groups - anchor
+    centered = apply_mask(shifted - masked_mean(shifted, members, dim=1).unsqueeze(1), members)
+    std = (masked_sum(centered.square(), members, dim=1).unsqueeze(1) / (size - 1).clamp(min=1)).sqrt()
     normalized = centered / (std + eps) if scale_by_std else centered
-    return normalized.reshape(-1)
+    normalized = torch.where(size == 1, groups, normalized)  # a group of one: mean 0, std 1
+    return apply_mask(normalized, members).reshape(-1)
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str) -> Tensor:
@@ -114,14 +124,15 @@ def reinforce_pp_advantages(
     old_logprobs: Tensor,
     ref_logprobs: Tensor,
     *,
-    kl_coef: float = 0.001,
+    kl_coef: float = KL_COEF,
     kl_estimator: str = "k1",
+    valid: Tensor | None = None,
 ) -> Tensor:
     """REINFORCE++ advantages (Hu, 2501.03262): KL-shaped token rewards, return-to-go, batch whitening.
 
     Token reward ``-kl_coef * kl_t`` on every response token plus the scalar reward on the last one;
     the undiscounted return-to-go of those rewards; then whitened over all real tokens of the batch
-    (the global normalization that replaces GRPO's per-prompt one). ``kl_coef = 0.001`` is the paper's.
+    (the global normalization that replaces GRPO's per-prompt one).
 
     Args:
         rewards: (N,) scalar outcome reward per response.
@@ -130,24 +141,26 @@ def reinforce_pp_advantages(
         ref_logprobs: (N, T) log-probs of the reference policy.
         kl_coef: weight of the per-token KL penalty in the reward.
         kl_estimator: one of :data:`KL_ESTIMATORS`.
+        valid: (N,) bool, optional: False for responses whose reward could not be computed (their
+            reward may be NaN); they are left out of the whitening and get 0.
 
     Returns:
-        (N, T) advantages, 0 on padding.
+        (N, T) advantages, 0 on padding (and on invalid responses).
     """
     check_batch_shapes(
         response_mask,
         per_token={"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs},
-        per_sequence={"rewards": rewards},
+        per_sequence={"rewards": rewards, **({} if valid is None else {"valid": valid})},
     )
-    kl = kl_penalty(
-        apply_mask(old_logprobs, response_mask), apply_mask(ref_logprobs, response_mask), kl_estimator
-    )
+    real = response_mask.to(torch.bool)
+    if valid is not None:
+        real = real & valid.to(torch.bool).unsqueeze(-1)
+    kl = kl_penalty(apply_mask(old_logprobs, real), apply_mask(ref_logprobs, real), kl_estimator)
     token_rewards = -kl_coef * kl
     rows = torch.arange(rewards.shape[0], device=rewards.device)
-    token_rewards[rows, _last_token_index(response_mask)] += rewards.to(token_rewards.dtype)
-    token_rewards = apply_mask(token_rewards, response_mask)
-    returns = token_rewards.flip(-1).cumsum(-1).flip(-1)
-    return masked_whiten(returns, response_mask)
+    token_rewards[rows, _last_token_index(real)] += rewards.to(token_rewards.dtype)
+    returns = apply_mask(token_rewards, real).flip(-1).cumsum(-1).flip(-1)
+    return masked_whiten(returns, real)
 
 
 @torch.no_grad()
@@ -161,15 +174,16 @@ def gae(
 ) -> tuple[Tensor, Tensor]:
     """Generalized advantage estimation (Schulman et al., 1506.02438) for PPO (1707.06347).
 
-    ``delta_t = r_t + gamma V_{t+1} - V_t`` and ``A_t = delta_t + gamma lam A_{t+1}``, where t+1 is the
-    next *real* token (padding is skipped) and the value after the last real token is 0 (the response
-    ended). Returns are ``A_t + V_t``, the critic's regression target. Not whitened: verl whitens the
-    advantages afterwards (``masked_whiten``), which the caller may do.
+    ``delta_t = r_t + gamma V_{t+1} - V_t`` and ``A_t = delta_t + gamma lam A_{t+1}``; the value after
+    the last real token is 0 (the response ended). Rewards and values on padding are zeroed first, so
+    with right padding the recursion passes zeros through the padded tail. Returns are ``A_t + V_t``,
+    the critic's regression target. Not whitened: verl whitens the advantages afterwards
+    (``masked_whiten``), which the caller may do.
 
     Args:
         token_rewards: (N, T) reward per token (usually the outcome on the last token, minus a KL term).
         values: (N, T) critic values V_t of the states before each token.
-        response_mask: (N, T), 1 on real response tokens.
+        response_mask: (N, T), 1 on real response tokens (right-padded).
         gamma: discount factor (1.0 for LLM responses, as in verl).
         lam: GAE's bias-variance trade-off (0.95, verl's default).
 
@@ -177,17 +191,13 @@ def gae(
         ``(advantages, returns)``, each (N, T), 0 on padding.
     """
     check_batch_shapes(response_mask, per_token={"token_rewards": token_rewards, "values": values})
-    real = response_mask.to(torch.bool)
-    token_rewards, values = apply_mask(token_rewards, real), apply_mask(values, real)
-    next_value = torch.zeros_like(values[:, 0])
-    next_advantage = torch.zeros_like(values[:, 0])
+    token_rewards, values = apply_mask(token_rewards, response_mask), apply_mask(values, response_mask)
     advantages = torch.zeros_like(values)
+    next_value = next_advantage = torch.zeros_like(values[:, 0])
     for t in reversed(range(values.shape[-1])):
         delta = token_rewards[:, t] + gamma * next_value - values[:, t]
-        advantage = delta + gamma * lam * next_advantage
-        # A padded position passes the next real token's value and advantage through unchanged.
-        next_value = torch.where(real[:, t], values[:, t], next_value)
-        next_advantage = torch.where(real[:, t], advantage, next_advantage)
+        next_advantage = delta + gamma * lam * next_advantage
+        next_value = values[:, t]
         advantages[:, t] = next_advantage
-    advantages = apply_mask(advantages, real)
-    return advantages, apply_mask(advantages + values, real)
+    advantages = apply_mask(advantages, response_mask)
+    return advantages, apply_mask(advantages + values, response_mask)

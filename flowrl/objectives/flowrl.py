@@ -147,10 +147,11 @@ def flowrl_loss(
         ``(loss, metrics)``: a scalar loss and detached scalar metrics, means over sequences unless
         noted: ``flowrl/ell``, ``flowrl/ell_old``, ``flowrl/ell_ref`` (always of ``ref_logprobs``),
         ``flowrl/log_z``, ``flowrl/r_hat`` (of ``advantages``), ``flowrl/residual`` (delta),
-        ``flowrl/residual_abs``, ``flowrl/loss`` (the returned loss), ``flowrl/importance_weight_raw``
+        ``flowrl/residual_abs``, ``flowrl/loss``, ``flowrl/importance_weight_raw``
         (mean exp(log_w), saturating instead of overflowing), ``flowrl/importance_weight`` (mean w),
         ``flowrl/ppo_kl`` and ``flowrl/ref_kl`` (masked means over all tokens of ``old - new`` and
-        ``ref - new``).
+        ``ref - new``). Metrics describe this batch alone, whatever the ``normalizer`` (``flowrl/loss``
+        is the loss without it), so micro-batch metrics average, weighted by their sizes.
     """
     _check_choice("reference", reference, REFERENCES)
     _check_choice("sequence_weighting", sequence_weighting, SEQUENCE_WEIGHTINGS)
@@ -168,11 +169,10 @@ def flowrl_loss(
     weight = sequence_importance_weight(
         log_w, importance_weight, max_importance_weight=max_importance_weight, clip_eps=clip_eps
     )
-    loss = mean_over_sequences(
-        weight * residual.square(),
-        normalizer=normalizer,
-        weights=sequence_lengths(response_mask) if sequence_weighting == "length" else None,
-    )
+    terms = weight * residual.square()
+    lengths = sequence_lengths(response_mask) if sequence_weighting == "length" else None
+    loss = mean_over_sequences(terms, normalizer=normalizer, weights=lengths)
+    own_loss = loss if normalizer is None else mean_over_sequences(terms, weights=lengths)
 
     metrics = {
         "flowrl/ell": ell.mean(),
@@ -182,7 +182,7 @@ def flowrl_loss(
         "flowrl/r_hat": advantages.mean(),
         "flowrl/residual": residual.mean(),
         "flowrl/residual_abs": residual.abs().mean(),
-        "flowrl/loss": loss,
+        "flowrl/loss": own_loss,
         "flowrl/importance_weight_raw": _mean_exp(log_w),
         "flowrl/importance_weight": weight.mean(),
         "flowrl/ppo_kl": masked_mean(old_logprobs - logprobs, response_mask),

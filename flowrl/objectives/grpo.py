@@ -13,6 +13,8 @@ normalization in the aggregation ("seq-mean-token-sum-norm").
 
 from __future__ import annotations
 
+from functools import partial
+
 from torch import Tensor
 
 from flowrl.objectives.advantages import kl_penalty
@@ -58,7 +60,8 @@ def grpo_loss(
 
     Returns:
         ``(loss, metrics)``: the surrogate's metrics plus ``actor/kl_loss`` (the aggregated KL term before
-        ``kl_coef``) and ``actor/ref_kl`` (masked mean of ``ref_logprobs - logprobs``), all detached.
+        ``kl_coef``, without the ``normalizer``) and ``actor/ref_kl`` (masked mean of
+        ``ref_logprobs - logprobs``), all detached.
     """
     check_batch_shapes(
         response_mask,
@@ -80,12 +83,12 @@ def grpo_loss(
     kl = kl_penalty(
         apply_mask(logprobs, response_mask), apply_mask(ref_logprobs, response_mask), kl_estimator
     )
-    kl_loss = aggregate_loss(
-        kl, response_mask, loss_agg_mode, normalizer=normalizer, max_response_length=max_response_length
+    aggregate = partial(
+        aggregate_loss, mask=response_mask, mode=loss_agg_mode, max_response_length=max_response_length
     )
     if kl_coef != 0:
-        loss = loss + kl_coef * kl_loss
-    metrics["actor/kl_loss"] = kl_loss.detach()
+        loss = loss + kl_coef * aggregate(kl, normalizer=normalizer)
+    metrics["actor/kl_loss"] = aggregate(kl.detach())
     metrics["actor/ref_kl"] = masked_mean(ref_logprobs - logprobs, response_mask).detach()
     return loss, metrics
 

@@ -11,6 +11,8 @@ their advantages (GAE, group-normalized rewards, whitened KL-shaped returns) and
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
@@ -55,7 +57,8 @@ def clipped_surrogate(
     Returns:
         ``(loss, metrics)``: a scalar loss; detached scalar metrics ``actor/pg_loss``, ``actor/clip_frac``
         (fraction of real tokens where the clipped term is active), ``actor/ppo_kl`` (masked mean of
-        ``old_logprobs - logprobs``) and ``actor/ratio`` (masked mean ratio).
+        ``old_logprobs - logprobs``) and ``actor/ratio`` (masked mean ratio). Metrics describe this
+        batch alone, whatever the ``normalizer`` (``actor/pg_loss`` is the loss without it).
     """
     per_token_advantages = {"advantages": advantages} if advantages.dim() == 2 else {}
     check_batch_shapes(
@@ -71,20 +74,18 @@ def clipped_surrogate(
         )
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
-    # Masking the log-ratio (not only the loss) keeps padding out of exp and its gradient.
+    # Masking the log-ratio (not only the loss) keeps padding out of exp and of the gradient.
     log_ratio = apply_mask(logprobs - old_logprobs, response_mask)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + high)
-    loss = aggregate_loss(
-        torch.maximum(unclipped, clipped),
-        response_mask,
-        loss_agg_mode,
-        normalizer=normalizer,
-        max_response_length=max_response_length,
+    per_token = torch.maximum(unclipped, clipped)
+    aggregate = partial(
+        aggregate_loss, mask=response_mask, mode=loss_agg_mode, max_response_length=max_response_length
     )
+    loss = aggregate(per_token, normalizer=normalizer)
     metrics = {
-        "actor/pg_loss": loss.detach(),
+        "actor/pg_loss": aggregate(per_token.detach()),
         "actor/clip_frac": masked_mean((clipped > unclipped).to(ratio.dtype), response_mask).detach(),
         "actor/ppo_kl": masked_mean(-log_ratio, response_mask).detach(),
         "actor/ratio": masked_mean(ratio, response_mask).detach(),
@@ -135,15 +136,13 @@ def value_loss(
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
     unclipped_error = (values - returns).square()
     clipped_error = (clipped_values - returns).square()
-    loss = 0.5 * aggregate_loss(
-        torch.maximum(unclipped_error, clipped_error),
-        response_mask,
-        loss_agg_mode,
-        normalizer=normalizer,
-        max_response_length=max_response_length,
+    per_token = 0.5 * torch.maximum(unclipped_error, clipped_error)
+    aggregate = partial(
+        aggregate_loss, mask=response_mask, mode=loss_agg_mode, max_response_length=max_response_length
     )
+    loss = aggregate(per_token, normalizer=normalizer)
     metrics = {
-        "critic/vf_loss": loss.detach(),
+        "critic/vf_loss": aggregate(per_token.detach()),
         "critic/vf_clip_frac": masked_mean(
             (clipped_error > unclipped_error).to(values.dtype), response_mask
         ).detach(),

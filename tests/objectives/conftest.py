@@ -28,7 +28,9 @@ def _make_batch(
         return torch.where(response_mask, values, PAD_GARBAGE)
 
     logprobs = -torch.rand(n, max_length, generator=generator, dtype=torch.float64) * 3
-    old_logprobs = logprobs + off_policy_scale * torch.randn(n, max_length, generator=generator, dtype=torch.float64)
+    old_logprobs = logprobs + off_policy_scale * torch.randn(
+        n, max_length, generator=generator, dtype=torch.float64
+    )
     ref_logprobs = logprobs + 0.5 * torch.randn(n, max_length, generator=generator, dtype=torch.float64)
     return {
         "logprobs": per_token(logprobs).requires_grad_(),

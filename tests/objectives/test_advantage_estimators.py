@@ -41,7 +41,10 @@ def test_group_of_one_keeps_the_raw_reward() -> None:
 def test_affine_rescaling_of_rewards_changes_nothing() -> None:
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.3, 0.9, 0.1, 0.2], dtype=torch.float64)
     torch.testing.assert_close(
-        group_normalized_rewards(rewards, 4), group_normalized_rewards(3.0 * rewards - 7.0, 4), atol=1e-5, rtol=0
+        group_normalized_rewards(rewards, 4),
+        group_normalized_rewards(3.0 * rewards - 7.0, 4),
+        atol=1e-5,
+        rtol=0,
     )
 
 
@@ -130,8 +133,12 @@ def test_gae_worked_example() -> None:
     #   delta_0 = 0.9 * 0.6 - 0.5 = 0.04            A_0 = 0.04 + 0.72 * 0.246 = 0.21712
     # returns = A + V = [0.71712, 0.846, 1.0]
     # row 1 is the same response right-padded with garbage, row 2 a one-token response.
-    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 9.0], [2.0, NAN, NAN, NAN]], dtype=torch.float64)
-    values = torch.tensor([[0.5, 0.6, 0.7, 0.0], [0.5, 0.6, 0.7, NAN], [0.5, 3.0, 3.0, 3.0]], dtype=torch.float64)
+    rewards = torch.tensor(
+        [[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 9.0], [2.0, NAN, NAN, NAN]], dtype=torch.float64
+    )
+    values = torch.tensor(
+        [[0.5, 0.6, 0.7, 0.0], [0.5, 0.6, 0.7, NAN], [0.5, 3.0, 3.0, 3.0]], dtype=torch.float64
+    )
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0], [1, 0, 0, 0]])
     advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.8)
     for row in (0, 1):
@@ -139,7 +146,9 @@ def test_gae_worked_example() -> None:
         assert returns[row, :3].tolist() == pytest.approx([0.71712, 0.846, 1.0])
     # one token: A = 2 - 0.5 = 1.5, return 2
     assert advantages[2, 0].item() == pytest.approx(1.5) and returns[2, 0].item() == pytest.approx(2.0)
-    assert advantages[~mask.bool()].abs().sum().item() == 0.0 and returns[~mask.bool()].abs().sum().item() == 0.0
+    assert (
+        advantages[~mask.bool()].abs().sum().item() == 0.0 and returns[~mask.bool()].abs().sum().item() == 0.0
+    )
 
 
 def test_gae_with_lambda_one_is_the_discounted_return_minus_value() -> None:
@@ -150,9 +159,43 @@ def test_gae_with_lambda_one_is_the_discounted_return_minus_value() -> None:
     discounted = [1 + gamma * 2 + gamma**2 * 3, 2 + gamma * 3, 3.0]
     advantages, returns = gae(rewards, values, torch.ones(1, 3), gamma=gamma, lam=1.0)
     assert returns[0].tolist() == pytest.approx(discounted)
-    assert advantages[0].tolist() == pytest.approx([d - v for d, v in zip(discounted, [0.3, -0.2, 0.7])])
+    assert advantages[0].tolist() == pytest.approx(
+        [d - v for d, v in zip(discounted, [0.3, -0.2, 0.7], strict=True)]
+    )
 
 
 def test_gae_checks_shapes() -> None:
     with pytest.raises(ValueError, match=r"values has shape \(2, 2\), expected \(N, T\)"):
         gae(torch.zeros(2, 3), torch.zeros(2, 2), torch.ones(2, 3))
+
+
+def test_invalid_responses_are_left_out_of_their_group() -> None:
+    rewards = torch.tensor([1.0, NAN, 0.0, 1.0, 2.0, NAN, NAN, NAN])
+    valid = torch.tensor([True, False, True, True, True, False, False, False])
+    # group 0 keeps [1, 0, 1]: mean 2/3, unbiased std sqrt((1/9 + 4/9 + 1/9) / 2) = sqrt(1/3) = 0.57735
+    #   r_hat = [1/3, -2/3, 1/3] / 0.57735 = [0.57735, -1.154701, 0.57735]
+    # group 1 keeps one response: the group-of-one rule, r_hat = r = 2
+    r_hat = group_normalized_rewards(rewards, 4, valid=valid)
+    assert r_hat.tolist() == pytest.approx([0.57735, 0.0, -1.154701, 0.57735, 2.0, 0.0, 0.0, 0.0], abs=1e-5)
+    unscaled = group_normalized_rewards(rewards, 4, valid=valid, scale_by_std=False)
+    assert unscaled.tolist() == pytest.approx([1 / 3, 0.0, -2 / 3, 1 / 3, 2.0, 0.0, 0.0, 0.0])
+
+
+def test_all_valid_mask_changes_nothing() -> None:
+    rewards = torch.tensor([0.3, 0.9, 0.1, 0.2, 5.0, 5.0])
+    torch.testing.assert_close(
+        group_normalized_rewards(rewards, 2, valid=torch.ones(6, dtype=torch.bool)),
+        group_normalized_rewards(rewards, 2),
+    )
+
+
+def test_reinforce_pp_leaves_invalid_responses_out_of_the_whitening(make_batch) -> None:
+    batch = make_batch(num_prompts=2, num_samples_per_prompt=3)
+    rewards = batch["rewards"].clone()
+    rewards[1] = NAN
+    valid = ~rewards.isnan()
+    args = (batch["response_mask"], batch["old_logprobs"], batch["ref_logprobs"])
+    advantages = reinforce_pp_advantages(rewards, *args, kl_coef=0.1, valid=valid)
+    kept = reinforce_pp_advantages(rewards[valid], *(x[valid] for x in args), kl_coef=0.1)
+    torch.testing.assert_close(advantages[valid], kept)
+    assert advantages[1].abs().sum().item() == 0.0

@@ -61,7 +61,9 @@ def test_worked_example(options: dict, expected: float) -> None:
 
 
 def test_worked_example_metrics() -> None:
-    _, metrics = flowrl_loss(**_worked_batch(), beta=10.0, importance_weight="clamp", max_importance_weight=1.5)
+    _, metrics = flowrl_loss(
+        **_worked_batch(), beta=10.0, importance_weight="clamp", max_importance_weight=1.5
+    )
     expected = {
         "flowrl/ell": -2.0,
         "flowrl/ell_old": -2.25,
@@ -105,13 +107,15 @@ def _spec_loss(batch: dict[str, torch.Tensor], **options) -> torch.Tensor:
         terms.append(w * delta**2)
         lengths.append(length)
     if options.get("sequence_weighting", "mean") == "length":
-        return sum(n * t for n, t in zip(lengths, terms)) / sum(lengths)
+        return sum(n * t for n, t in zip(lengths, terms, strict=True)) / sum(lengths)
     return sum(terms) / len(terms)
 
 
 def _random_batch(make_batch, seed: int = 0, **kwargs) -> dict[str, torch.Tensor]:
     batch = make_batch(seed=seed, off_policy_scale=0.5, **kwargs)
-    advantages = torch.randn(batch["log_z"].shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    advantages = torch.randn(
+        batch["log_z"].shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(9)
+    )
     return {
         "logprobs": batch["logprobs"],
         "old_logprobs": batch["old_logprobs"],
@@ -129,9 +133,7 @@ def _loss_and_grads(loss_fn, batch, **options) -> tuple[torch.Tensor, torch.Tens
     return loss.detach(), logprobs_grad, log_z_grad
 
 
-SWITCHES = list(
-    itertools.product(IMPORTANCE_WEIGHT_MODES, ("ref", "old"), ("mean", "length"))
-)
+SWITCHES = list(itertools.product(IMPORTANCE_WEIGHT_MODES, ("ref", "old"), ("mean", "length")))
 
 
 @pytest.mark.parametrize(("mode", "reference", "weighting"), SWITCHES)
@@ -154,7 +156,7 @@ def test_vectorized_loss_equals_the_spec_loop(make_batch, mode: str, reference: 
     assert (log_w.exp() > 1.5).any() and (log_w.exp() < 0.8).any()  # the caps and clips are exercised
     expected = _loss_and_grads(_spec_loss, batch, **options)
     actual = _loss_and_grads(lambda b, **o: flowrl_loss(**b, **o), batch, **options)
-    for got, want in zip(actual, expected):
+    for got, want in zip(actual, expected, strict=True):
         torch.testing.assert_close(got, want)
     assert not actual[1].isnan().any()
     assert actual[1][~batch["response_mask"]].abs().max().item() == 0.0  # no gradient into padding
@@ -233,7 +235,9 @@ def test_garbage_padding_changes_nothing(make_batch) -> None:
     padded["logprobs"] = torch.cat([batch["logprobs"].detach(), extra], dim=1).requires_grad_()
     padded["old_logprobs"] = torch.cat([batch["old_logprobs"], extra.flip(1)], dim=1)
     padded["ref_logprobs"] = torch.cat([batch["ref_logprobs"], -extra], dim=1)
-    padded["response_mask"] = torch.cat([batch["response_mask"], torch.zeros(extra.shape, dtype=torch.bool)], 1)
+    padded["response_mask"] = torch.cat(
+        [batch["response_mask"], torch.zeros(extra.shape, dtype=torch.bool)], 1
+    )
     for weighting in ("mean", "length"):
         loss, metrics = flowrl_loss(**batch, sequence_weighting=weighting)
         padded_loss, padded_metrics = flowrl_loss(**padded, sequence_weighting=weighting)
@@ -272,6 +276,14 @@ def test_log_z_is_not_detached_and_gets_the_gradient_of_the_loss() -> None:
     assert batch["log_z"].grad.tolist() == pytest.approx([-0.5, -3.5])
 
 
+def test_metrics_describe_the_batch_whatever_the_normalizer(make_batch) -> None:
+    batch = _random_batch(make_batch)
+    _, metrics = flowrl_loss(**batch, sequence_weighting="length")
+    _, normalized_metrics = flowrl_loss(**batch, sequence_weighting="length", normalizer=1000.0)
+    for name, value in metrics.items():
+        torch.testing.assert_close(normalized_metrics[name], value, msg=name)
+
+
 def test_normalizer_divides_the_summed_terms() -> None:
     # on-policy terms [0.25, 12.25]: sum 12.5 / normalizer 5 = 2.5; length-weighted: (0.5 + 12.25) / 5
     batch = _worked_batch()
@@ -286,10 +298,16 @@ def test_normalizer_divides_the_summed_terms() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"importance_weight": "clipped"}, "unknown importance_weight 'clipped'; use one of clamp, clip, none, on_policy"),
+        (
+            {"importance_weight": "clipped"},
+            "unknown importance_weight 'clipped'; use one of clamp, clip, none, on_policy",
+        ),
         ({"reference": "reference"}, "unknown reference 'reference'; use one of ref, old"),
         ({"sequence_weighting": "sum"}, "unknown sequence_weighting 'sum'; use one of mean, length"),
-        ({"importance_weight": "clamp", "max_importance_weight": 0.0}, "max_importance_weight must be positive"),
+        (
+            {"importance_weight": "clamp", "max_importance_weight": 0.0},
+            "max_importance_weight must be positive",
+        ),
         ({"importance_weight": "clip", "clip_eps": 1.5}, r"clip_eps must be in \(0, 1\)"),
     ],
 )
