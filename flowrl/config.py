@@ -184,7 +184,9 @@ def validate(cfg: Config) -> None:
             "use flowrl, grpo, dr_grpo or reinforce_pp"
         )
     _check_kwargs(objective.loss_fn, cfg.algorithm.loss, "algorithm.loss", {"normalizer"})
-    _check_kwargs(objective.advantage_fn, cfg.algorithm.advantage, "algorithm.advantage", {"num_samples_per_prompt"})
+    _check_kwargs(
+        objective.advantage_fn, cfg.algorithm.advantage, "algorithm.advantage", {"num_samples_per_prompt", "valid"}
+    )
     t = cfg.train
     n = cfg.rollout.num_samples_per_prompt
     if n < 1 or t.prompts_per_step < 1:

@@ -50,8 +50,8 @@ def group_normalized_rewards(
         eps: added to the std.
         scale_by_std: divide by the group std (GRPO) or not (Dr. GRPO).
         valid: (N,) bool, optional: False for responses whose reward could not be computed (their
-            reward may be NaN). They are left out of their group's statistics and get 0; a group's
-            size is then its number of valid members.
+            reward may be NaN). They are left out of their group's statistics and get 0; a group with
+            a single valid member follows the group-of-one rule.
 
     Returns:
         (N,) normalized rewards, same dtype as ``rewards`` (float32 when they are integers).
@@ -71,7 +71,7 @@ def group_normalized_rewards(
     groups = rewards.view(-1, n)
     members = torch.ones_like(groups, dtype=torch.bool) if valid is None else valid.view(-1, n).to(torch.bool)
     size = members.sum(dim=1, keepdim=True)
-    # Shift by the first member before averaging: a group of equal rewards then gives exact zeros
+    # Shift by the first valid member before averaging: a group of equal rewards then gives exact zeros
     # (a float mean of equal numbers can miss them by an ulp, which the division by eps magnifies).
     anchor = groups.gather(1, members.to(torch.uint8).argmax(dim=1, keepdim=True))
     shifted = groups - anchor

@@ -179,3 +179,16 @@ def test_micro_batch_losses_add_up_to_the_mini_batch_loss(make_batch, name: str,
     for micro, full in zip(micro_grads, full_grads, strict=True):
         torch.testing.assert_close(micro, full)
     assert full_grads[0].abs().sum() > 0  # the comparison is not between two zeros
+
+
+@pytest.mark.parametrize(("name", "loss_kwargs"), CASES)
+def test_metrics_do_not_depend_on_the_normalizer(make_batch, name: str, loss_kwargs: dict) -> None:
+    # metrics describe the micro-batch itself, so a trainer can average them weighted by batch size
+    inputs = _loss_inputs(name, make_batch(num_prompts=2, num_samples_per_prompt=GROUP))
+    loss, metrics = OBJECTIVES[name].loss_fn(**inputs, **loss_kwargs)
+    scaled_loss, scaled_metrics = OBJECTIVES[name].loss_fn(**inputs, **loss_kwargs, normalizer=1000.0)
+    assert abs(scaled_loss.item()) < abs(loss.item())
+    assert set(scaled_metrics) == set(metrics)
+    for key, value in metrics.items():
+        assert value.dim() == 0 and not value.requires_grad, key
+        torch.testing.assert_close(scaled_metrics[key], value, msg=key)
