@@ -17,6 +17,7 @@ The head is the submodule ``log_z_head`` of :class:`Policy`, so its parameter na
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,16 +38,31 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
     A tokenizer without a pad token gets its EOS token as pad (the usual choice for causal LMs); one with
     neither is refused, since responses could not be terminated or padded.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     _check_model_path(path)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if _declared_tokenizer_class(path) in PLAIN_TOKENIZER_CLASSES:
+        # AutoTokenizer rebuilds the pipeline from the model type (a Qwen2 config gets Qwen2's byte-level
+        # pre-tokenizer), which breaks a custom tokenizer saved as a plain `tokenizers` backend.
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer at {path!r} has no EOS token; set `eos_token` in its tokenizer_config.json")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+PLAIN_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _declared_tokenizer_class(path: str) -> str | None:
+    config = Path(path).expanduser() / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("tokenizer_class")
 
 
 def load_model(

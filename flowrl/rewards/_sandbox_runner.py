@@ -9,7 +9,8 @@ Protocol. stdin: one JSON job ``{"code", "tests", "nonce", "timeout_s", "memory_
 ``{"kind": "check", "code", "entry_point"}``, plus ``"max_output_bytes"``. Expected outputs never
 enter the sandbox: the host compares. stdout: JSON lines, ``{"ready": true}`` once the runner is up,
 then one record per test in order: ``{"pos", "status", "stdout"|"value", "stderr", "time_s"}`` with
-``status`` in ``ok``, ``runtime_error``, ``timeout``, ``memory``, ``output_limit``.
+``status`` in ``ok``, ``failed`` (an assertion of the test failed), ``runtime_error``, ``timeout``,
+``memory``, ``output_limit``.
 
 Each test runs in a forked child that sets its own rlimits (address space, CPU time, processes, file
 size, open files), gets stdin from a file and stdout/stderr/result pipes, then executes the code. The
@@ -34,6 +35,8 @@ import time
 import traceback
 
 STDERR_TAIL_BYTES = 4096
+POLL_S = 0.02  # how often to check whether the test's process exited while its pipes stay open
+DRAIN_S = 0.05  # after it exited, how long to keep reading what is already in the pipes
 RESULT_FD = 3
 
 
@@ -57,6 +60,28 @@ def _jsonable(value: object) -> object:
         except TypeError:
             return list(value)
     raise TypeError(f"return value of type {type(value).__name__} is not JSON-serializable")
+
+
+def _run_test(test: dict, namespace: dict, nonce: str) -> dict:
+    """Run a function-call, assert or check test against the candidate's namespace."""
+    kind = test["kind"]
+    if kind == "call":
+        fn = namespace.get(test["fn_name"])
+        if fn is None and isinstance(namespace.get("Solution"), type):
+            fn = getattr(namespace["Solution"](), test["fn_name"], None)
+        if not callable(fn):
+            raise NameError(f"no function or Solution method named {test['fn_name']!r}")
+        value = fn(*test["args"])
+        # Through JSON: the host compares plain data, so an object with a rigged __eq__ cannot pass.
+        return {"nonce": nonce, "value": json.loads(json.dumps(value, default=_jsonable))}
+    if kind == "assert":
+        if test.get("setup"):
+            exec(compile(test["setup"], "test_setup.py", "exec"), namespace)
+        exec(compile(test["code"], "test.py", "exec"), namespace)
+    else:  # "check" (HumanEval)
+        exec(compile(test["code"], "test.py", "exec"), namespace)
+        namespace["check"](namespace[test["entry_point"]])
+    return {"nonce": nonce, "ok": True}
 
 
 def _child(test: dict, code: object, job: dict, stdin_fd: int, w_out: int, w_err: int, w_res: int) -> None:
@@ -94,26 +119,13 @@ def _child(test: dict, code: object, job: dict, stdin_fd: int, w_out: int, w_err
     kind = test["kind"]
     namespace = {"__name__": "__main__" if kind == "stdio" else "solution", "__builtins__": builtins}
     try:
-        exec(code, namespace)
-        if kind == "call":
-            fn = namespace.get(test["fn_name"])
-            if fn is None and isinstance(namespace.get("Solution"), type):
-                fn = getattr(namespace["Solution"](), test["fn_name"], None)
-            if not callable(fn):
-                raise NameError(f"no function or Solution method named {test['fn_name']!r}")
-            value = fn(*test["args"])
-            message = {"nonce": nonce, "value": json.loads(json.dumps(value, default=_jsonable))}
-        elif kind == "assert":
-            if test.get("setup"):
-                exec(compile(test["setup"], "test_setup.py", "exec"), namespace)
-            exec(compile(test["code"], "test.py", "exec"), namespace)
-            message = {"nonce": nonce, "ok": True}
-        elif kind == "check":
-            exec(compile(test["code"], "test.py", "exec"), namespace)
-            namespace["check"](namespace[test["entry_point"]])
-            message = {"nonce": nonce, "ok": True}
-        else:
-            message = None
+        exec(code, namespace)  # the candidate's definitions (and, for stdio tests, the whole program)
+        message = None
+        if kind != "stdio":
+            try:
+                message = _run_test(test, namespace, nonce)
+            except AssertionError:  # a failed assertion of the test itself is a wrong answer
+                message = {"nonce": nonce, "failed": traceback.format_exc(limit=-1)[-500:]}
         sys.stdout.flush()
         if message is not None:
             data = json.dumps(message).encode()
@@ -133,7 +145,8 @@ def _child(test: dict, code: object, job: dict, stdin_fd: int, w_out: int, w_err
             exit_code = 1
     except BaseException:  # noqa: BLE001 - the candidate's exception is its runtime error
         try:
-            traceback.print_exc()
+            exc_type, exc_value, tb = sys.exc_info()
+            traceback.print_exception(exc_type, exc_value, tb.tb_next if tb else None)  # hide this frame
         except MemoryError:
             os.write(RESULT_FD, memory_msg)
         exit_code = 1
@@ -177,12 +190,26 @@ def _run_one(test: dict, code: object, job: dict, workdir: str) -> dict:
     open_fds = {r_out, r_err, r_res}
     deadline = start + float(job["timeout_s"])
     verdict = None
-    while open_fds and verdict is None:
-        remaining = deadline - time.monotonic()
+    status = None
+    cpu_s = 0.0
+    exited_at = 0.0
+    while verdict is None:
+        now = time.monotonic()
+        if status is None:
+            done, wait_status, usage = os.wait4(pid, os.WNOHANG)
+            if done:
+                status, exited_at = wait_status, now
+                cpu_s = usage.ru_utime + usage.ru_stime
+        if status is not None and (not open_fds or now - exited_at > DRAIN_S):
+            break  # exited; a descendant still holding the pipes does not keep the test alive
+        remaining = deadline - now
         if remaining <= 0:
             verdict = "timeout"
             break
-        ready, _, _ = select.select(list(open_fds), [], [], remaining)
+        if not open_fds:
+            time.sleep(min(remaining, 0.002))
+            continue
+        ready, _, _ = select.select(list(open_fds), [], [], min(remaining, POLL_S))
         for fd in ready:
             chunk = os.read(fd, 65536)
             if not chunk:
@@ -198,18 +225,6 @@ def _run_one(test: dict, code: object, job: dict, workdir: str) -> dict:
             if received > cap:
                 verdict = "output_limit"
                 break
-    status = None
-    cpu_s = 0.0
-    if verdict is None:  # pipes closed: wait for the exit itself, still under the deadline
-        while True:
-            done, status, usage = os.wait4(pid, os.WNOHANG)
-            if done:
-                cpu_s = usage.ru_utime + usage.ru_stime
-                break
-            if time.monotonic() >= deadline:
-                verdict = "timeout"
-                break
-            time.sleep(0.002)
     elapsed = time.monotonic() - start
     _kill_group(pid)
     if status is None:
@@ -231,6 +246,9 @@ def _run_one(test: dict, code: object, job: dict, workdir: str) -> dict:
         message = None
     if message is not None and message.get("error") == "memory":
         record["status"] = "memory"
+    elif message is not None and "failed" in message:
+        record["status"] = "failed"
+        record["stderr"] = str(message["failed"])
     elif exit_code == -signal.SIGXCPU or (exit_code == -signal.SIGKILL and cpu_s >= float(job["timeout_s"])):
         record["status"] = "timeout"  # the CPU-time limit fired before the wall clock
     elif exit_code == -signal.SIGXFSZ:
@@ -242,7 +260,7 @@ def _run_one(test: dict, code: object, job: dict, workdir: str) -> dict:
         record["stdout"] = out.decode("utf-8", "replace")
     elif message is None:
         record["status"] = "runtime_error"
-        record["stderr"] += "\nexited before the test completed"
+        record["stderr"] = (record["stderr"] + "\nexited before the test completed").strip()
     else:
         record["status"] = "ok"
         if "value" in message:

@@ -14,7 +14,7 @@ import importlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 
 class RewardStatus(str, enum.Enum):
@@ -41,7 +41,7 @@ class RewardResult:
         return self.status not in (RewardStatus.ERROR, RewardStatus.TIMEOUT) and math.isfinite(self.score)
 
 
-RewardFn = Callable[[str, Mapping[str, Any]], Union[float, RewardResult]]
+RewardFn = Callable[[str, Mapping[str, Any]], float | RewardResult]
 
 
 def load_callable(spec: str) -> Callable[..., Any]:
@@ -52,7 +52,9 @@ def load_callable(spec: str) -> Callable[..., Any]:
     """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"reward function {spec!r} must be given as 'module:function', e.g. 'my_rewards:score'")
+        raise ValueError(
+            f"reward function {spec!r} must be given as 'module:function', e.g. 'my_rewards:score'"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -83,7 +85,9 @@ def safe_score(fn: RewardFn, response: str, example: Mapping[str, Any]) -> Rewar
     try:
         score = float(out)
     except (TypeError, ValueError):
-        return RewardResult(math.nan, RewardStatus.ERROR, f"reward returned {type(out).__name__}, not a number")
+        return RewardResult(
+            math.nan, RewardStatus.ERROR, f"reward returned {type(out).__name__}, not a number"
+        )
     if not math.isfinite(score):
         return RewardResult(math.nan, RewardStatus.ERROR, f"non-finite score {score!r}")
     return RewardResult(score, RewardStatus.CORRECT if score > 0 else RewardStatus.WRONG)

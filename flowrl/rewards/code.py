@@ -8,9 +8,9 @@ The reward (FlowRL spec section 5): take the last fenced code block of the respo
 
 * *Writing outside its directory.* The program sees a private root: ``/usr`` (and ``/bin``, ``/lib*``,
   and the interpreter's own prefix when it lives elsewhere) mounted read-only, a fresh ``/proc`` and
-  minimal ``/dev``, and a size-limited private tmpfs at ``/tmp`` (its working directory) and
-  ``/dev/shm``. Nothing else of the host's file system exists inside: no home directory, no project
-  checkout, no ``/etc``.
+  minimal ``/dev``, and a private tmpfs of ``tmpfs_mb`` at ``/tmp`` (its working directory) and
+  ``/dev/shm``, the only writable places; the sandbox's root and ``/dev`` are read-only. Nothing else
+  of the host's file system exists inside: no home directory, no project checkout, no ``/etc``.
 * *Network access.* Its own network namespace: only a loopback interface, unconnected to the host's.
 * *Reading the parent's environment.* The environment is cleared (``PATH``, ``HOME``, ``LANG``,
   ``TMPDIR`` only); its own pid namespace hides the host's ``/proc/<pid>/environ``.
@@ -27,8 +27,8 @@ The reward (FlowRL spec section 5): take the last fenced code block of the respo
   invisible and the namespace's init ignores signals from inside. Killing the outer ``bwrap`` (timeout)
   tears down the namespace and every process in it (``--die-with-parent``); after each test the runner
   kills everything the test left behind.
-* *Privileges.* No capabilities (``bwrap`` drops them), ``--new-session`` (no terminal injection),
-  isolated IPC, UTS and cgroup namespaces.
+* *Privileges.* No capabilities (``bwrap`` drops them) and not root, so no ``setuid``, mounts or
+  ``chroot``; ``--new-session`` (no terminal injection); isolated IPC, UTS and cgroup namespaces.
 
 **What it does not protect against.**
 
@@ -38,6 +38,9 @@ The reward (FlowRL spec section 5): take the last fenced code block of the respo
   max_processes`` plus its tmpfs. There is no cgroup limit, and no CPU-share or disk-I/O limit (the
   runner only lowers its priority with ``nice``).
 * Timing noise: under CPU oversubscription a correct but slow program can time out.
+* Older systems: the tmpfs size needs a bwrap with ``--size`` (checked; otherwise the tmpfs is
+  unbounded), and counting ``RLIMIT_NPROC`` per user namespace needs Linux >= 5.14 (before, all
+  processes of the sandbox's uid on the host count together).
 * Reward hacking through the runner: function-call and assert tests run in the same process as the
   candidate, which could in principle find the per-run nonce in memory and forge a pass.
   ``sys.exit(0)``/``os._exit(0)`` before the asserts do *not* pass, and expected outputs of
@@ -123,7 +126,8 @@ class SandboxConfig:
         max_output_bytes: cap on stdout + stderr of one test.
         max_file_mb: ``RLIMIT_FSIZE``: largest file a program may write.
         max_open_files: ``RLIMIT_NOFILE``.
-        tmpfs_mb: size of the private ``/tmp`` and ``/dev/shm`` (when bwrap supports ``--size``).
+        tmpfs_mb: size of the private ``/tmp`` and ``/dev/shm`` (when bwrap supports ``--size``); it
+            holds the program's files and each test's input, so it must exceed the largest input.
         nice: niceness added to sandboxed programs, so they yield the CPU to the trainer.
     """
 
@@ -456,6 +460,10 @@ def _mounts_for(interpreter: str) -> list[str]:
     return args
 
 
+_SANDBOX_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "TMPDIR": "/tmp"}
+"""The whole environment of a sandboxed program."""
+
+
 def _build_launcher(config: SandboxConfig) -> _Launcher:
     as_root = os.geteuid() == 0
     user_kwargs: dict[str, Any] = (
@@ -472,50 +480,30 @@ def _build_launcher(config: SandboxConfig) -> _Launcher:
                 "SandboxConfig(allow_rlimits_only=True)."
             )
         interpreter = _interpreter(config, as_root)
-        env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "TMPDIR": "/tmp"}
         return _Launcher(
             (interpreter, "-I", "-c", _RUNNER_SOURCE),
             "rlimits",
-            {"env": env, "cwd": "/tmp", **user_kwargs},
+            {"env": dict(_SANDBOX_ENV), "cwd": "/tmp", **user_kwargs},
         )
     interpreter = _interpreter(config, as_root)
     size = ["--size", str(config.tmpfs_mb * 1024 * 1024)] if _bwrap_supports_size(bwrap) else []
+    env = [arg for name, value in _SANDBOX_ENV.items() for arg in ("--setenv", name, value)]
+    # fmt: off
     argv = [
         bwrap,
-        "--unshare-all",
-        "--die-with-parent",
-        "--new-session",
-        *_mounts_for(interpreter),
-        "--proc",
-        "/proc",
-        "--dev",
-        "/dev",
-        *size,
-        "--tmpfs",
-        "/tmp",
-        *size,
-        "--tmpfs",
-        "/dev/shm",
-        "--chdir",
-        "/tmp",
-        "--clearenv",
-        "--setenv",
-        "PATH",
-        "/usr/bin:/bin",
-        "--setenv",
-        "HOME",
-        "/tmp",
-        "--setenv",
-        "LANG",
-        "C.UTF-8",
-        "--setenv",
-        "TMPDIR",
-        "/tmp",
-        interpreter,
-        "-I",
-        "-c",
-        _RUNNER_SOURCE,
+        "--unshare-all",                        # user, pid, network, IPC, UTS, cgroup namespaces
+        "--die-with-parent", "--new-session",
+        *_mounts_for(interpreter),              # /usr, /bin, /lib*, the interpreter: read-only
+        "--proc", "/proc", "--dev", "/dev",
+        *size, "--tmpfs", "/tmp",
+        *size, "--tmpfs", "/dev/shm",
+        "--remount-ro", "/dev",                 # its tmpfs would otherwise take files of any total size
+        "--remount-ro", "/",
+        "--chdir", "/tmp",
+        "--clearenv", *env,
+        interpreter, "-I", "-c", _RUNNER_SOURCE,
     ]
+    # fmt: on
     return _Launcher(tuple(argv), "bwrap", {"env": {"PATH": "/usr/bin:/bin"}, **user_kwargs})
 
 
@@ -670,6 +658,8 @@ def _judge(test: TestCase, record: Mapping[str, Any]) -> TestResult:
         else:
             ok, detail = True, ""
         return TestResult(test.index, CodeStatus.PASSED if ok else CodeStatus.WRONG_ANSWER, elapsed, detail)
+    if status == "failed":
+        return TestResult(test.index, CodeStatus.WRONG_ANSWER, elapsed, stderr)
     if status == "timeout":
         return TestResult(test.index, CodeStatus.TIMEOUT, elapsed, "time limit exceeded")
     if status == "memory":

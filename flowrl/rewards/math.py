@@ -24,8 +24,10 @@ alarm cannot interrupt SymPy inside C code (``9^{9^{9^{9}}}``). So both are disa
 in a persistent pool of worker processes (:class:`VerifierPool`) with a deadline per task measured from
 the moment a worker takes it; a worker that overruns is killed and replaced, and the task is reported
 as ``timeout``. This works from any thread. Answers longer than :data:`MAX_ANSWER_CHARS` are ``wrong``
-without being parsed. Workers are forked from a ``forkserver`` (safe when the parent holds CUDA or
-threads) with Math-Verify preloaded, so replacing one costs milliseconds.
+without being parsed. Workers are plain subprocesses of this interpreter (``python -c``, exec'd, so
+safe when the parent holds CUDA or threads, and they never re-import the caller's ``__main__`` as
+multiprocessing's spawn would); a replacement starts in the background (about 0.3 s to import
+Math-Verify) while the others keep working.
 
 **Scores** (:func:`score`): ``correct_score`` (1) when correct, ``wrong_score`` otherwise (wrong or no
 answer), NaN for ``timeout`` and ``error`` (left out of the update and counted, see
@@ -70,9 +72,10 @@ WORKER_MEMORY_MB = 4096
 # ----------------------------------------------------------------------------------------------
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_BRACE_TOKEN_RE = re.compile(r"\\.|[{}]", re.DOTALL)  # a backslash escapes the next character
 # A final-answer line: "Answer: 42", "**Final Answer:** $42$", "> answer: 42". Greedy (.*) keeps it linear.
 _ANSWER_LINE_RE = re.compile(
-    r"^[ \t>*#_]*(?:final[ \t]+)?answer[ \t*_]*[:：](.*)$", re.IGNORECASE | re.MULTILINE
+    r"^[ \t>*#_]*(?:final[ \t]+)?answer[ \t*_]*[:：][ \t*_]*(.*)$", re.IGNORECASE | re.MULTILINE
 )
 
 
@@ -85,30 +88,23 @@ class ExtractedAnswer:
     position: int
 
 
-def _brace_group(text: str, start: int) -> tuple[str, int] | None:
-    """Content of the ``{...}`` group opening at ``text[start]`` and the index after it; None if unbalanced.
+def _matching_braces(text: str) -> dict[int, int]:
+    """Index of each ``{`` -> index of its ``}``, in one pass (unclosed ones are absent).
 
     ``\\{`` and ``\\}`` are literal braces in LaTeX (set notation) and do not open or close groups.
     """
-    depth = 0
-    i = start
-    n = len(text)
-    while i < n:
-        c = text[i]
-        if c == "\\":
-            i += 2
-            continue
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1 : i], i + 1
-        i += 1
-    return None
+    pairs: dict[int, int] = {}
+    stack: list[int] = []
+    for m in _BRACE_TOKEN_RE.finditer(text):
+        token = m.group()
+        if token == "{":
+            stack.append(m.start())
+        elif token == "}" and stack:
+            pairs[stack.pop()] = m.start()
+    return pairs
 
 
-def _box_argument(text: str, pos: int) -> str | None:
+def _box_argument(text: str, pos: int, pairs: dict[int, int]) -> str | None:
     """The argument of ``\\boxed`` whose name ends at ``pos``: a brace group or, like TeX, one bare token."""
     n = len(text)
     i = pos
@@ -117,8 +113,8 @@ def _box_argument(text: str, pos: int) -> str | None:
     if i >= n:
         return None
     if text[i] == "{":
-        group = _brace_group(text, i)
-        return None if group is None else group[0]
+        end = pairs.get(i)
+        return None if end is None else text[i + 1 : end]
     j = i
     while j < n and not text[j].isspace() and text[j] not in "$}":
         j += 1
@@ -127,8 +123,12 @@ def _box_argument(text: str, pos: int) -> str | None:
 
 def _last_boxed(text: str) -> tuple[str, int] | None:
     """The content and start of the last complete ``\\boxed``/``\\fbox`` (a truncated last one is skipped)."""
-    for m in reversed(list(_BOX_RE.finditer(text))):
-        content = _box_argument(text, m.end())
+    boxes = list(_BOX_RE.finditer(text))
+    if not boxes:
+        return None
+    pairs = _matching_braces(text)
+    for m in reversed(boxes):
+        content = _box_argument(text, m.end(), pairs)
         if content is not None:
             return content, m.start()
     return None
@@ -187,7 +187,8 @@ def extract_answer(response: str) -> ExtractedAnswer | None:
 # Fast paths (no SymPy)
 # ----------------------------------------------------------------------------------------------
 
-_CANON_DROP_RE = re.compile(r"\s+|\\left|\\right|\\displaystyle|\\[,;!: ]")
+_CANON_DROP_RE = re.compile(r"\\left|\\right|\\displaystyle|\\[,;!: ]")
+_CANON_SPACE_RE = re.compile(r" ?([^A-Za-z0-9 ]) ?")
 _INT_RE = re.compile(r"[+-]?\d+")
 _MC_GOLD_RE = re.compile(r"\(?([A-J])\)?")
 _MC_TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}")
@@ -195,7 +196,10 @@ _MC_ANSWER_RE = re.compile(r"(?:option|choice)?\s*\(?([A-Ja-j])(?:\)|\.|:|\s|$)"
 
 
 def _canon(s: str) -> str:
-    return _CANON_DROP_RE.sub("", s).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    """Spacing and sizing removed: spaces survive only between letters or digits ("1 2" is not "12")."""
+    s = " ".join(_CANON_DROP_RE.sub(" ", s).split())
+    s = _CANON_SPACE_RE.sub(r"\1", s)
+    return s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
 
 
 def _multiple_choice_letter(answer: str) -> str | None:
@@ -208,17 +212,17 @@ def _fast_verdict(answer: str, gold: str) -> tuple[RewardStatus, str] | None:
     """Decide without SymPy when that is certain; None means "ask Math-Verify"."""
     if _canon(answer) == _canon(gold):
         return RewardStatus.CORRECT, "identical"
+    if len(answer) > MAX_ANSWER_CHARS:
+        return RewardStatus.WRONG, f"answer longer than {MAX_ANSWER_CHARS} characters"
     mc = _MC_GOLD_RE.fullmatch(gold.strip())
     if mc:
         letter = _multiple_choice_letter(answer)
         if letter == mc.group(1):
             return RewardStatus.CORRECT, f"choice {letter}"
         return RewardStatus.WRONG, f"choice {letter or answer[:20]!r}, expected {mc.group(1)}"
-    if _INT_RE.fullmatch(answer) and _INT_RE.fullmatch(gold):
+    if _INT_RE.fullmatch(answer) and _INT_RE.fullmatch(gold) and len(gold) <= MAX_ANSWER_CHARS:
         same = int(answer) == int(gold)
         return (RewardStatus.CORRECT if same else RewardStatus.WRONG), "integer"
-    if len(answer) > MAX_ANSWER_CHARS:
-        return RewardStatus.WRONG, f"answer longer than {MAX_ANSWER_CHARS} characters"
     return None
 
 
@@ -401,14 +405,15 @@ class VerifierPool:
                     try:
                         message = conn.recv()
                     except (EOFError, OSError) as exc:
-                        task = busy.pop(worker, None)
-                        if task is not None:
-                            results[task.index] = (RewardStatus.ERROR, f"verifier worker died ({exc!r})")
-                        elif worker.proc.poll() is not None and not worker.ready:
+                        if not worker.ready:  # died while starting: a broken install, not one bad answer
+                            worker.kill()
+                            self._workers.remove(worker)
                             raise RuntimeError(
-                                f"a Math-Verify worker exited with code {worker.proc.returncode} before "
+                                f"a Math-Verify worker exited with code {worker.proc.returncode} while "
                                 f"starting; run `{sys.executable} -c 'import math_verify'` to see why"
                             ) from exc
+                        task = busy.pop(worker)
+                        results[task.index] = (RewardStatus.ERROR, f"verifier worker died ({exc!r})")
                         self._replace(worker)
                         continue
                     if message == "ready":

@@ -1,0 +1,344 @@
+"""flowrl.rewards.math: extraction, Math-Verify equivalence (hand-judged matches and near misses),
+statuses, and the time bound on pathological answers from any thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from flowrl.rewards import math as fm
+from flowrl.rewards.base import RewardStatus
+
+pytest.importorskip("math_verify")
+
+# (ground truth, response) pairs judged by hand; none of them is computed by the code under test.
+# Equivalent forms: a grader must accept each response as the ground truth.
+MATCH = [
+    # fractions and decimals
+    ("\\frac{1}{2}", "\\boxed{0.5}"),
+    ("\\frac{1}{2}", "\\boxed{\\dfrac{1}{2}}"),
+    ("\\frac{1}{2}", "\\boxed{1/2}"),
+    ("\\frac{1}{2}", "\\boxed{\\frac12}"),
+    ("\\frac{1}{2}", "\\boxed{\\tfrac{1}{2}}"),
+    ("\\frac{1}{2}", "\\boxed{\\frac{2}{4}}"),
+    ("\\frac{1}{2}", "\\boxed{\\left(\\frac{1}{2}\\right)}"),
+    ("0.5", "\\boxed{\\frac{1}{2}}"),
+    ("\\frac{3}{4}", "\\boxed{0.75}"),
+    ("-\\frac{1}{3}", "\\boxed{-\\frac{1}{3}}"),
+    ("-\\frac{1}{3}", "\\boxed{\\frac{-1}{3}}"),
+    ("\\frac{1}{3}", "\\boxed{0.333333}"),
+    ("3", "\\boxed{3.0}"),
+    ("3", "\\boxed{3.00}"),
+    ("3", "\\boxed{\\frac{6}{2}}"),
+    ("2.5", "\\boxed{2.50}"),
+    ("1.5", "\\boxed{\\frac{3}{2}}"),
+    ("0.1", "\\boxed{\\frac{1}{10}}"),
+    # radicals
+    ("2\\sqrt{2}", "\\boxed{\\sqrt{8}}"),
+    ("\\frac{\\sqrt{2}}{2}", "\\boxed{\\frac{1}{\\sqrt{2}}}"),
+    ("\\sqrt{2}/2", "\\boxed{\\frac{\\sqrt{2}}{2}}"),
+    ("3\\sqrt{3}", "\\boxed{\\sqrt{27}}"),
+    ("\\sqrt[3]{8}", "\\boxed{2}"),
+    ("2+\\sqrt{3}", "\\boxed{\\sqrt{3}+2}"),
+    # intervals
+    ("[1,2)", "\\boxed{[1, 2)}"),
+    ("(-\\infty, 3]", "\\boxed{(-\\infty,3]}"),
+    ("[2,\\infty)", "\\boxed{[2, \\infty)}"),
+    ("(0,1) \\cup (2,3)", "\\boxed{(0,1)\\cup(2,3)}"),
+    # tuples
+    ("(1,2)", "\\boxed{(1, 2)}"),
+    ("(3,-1)", "\\boxed{(3, -1)}"),
+    ("(\\frac{1}{2}, 2)", "\\boxed{(0.5, 2)}"),
+    ("(1, 2)", "\\boxed{\\left( 1, 2 \\right)}"),
+    # sets and lists of solutions
+    ("\\{1,2,3\\}", "\\boxed{\\{3,2,1\\}}"),
+    ("\\{-1, 1\\}", "\\boxed{\\{1,-1\\}}"),
+    ("\\{1,2\\}", "\\boxed{\\{1,2\\}}"),
+    ("1, 2", "\\boxed{2, 1}"),
+    ("1,2", "\\boxed{1 \\text{ and } 2}"),
+    # x = 5 against 5
+    ("5", "\\boxed{x = 5}"),
+    ("5", "\\boxed{x=5}"),
+    ("-2", "\\boxed{y = -2}"),
+    ("\\frac{1}{2}", "\\boxed{a = \\frac{1}{2}}"),
+    # LaTeX text answers
+    ("\\text{Monday}", "\\boxed{\\text{Monday}}"),
+    ("\\text{yes}", "\\boxed{\\text{yes}}"),
+    ("\\text{Monday}", "\\boxed{Monday}"),
+    # thousands separators
+    ("1000", "\\boxed{1,000}"),
+    ("1000000", "\\boxed{1,000,000}"),
+    ("12345", "\\boxed{12{,}345}"),
+    ("1000", "\\boxed{1\\,000}"),
+    ("1000", "\\boxed{1 000}"),
+    ("1234567.5", "\\boxed{1,234,567.5}"),
+    ("1,000", "\\boxed{1000}"),
+    # multiple-choice letters
+    ("B", "\\boxed{B}"),
+    ("B", "\\boxed{(B)}"),
+    ("B", "\\boxed{\\text{(B)}}"),
+    ("B", "\\boxed{B)}"),
+    ("B", "\\boxed{\\textbf{B}}"),
+    ("B", "\\boxed{b}"),
+    ("(C)", "\\boxed{C}"),
+    ("D", "Answer: (D)"),
+    ("A", "Option A fits.\n\nAnswer: A"),
+    ("C", "\\boxed{C) 12}"),
+    # the DAPO "Answer:" line
+    ("42", "Let me think step by step.\nAnswer: 42"),
+    ("42", "Answer: $42$"),
+    ("42", "**Answer:** 42"),
+    ("42", "Final Answer: 42."),
+    ("\\frac{1}{2}", "answer: 0.5"),
+    ("5", "Answer: \\boxed{5}"),
+    ("42", "I first thought \\boxed{24}.\nAnswer: 42"),
+    # \boxed variants
+    ("7", "\\fbox{7}"),
+    ("7", "The answer is \\boxed 7."),
+    ("5", "First \\boxed{3}, then corrected: \\boxed{5}"),
+    ("\\frac{1}{2}", "$\\boxed{\\frac{1}{2}}$"),
+    ("5", "\\boxed{5} and then a truncated \\boxed{6"),
+    # constants, algebra, units
+    ("\\pi", "\\boxed{\\pi}"),
+    ("2\\pi", "\\boxed{2 \\pi}"),
+    ("\\frac{\\pi}{2}", "\\boxed{\\pi/2}"),
+    ("\\infty", "\\boxed{\\infty}"),
+    ("x^2+2x+1", "\\boxed{(x+1)^2}"),
+    ("90^\\circ", "\\boxed{90}"),
+    ("2", "\\boxed{2 \\text{ cm}}"),
+    ("-1", "\\boxed{- 1}"),
+    ("1+i", "\\boxed{i+1}"),
+    ("12", "\\boxed{012}"),
+    ("1024", "\\boxed{2^{10}}"),
+    ("10", "\\boxed{\\binom{5}{2}}"),
+    ("5", "\\boxed{\\$5}"),
+    ("0.1", "\\boxed{10\\%}"),
+    ("10", "\\boxed{5+5}"),
+    ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\boxed{\\begin{pmatrix}1\\\\2\\end{pmatrix}}"),
+    # fallback: no box, no Answer line
+    ("42", "The final answer is $42$."),
+    ("7", "Adding them up, the result is 7"),
+]
+
+# Near misses: a grader must reject each.
+NEAR_MISS = [
+    ("\\frac{1}{2}", "\\boxed{0.51}"),
+    ("\\frac{1}{3}", "\\boxed{0.33}"),
+    ("\\frac{1}{3}", "\\boxed{0.333}"),
+    ("\\frac{3}{4}", "\\boxed{\\frac{4}{3}}"),
+    ("-\\frac{1}{3}", "\\boxed{\\frac{1}{3}}"),
+    ("2\\sqrt{2}", "\\boxed{\\sqrt{2}}"),
+    ("2", "\\boxed{\\sqrt{2}}"),
+    ("[1,2)", "\\boxed{(1,2)}"),
+    ("[1,2)", "\\boxed{[1,2]}"),
+    ("(-\\infty, 3]", "\\boxed{(-\\infty,3)}"),
+    ("(1,2)", "\\boxed{(2,1)}"),
+    ("(3,-1)", "\\boxed{(-1,3)}"),
+    ("\\{1,2\\}", "\\boxed{\\{1,2,3\\}}"),
+    ("5", "\\boxed{x=6}"),
+    ("-2", "\\boxed{y = 2}"),
+    ("2", "\\boxed{x^2=4}"),
+    ("5", "\\boxed{6}"),
+    ("5", "\\boxed{-5}"),
+    ("12", "\\boxed{21}"),
+    ("1000", "\\boxed{1,001}"),
+    ("1000", "\\boxed{100}"),
+    ("1000", "\\boxed{1000.0000001}"),
+    ("B", "\\boxed{C}"),
+    ("B", "\\boxed{\\text{(C)}}"),
+    ("B", "Answer: (A)"),
+    ("B", "\\boxed{Both}"),
+    ("\\text{Monday}", "\\boxed{\\text{Tuesday}}"),
+    ("\\text{yes}", "\\boxed{\\text{no}}"),
+    ("x^2+2x+1", "\\boxed{(x-1)^2}"),
+    ("\\pi", "\\boxed{3.14}"),
+    ("3", "\\boxed{3.01}"),
+    ("\\infty", "\\boxed{-\\infty}"),
+    ("1+i", "\\boxed{1-i}"),
+    ("90", "\\boxed{180}"),
+    ("10", "\\boxed{\\binom{5}{1}}"),
+    ("42", "\\boxed{42} at first, but no.\nAnswer: 24"),
+    ("5", "\\boxed{5} then \\boxed{6}"),
+    ("5", "\\boxed{" + "5" * 100_000 + "}"),
+]
+
+
+@pytest.mark.parametrize(("gold", "response"), MATCH, ids=[f"match-{i}" for i in range(len(MATCH))])
+def test_equivalent_forms_are_correct(gold: str, response: str) -> None:
+    result = fm.score(response, gold)
+    assert result.status is RewardStatus.CORRECT, result.detail
+    assert result.score == 1.0
+
+
+@pytest.mark.parametrize(("gold", "response"), NEAR_MISS, ids=[f"miss-{i}" for i in range(len(NEAR_MISS))])
+def test_near_misses_are_wrong(gold: str, response: str) -> None:
+    result = fm.score(response, gold)
+    assert result.status is RewardStatus.WRONG, result.detail
+    assert result.score == 0.0
+
+
+def test_there_are_at_least_100_hand_judged_cases() -> None:
+    assert len(MATCH) + len(NEAR_MISS) >= 100
+
+
+# ---- extraction ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("response", "expected", "source"),
+    [
+        ("so \\boxed{\\frac{1}{2}}", "\\frac{1}{2}", "boxed"),
+        ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}", "boxed"),  # escaped braces do not close the box
+        ("\\boxed{a_{n+1}}", "a_{n+1}", "boxed"),  # nested braces
+        ("\\fbox{7}", "7", "boxed"),
+        ("\\boxed 5 is it", "5", "boxed"),  # TeX: one bare token
+        ("\\boxed{1} then \\boxed{2}", "2", "boxed"),  # the last one
+        ("\\boxed{1} and cut off \\boxed{2", "1", "boxed"),  # an unclosed box is skipped
+        ("$\\boxed{3}$.", "3", "boxed"),
+        ("work\nAnswer: 12", "12", "answer_line"),
+        ("Answer: $\\frac{1}{2}$.", "\\frac{1}{2}", "answer_line"),
+        ("**Final Answer:** 7", "7", "answer_line"),
+        ("\\boxed{3}\nAnswer: 4", "4", "answer_line"),  # the line comes after the box
+        ("Answer: 4\nactually \\boxed{5}", "5", "boxed"),  # the box comes after the line
+        ("Answer: \\boxed{6} done", "6", "boxed"),  # a box inside the line wins
+        ("\\boxed{1\\,000}", "1000", "boxed"),  # thousands separator removed
+    ],
+)
+def test_extract_answer(response: str, expected: str, source: str) -> None:
+    found = fm.extract_answer(response)
+    assert found is not None
+    assert (found.text, found.source) == (expected, source)
+
+
+@pytest.mark.parametrize("response", ["", "no answer here", "\\boxed{}", "\\boxed{unclosed", "Answer:   "])
+def test_extract_answer_none(response: str) -> None:
+    assert fm.extract_answer(response) is None
+
+
+def test_extraction_is_linear_on_long_inputs() -> None:
+    start = time.monotonic()
+    fm.extract_answer("Answer: " + " " * 100_000 + "x\n" + "{" * 100_000 + "\\boxed{" * 10_000)
+    assert time.monotonic() - start < 1.0
+
+
+# ---- statuses and scores ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("response", ["", "I do not know.", "\\boxed{}"])
+def test_no_answer(response: str) -> None:
+    result = fm.score(response, "42")
+    assert result.status is RewardStatus.NO_ANSWER
+    assert result.score == 0.0
+
+
+def test_fallback_can_be_switched_off() -> None:
+    assert fm.score("the result is 42", "42").status is RewardStatus.CORRECT
+    assert fm.score("the result is 42", "42", fallback=False).status is RewardStatus.NO_ANSWER
+
+
+def test_bad_ground_truth_is_an_error_not_a_zero() -> None:
+    for gold in (None, "", ["1", "2"]):
+        result = fm.score("\\boxed{1}", gold)
+        assert result.status is RewardStatus.ERROR
+        assert result.score != result.score  # NaN: left out of the update
+        assert not result.ok
+
+
+def test_is_correct() -> None:
+    assert fm.is_correct("\\boxed{\\frac{2}{4}}", "0.5")
+    assert not fm.is_correct("\\boxed{0.6}", "0.5")
+
+
+def test_math_reward_signs_follow_the_data_source() -> None:
+    # FlowRL spec section 5: DAPO data is +1/-1; everything else 1/0.
+    right, wrong = "Answer: 3", "Answer: 4"
+    dapo = {"data_source": "math_dapo", "reward_model": {"ground_truth": "3"}}
+    aime = {"data_source": "aime24", "reward_model": {"ground_truth": "3"}}
+    assert fm.math_reward(right, dapo).score == 1.0
+    assert fm.math_reward(wrong, dapo).score == -1.0
+    assert fm.math_reward("nothing", dapo).score == -1.0
+    assert fm.math_reward(right, aime).score == 1.0
+    assert fm.math_reward(wrong, aime).score == 0.0
+
+
+def test_score_many_keeps_order_and_checks_lengths() -> None:
+    results = fm.score_many(["\\boxed{1}", "\\boxed{x=2}", "\\boxed{3}"], ["1", "3", "3"])
+    assert [r.status for r in results] == [RewardStatus.CORRECT, RewardStatus.WRONG, RewardStatus.CORRECT]
+    with pytest.raises(ValueError, match="one per response"):
+        fm.score_many(["a"], ["1", "2"])
+
+
+# ---- time bounds -----------------------------------------------------------------------------
+
+PATHOLOGICAL = {
+    "tower of exponents": "\\boxed{9^{9^{9^{9^{9}}}}}",
+    "taller tower": "\\boxed{2^{2^{2^{2^{2^{2^{2^{2}}}}}}}}",
+    "huge power": "Answer: 10^{10^{10}}",
+    "factorial of a huge number": "\\boxed{(10^{10})!}",
+    "400 nested parentheses": "\\boxed{" + "(" * 400 + "1" + ")" * 400 + "}",
+    "100,000 characters in a box": "\\boxed{" + "1+" * 50_000 + "1}",
+    "100,000 characters, no box": "1+" * 50_000 + "1",
+}
+TIMEOUT_S = 1.0
+SLACK_S = 3.0  # killing and replacing a worker, plus a loaded machine
+
+
+@pytest.mark.parametrize("response", list(PATHOLOGICAL.values()), ids=list(PATHOLOGICAL))
+def test_pathological_answers_are_bounded_in_time(response: str) -> None:
+    start = time.monotonic()
+    result = fm.score(response, "5", timeout_s=TIMEOUT_S)
+    elapsed = time.monotonic() - start
+    assert result.status is not RewardStatus.CORRECT
+    assert elapsed < TIMEOUT_S + SLACK_S, f"took {elapsed:.1f} s"
+
+
+def test_timeout_status_nan_score_and_worker_replacement() -> None:
+    pool = fm.get_pool()
+    replaced = pool.replaced
+    result = fm.score(PATHOLOGICAL["tower of exponents"], "5", timeout_s=TIMEOUT_S)
+    assert result.status is RewardStatus.TIMEOUT
+    assert result.score != result.score and not result.ok
+    assert pool.replaced == replaced + 1
+    assert fm.is_correct("\\boxed{5}", "5.0")  # the replacement worker answers
+
+
+def test_default_deadline_from_a_non_main_thread() -> None:
+    """Math-Verify's signal-based timeout fails off the main thread; ours does not."""
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(fm.score(PATHOLOGICAL["taller tower"], "5")))
+    start = time.monotonic()
+    thread.start()
+    thread.join(timeout=fm.DEFAULT_TIMEOUT_S + 2 * SLACK_S)
+    assert not thread.is_alive()
+    assert out and out[0].status is RewardStatus.TIMEOUT
+    assert time.monotonic() - start < fm.DEFAULT_TIMEOUT_S + SLACK_S
+
+
+def test_concurrent_callers_from_many_threads() -> None:
+    cases = [(f"\\boxed{{\\frac{{{k}}}{{2}}}}", str(k / 2)) for k in range(12)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        verdicts = list(pool.map(lambda c: fm.is_correct(*c), cases))
+    assert all(verdicts)
+
+
+def test_batch_with_a_pathological_answer_scores_the_rest() -> None:
+    responses = ["\\boxed{\\sqrt{8}}", PATHOLOGICAL["tower of exponents"], "\\boxed{0.5}"]
+    results = fm.score_many(responses, ["2\\sqrt{2}", "5", "\\frac{1}{2}"], timeout_s=TIMEOUT_S)
+    assert [r.status for r in results] == [RewardStatus.CORRECT, RewardStatus.TIMEOUT, RewardStatus.CORRECT]
+
+
+def test_pool_heals_after_a_worker_is_killed_from_outside() -> None:
+    pool = fm.get_pool()
+    assert fm.is_correct("\\boxed{1}", "1.0")  # workers are up
+    replaced = pool.replaced
+    pool._workers[0].proc.kill()  # e.g. the kernel's OOM killer
+    pool._workers[0].proc.wait()
+    first = fm.score_many(["\\boxed{0.5}"] * 4, ["\\frac{1}{2}"] * 4)
+    # The dead worker's task (if it got one) is an error, never a silent wrong answer.
+    assert {r.status for r in first} <= {RewardStatus.CORRECT, RewardStatus.ERROR}
+    assert sum(r.status is RewardStatus.ERROR for r in first) <= 1
+    assert all(r.status is RewardStatus.CORRECT for r in fm.score_many(["\\boxed{0.5}"] * 4, ["1/2"] * 4))
+    assert pool.replaced == replaced + 1
