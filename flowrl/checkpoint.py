@@ -38,7 +38,11 @@ def save_log_z_head(head: nn.Module | None, path: str | Path) -> None:
     """Save the head's weights with the project's key prefix (an empty file for no head)."""
     from safetensors.torch import save_file
 
-    tensors = {} if head is None else {LOG_Z_PREFIX + k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    tensors = (
+        {}
+        if head is None
+        else {LOG_Z_PREFIX + k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    )
     save_file(tensors, str(path))
 
 
@@ -49,7 +53,9 @@ def load_log_z_head(head: nn.Module | None, path: str | Path) -> None:
     tensors = load_file(str(path))
     if head is None:
         if tensors:
-            raise ValueError(f"{path} holds a log Z head but this run has none (log_z.num_layers or objective differ)")
+            raise ValueError(
+                f"{path} holds a log Z head but this run has none (log_z.num_layers or objective differ)"
+            )
         return
     state = {k[len(LOG_Z_PREFIX) :]: v for k, v in tensors.items() if k.startswith(LOG_Z_PREFIX)}
     head.load_state_dict(state, strict=True)

@@ -185,7 +185,10 @@ def validate(cfg: Config) -> None:
         )
     _check_kwargs(objective.loss_fn, cfg.algorithm.loss, "algorithm.loss", {"normalizer"})
     _check_kwargs(
-        objective.advantage_fn, cfg.algorithm.advantage, "algorithm.advantage", {"num_samples_per_prompt", "valid"}
+        objective.advantage_fn,
+        cfg.algorithm.advantage,
+        "algorithm.advantage",
+        {"num_samples_per_prompt", "valid"},
     )
     t = cfg.train
     n = cfg.rollout.num_samples_per_prompt

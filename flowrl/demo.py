@@ -65,22 +65,35 @@ def answer_distribution(model: Any, tokenizer: Any, total: int) -> dict[str, flo
     ids, mask, prompt_length = batch_tensors(encode_pairs(tokenizer, pairs), tokenizer.pad_token_id, "cpu")
     model = model.to("cpu").eval()
     logprobs = Policy(model)(ids, mask, prompt_length).logprobs.sum(-1)
-    return dict(zip(answers, logprobs.exp().tolist()))
+    return dict(zip(answers, logprobs.exp().tolist(), strict=True))
 
 
 def evaluate(model: Any, tokenizer: Any, ref: dict[int, dict[str, float]], *, seed: int) -> dict[str, float]:
-    """Sampled and exact metrics of ``model`` on every demo prompt (``ref``: the reference's distributions)."""
+    """Sampled and exact metrics of ``model`` on every demo prompt (``ref``: the reference's answers)."""
     torch.manual_seed(seed)
-    engine = HFRolloutEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                             batch_size=EVAL_SAMPLES * len(synthetic.SUMS), show_progress=False)
+    engine = HFRolloutEngine(
+        model,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        batch_size=EVAL_SAMPLES * len(synthetic.SUMS),
+        show_progress=False,
+    )
     examples = synthetic.rows()
     prompts = [tokenizer(e["prompt"][0]["content"], add_special_tokens=False)["input_ids"] for e in examples]
     batch = engine.generate(prompts, SamplingParams(n=EVAL_SAMPLES, temperature=1.0, max_new_tokens=8))
-    texts = tokenizer.batch_decode([r[m.bool()] for r, m in zip(batch.response_ids, batch.response_mask)],
-                                   skip_special_tokens=True)
+    texts = tokenizer.batch_decode(
+        [r[m.bool()] for r, m in zip(batch.response_ids, batch.response_mask, strict=True)],
+        skip_special_tokens=True,
+    )
     ks = [1, 4, 16]
-    out: dict[str, list[float]] = {"accuracy": [], "distinct_correct": [], "mass_correct": [], "kl_to_target": [],
-                                   "modes_covered": [], **{f"pass@{k}": [] for k in ks}}
+    out: dict[str, list[float]] = {
+        "accuracy": [],
+        "distinct_correct": [],
+        "mass_correct": [],
+        "kl_to_target": [],
+        "modes_covered": [],
+        **{f"pass@{k}": [] for k in ks},
+    }
     for i, example in enumerate(examples):
         total = int(example["reward_model"]["ground_truth"])
         group = texts[i * EVAL_SAMPLES : (i + 1) * EVAL_SAMPLES]
@@ -89,7 +102,9 @@ def evaluate(model: Any, tokenizer: Any, ref: dict[int, dict[str, float]], *, se
         out["accuracy"].append(c / EVAL_SAMPLES)
         for k in ks:
             out[f"pass@{k}"].append(pass_at_k(EVAL_SAMPLES, c, k))
-        out["distinct_correct"].append(len({synthetic.extract_answer(t) for t, ok in zip(group, correct) if ok}))
+        out["distinct_correct"].append(
+            len({synthetic.extract_answer(t) for t, ok in zip(group, correct, strict=True) if ok})
+        )
         # exact: FlowRL's target is the reference restricted to correct answers
         good = synthetic.correct_answers(total)
         pi = answer_distribution(model, tokenizer, total)
@@ -123,7 +138,9 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, dict[str, float]], dists: dict[str, dict[str, float]], total: int, path: Path) -> None:
+def plot(
+    results: dict[str, dict[str, float]], dists: dict[str, dict[str, float]], total: int, path: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,8 +156,12 @@ def plot(results: dict[str, dict[str, float]], dists: dict[str, dict[str, float]
     axes[0].legend()
     metrics = ["accuracy", "modes_covered", "mass_correct"]
     for j, name in enumerate(results):
-        axes[1].bar([i + j * 0.8 / len(results) for i in range(len(metrics))], [results[name][m] for m in metrics],
-                    0.8 / len(results), label=name)
+        axes[1].bar(
+            [i + j * 0.8 / len(results) for i in range(len(metrics))],
+            [results[name][m] for m in metrics],
+            0.8 / len(results),
+            label=name,
+        )
     axes[1].set_xticks([i + 0.4 - 0.4 / len(results) for i in range(len(metrics))], metrics)
     axes[1].set_title("averaged over prompts")
     axes[1].legend()
@@ -156,8 +177,10 @@ def prepare(out: Path, *, seed: int, sft_steps: int) -> tuple[Path, Path]:
     model = load_model(str(base))  # the same loader as for any Hugging Face model
     started = time.perf_counter()
     losses = sft(model, tokenizer, synthetic.warmup_pairs(4096, seed=seed), steps=sft_steps, seed=seed)
-    print(f"sft warm-up: {sft_steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
-          f"({time.perf_counter() - started:.1f}s)")
+    print(
+        f"sft warm-up: {sft_steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
+        f"({time.perf_counter() - started:.1f}s)"
+    )
     sft_dir = out / "sft_model"
     model.save_pretrained(sft_dir)
     tokenizer.save_pretrained(sft_dir)
@@ -166,14 +189,25 @@ def prepare(out: Path, *, seed: int, sft_steps: int) -> tuple[Path, Path]:
 
 
 def demo_config(model_dir: Path, data: Path, run_dir: Path, algorithm: str, seed: int, steps: int) -> Config:
-    return load_config(None, [*DEMO_OVERRIDES, f"model.path={model_dir}", f"data.train_files=[{data}]",
-                              f"train.output_dir={run_dir}", f"algorithm.name={algorithm}",
-                              f"train.seed={seed}", f"train.total_steps={steps}"])
+    return load_config(
+        None,
+        [
+            *DEMO_OVERRIDES,
+            f"model.path={model_dir}",
+            f"data.train_files=[{data}]",
+            f"train.output_dir={run_dir}",
+            f"algorithm.name={algorithm}",
+            f"train.seed={seed}",
+            f"train.total_steps={steps}",
+        ],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flowrl demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--compare", action="store_true", help="also train GRPO with the same budget and seeds")
+    parser.add_argument(
+        "--compare", action="store_true", help="also train GRPO with the same budget and seeds"
+    )
     parser.add_argument("--output-dir", default="outputs/demo")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=60, help="RL steps per method")
@@ -199,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         results[algorithm] = evaluate(model, tokenizer, ref, seed=args.seed)
         dists[algorithm] = answer_distribution(model, tokenizer, 9)
     elapsed = time.perf_counter() - started
-    print(f"\nflowrl demo: digit-sum task, {len(synthetic.SUMS)} prompts, {EVAL_SAMPLES} samples each "
-          f"(wall time {elapsed:.0f}s)\n")
+    print(
+        f"\nflowrl demo: digit-sum task, {len(synthetic.SUMS)} prompts, {EVAL_SAMPLES} samples each "
+        f"(wall time {elapsed:.0f}s)\n"
+    )
     print(format_table(results))
     figure = out / "demo.png"
     plot(results, dists, 9, figure)

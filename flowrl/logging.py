@@ -46,7 +46,7 @@ class MetricsLogger:
         run_dir: where ``metrics.jsonl`` and the TensorBoard events go.
         total_steps: for the console line.
         tensorboard: write TensorBoard events.
-        wandb_project: W&B project; used only when set and ``wandb`` is importable (a note is printed otherwise).
+        wandb_project: W&B project; used when set and ``wandb`` is importable (else a note is printed).
         config: the resolved config, sent to W&B.
         append: keep earlier lines (resume) instead of starting a new file.
     """
@@ -68,7 +68,9 @@ class MetricsLogger:
         self.path = self.run_dir / "metrics.jsonl"
         if append and self.path.exists():
             # Drop lines past the checkpoint we resume from: those steps are about to be redone.
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            kept = [
+                line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif self.path.exists():
             self.path.unlink()
@@ -82,7 +84,10 @@ class MetricsLogger:
             try:
                 import wandb
             except ImportError:
-                print("note: train.wandb_project is set but wandb is not installed; `pip install wandb`", file=sys.stderr)
+                print(
+                    "note: train.wandb_project is set but wandb is not installed; `pip install wandb`",
+                    file=sys.stderr,
+                )
             else:
                 self._wandb = wandb.init(project=wandb_project, config=config, dir=str(self.run_dir))
 
@@ -130,10 +135,10 @@ def plot_metrics(metrics_path: str | Path, out_path: str | Path) -> Path:
 
     rows = read_metrics(metrics_path)
     fig, axes = plt.subplots(1, len(PLOT_PANELS), figsize=(4 * len(PLOT_PANELS), 3.2))
-    for ax, (key, title) in zip(axes, PLOT_PANELS):
+    for ax, (key, title) in zip(axes, PLOT_PANELS, strict=False):
         points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         if points:
-            ax.plot(*zip(*points), marker=".")
+            ax.plot(*zip(*points, strict=True), marker=".")
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(title)

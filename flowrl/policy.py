@@ -48,7 +48,9 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
     else:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer at {path!r} has no EOS token; set `eos_token` in its tokenizer_config.json")
+        raise ValueError(
+            f"tokenizer at {path!r} has no EOS token; set `eos_token` in its tokenizer_config.json"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -61,13 +61,14 @@ def sft(
     rng = random.Random(seed)
     losses = []
     for _ in tqdm(range(steps), desc="sft warm-up", disable=not progress, leave=False):
-        ids, mask, prompt_length = batch_tensors(rng.sample(encoded, min(batch_size, len(encoded))),
-                                                 tokenizer.pad_token_id, device)
+        ids, mask, prompt_length = batch_tensors(
+            rng.sample(encoded, min(batch_size, len(encoded))), tokenizer.pad_token_id, device
+        )
         logprobs = policy(ids, mask, prompt_length).logprobs
         loss = -masked_mean(logprobs, mask[:, prompt_length:].float())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.detach().item())
     model.eval()
     return losses

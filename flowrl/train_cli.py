@@ -9,12 +9,16 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="flowrl train",
-        description="Post-train a causal LM with FlowRL (or grpo, dr_grpo, reinforce_pp: algorithm.name=...).",
+        description="Post-train a causal LM with FlowRL (or algorithm.name=grpo, dr_grpo, reinforce_pp).",
         epilog="example: flowrl train configs/demo.yaml optim.lr=1e-3 train.total_steps=20",
     )
     parser.add_argument("config", help="YAML config (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-6 algorithm.name=grpo")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-6 algorithm.name=grpo"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir"
+    )
     args = parser.parse_args(argv)
 
     from flowrl.config import load_config

@@ -66,8 +66,14 @@ def load_prompts(files: list[str], tokenizer: Any, max_prompt_length: int) -> Pr
             examples.append(row)
             prompt_ids.append(ids)
     if not examples:
-        why = f" (all {len(skipped)} prompts exceed data.max_prompt_length={max_prompt_length})" if skipped else ""
-        raise ValueError(f"no training prompts in {files}{why}; check data.train_files / data.max_prompt_length")
+        why = (
+            f" (all {len(skipped)} prompts exceed data.max_prompt_length={max_prompt_length})"
+            if skipped
+            else ""
+        )
+        raise ValueError(
+            f"no training prompts in {files}{why}; check data.train_files / data.max_prompt_length"
+        )
     return PromptSet(examples, prompt_ids, skipped)
 
 
@@ -81,7 +87,9 @@ class PromptSampler:
     def _order(self) -> list[int]:
         if not self.shuffle:
             return list(range(self.size))
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        return torch.randperm(
+            self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)
+        ).tolist()
 
     def next(self, k: int) -> list[int]:
         out: list[int] = []
@@ -181,7 +189,9 @@ class Trainer:
 
         resume_from = ckpt.latest_checkpoint(self.run_dir / "checkpoints") if resume else None
         if resume and resume_from is None:
-            print(f"note: --resume given but no checkpoint under {self.run_dir / 'checkpoints'}; starting fresh")
+            print(
+                f"note: --resume given but no checkpoint under {self.run_dir / 'checkpoints'}; starting fresh"
+            )
         print(f"flowrl train | {cfg.algorithm.name} | device {self.device} | run dir {self.run_dir}")
         print(to_yaml(cfg), flush=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -191,13 +201,17 @@ class Trainer:
         policy_path = str(resume_from / ckpt.MODEL_DIR) if resume_from else m.path
         load = dict(dtype=m.dtype, device=self.device, attn_implementation=m.attn_implementation)
         model = load_model(policy_path, trust_remote_code=m.trust_remote_code, **load)
-        grad_ckpt = m.gradient_checkpointing if m.gradient_checkpointing is not None else self.device.type == "cuda"
+        grad_ckpt = (
+            m.gradient_checkpointing if m.gradient_checkpointing is not None else self.device.type == "cuda"
+        )
         if grad_ckpt:
             model.gradient_checkpointing_enable()
         model.config.use_cache = True
         head = None
         if self.objective.uses_log_z:
-            head = LogZHead(model.config.hidden_size, num_layers=cfg.log_z.num_layers, dropout=cfg.log_z.dropout)
+            head = LogZHead(
+                model.config.hidden_size, num_layers=cfg.log_z.num_layers, dropout=cfg.log_z.dropout
+            )
             head.to(self.device)
         self.policy = Policy(model, head, logprob_chunk_size=m.logprob_chunk_size)
         self.policy.train()
@@ -209,8 +223,12 @@ class Trainer:
 
         o = cfg.optim
         groups = log_z_param_groups(
-            model, head if head is not None else torch.nn.Module(), lr=o.lr, weight_decay=o.weight_decay,
-            head_lr=cfg.log_z.lr, head_weight_decay=cfg.log_z.weight_decay,
+            model,
+            head if head is not None else torch.nn.Module(),
+            lr=o.lr,
+            weight_decay=o.weight_decay,
+            head_lr=cfg.log_z.lr,
+            head_weight_decay=cfg.log_z.weight_decay,
         )
         self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -236,11 +254,14 @@ class Trainer:
         if self.prompts.skipped:
             report = self.run_dir / "skipped_prompts.jsonl"
             report.write_text("".join(json.dumps(s) + "\n" for s in self.prompts.skipped))
+            skipped, total = len(self.prompts.skipped), len(self.prompts.skipped) + len(self.prompts.examples)
             print(
-                f"skipped {len(self.prompts.skipped)} of {len(self.prompts.skipped) + len(self.prompts.examples)} "
-                f"prompts longer than data.max_prompt_length={cfg.data.max_prompt_length} (listed in {report})"
+                f"skipped {skipped} of {total} prompts longer than "
+                f"data.max_prompt_length={cfg.data.max_prompt_length} (listed in {report})"
             )
-        self.sampler = PromptSampler(len(self.prompts.examples), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+        self.sampler = PromptSampler(
+            len(self.prompts.examples), seed=cfg.train.seed, shuffle=cfg.data.shuffle
+        )
 
         self.step = 0
         if resume_from is not None:
@@ -265,7 +286,9 @@ class Trainer:
     # -- pieces of one step ------------------------------------------------------------------------
 
     def _needs_reference(self) -> bool:
-        kl_coef = self.cfg.algorithm.loss.get("kl_coef", 0.0) or self.cfg.algorithm.advantage.get("kl_coef", 0.0)
+        kl_coef = self.cfg.algorithm.loss.get("kl_coef", 0.0) or self.cfg.algorithm.advantage.get(
+            "kl_coef", 0.0
+        )
         return self.objective.uses_ref_logprobs or self.objective.advantage_uses_ref_logprobs or kl_coef > 0
 
     def _autocast(self) -> Any:
@@ -288,8 +311,13 @@ class Trainer:
         policy.eval()  # no dropout: these are the log-probs the samples were drawn with
         for mb in self._micro_batches(torch.arange(n, device=self.device), rollout):
             with self._autocast():
-                out = policy(mb.input_ids, mb.attention_mask, mb.prompt_length,
-                             temperature=self.sampling.temperature, with_entropy=True)
+                out = policy(
+                    mb.input_ids,
+                    mb.attention_mask,
+                    mb.prompt_length,
+                    temperature=self.sampling.temperature,
+                    with_entropy=True,
+                )
             logprobs[mb.rows] = _pad_to(out.logprobs, width)
             entropy[mb.rows] = _pad_to(out.entropy, width)
         policy.train(was_training)
@@ -297,12 +325,14 @@ class Trainer:
 
     def _score(self, rollout: RolloutBatch, indices: list[int]) -> tuple[list[str], list[RewardResult]]:
         texts = self.tokenizer.batch_decode(
-            [ids[mask.bool()] for ids, mask in zip(rollout.response_ids, rollout.response_mask)],
+            [ids[mask.bool()] for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True)],
             skip_special_tokens=True,
         )
         n = self.sampling.n
         examples = [self.prompts.examples[i] for i in indices for _ in range(n)]
-        results = score_batch(texts, examples, reward_fn=self.reward_fn, num_workers=self.cfg.reward.num_workers)
+        results = score_batch(
+            texts, examples, reward_fn=self.reward_fn, num_workers=self.cfg.reward.num_workers
+        )
         return texts, results
 
     def _update(
@@ -331,7 +361,9 @@ class Trainer:
                 for mb in self._micro_batches(mini, rollout):
                     with self._autocast():
                         out = self.policy(
-                            mb.input_ids, mb.attention_mask, mb.prompt_length,
+                            mb.input_ids,
+                            mb.attention_mask,
+                            mb.prompt_length,
                             temperature=self.sampling.temperature,
                             with_log_z=obj.uses_log_z,
                             with_entropy=old_logprobs is None,
@@ -341,8 +373,12 @@ class Trainer:
                     w = mb.response_width
                     tensors: dict[str, Tensor] = {
                         "logprobs": out.logprobs,
-                        "old_logprobs": out.logprobs.detach() if old_logprobs is None else old_logprobs[mb.rows, :w],
-                        "advantages": advantages[mb.rows] if advantages.dim() == 1 else advantages[mb.rows, :w],
+                        "old_logprobs": out.logprobs.detach()
+                        if old_logprobs is None
+                        else old_logprobs[mb.rows, :w],
+                        "advantages": advantages[mb.rows]
+                        if advantages.dim() == 1
+                        else advantages[mb.rows, :w],
                         "response_mask": rollout.response_mask[mb.rows, :w].float(),
                     }
                     if obj.uses_ref_logprobs:
@@ -356,8 +392,13 @@ class Trainer:
                     for key, value in metrics.items():
                         sums[key] += float(value) * m
                     if out.entropy is not None:
-                        sums["rollout/entropy"] += float((out.entropy * tensors["response_mask"]).sum()
-                                                         / tensors["response_mask"].sum().clamp(min=1)) * m
+                        sums["rollout/entropy"] += (
+                            float(
+                                (out.entropy * tensors["response_mask"]).sum()
+                                / tensors["response_mask"].sum().clamp(min=1)
+                            )
+                            * m
+                        )
                     count += m
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
                 self.optimizer.step()
@@ -370,7 +411,9 @@ class Trainer:
         out_metrics["optim/num_minibatches"] = float(num_minibatches)
         return out_metrics
 
-    def _show_samples(self, step: int, indices: list[int], texts: list[str], results: list[RewardResult]) -> None:
+    def _show_samples(
+        self, step: int, indices: list[int], texts: list[str], results: list[RewardResult]
+    ) -> None:
         k = self.cfg.train.num_samples_to_show
         n = self.sampling.n
         lines = []
@@ -378,11 +421,18 @@ class Trainer:
             for j in range(min(k, len(texts))):
                 row = j * n  # the first sample of the first k prompts
                 messages = self.prompts.examples[indices[row // n]]["prompt"]
-                record = {"step": step, "prompt": messages[-1]["content"], "response": texts[row],
-                          "reward": results[row].score, "status": results[row].status.value}
+                record = {
+                    "step": step,
+                    "prompt": messages[-1]["content"],
+                    "response": texts[row],
+                    "reward": results[row].score,
+                    "status": results[row].status.value,
+                }
                 f.write(json.dumps(record) + "\n")
-                lines.append(f"  [{record['status']} {record['reward']:+.2f}] {record['prompt'][:80]!r} -> "
-                             f"{record['response'][:160]!r}")
+                lines.append(
+                    f"  [{record['status']} {record['reward']:+.2f}] {record['prompt'][:80]!r} -> "
+                    f"{record['response'][:160]!r}"
+                )
         print(f"samples at step {step}:\n" + "\n".join(lines), flush=True)
 
     def _save(self) -> Path:
@@ -429,7 +479,12 @@ class Trainer:
                 ref_logprobs, _ = self._logprobs_no_grad(self.ref_policy, rollout)
             mask = rollout.response_mask.float()
             advantages = obj.advantage_fn(
-                rewards, mask, old_logprobs, ref_logprobs, num_samples_per_prompt=n, valid=valid,
+                rewards,
+                mask,
+                old_logprobs,
+                ref_logprobs,
+                num_samples_per_prompt=n,
+                valid=valid,
                 **cfg.algorithm.advantage,
             )
             scored = time.perf_counter()
@@ -443,21 +498,23 @@ class Trainer:
             finite = rewards[valid]
             lengths = rollout.response_lengths.float()
             metrics.update(status_counts(results))
-            metrics.update({
-                "reward/mean": float(finite.mean()),
-                "reward/std": float(finite.std()) if len(finite) > 1 else 0.0,
-                "reward/failed": float((~valid).sum()),
-                "reward/advantage_mean": float(advantages[rows].mean()) if advantages.dim() == 1 else 0.0,
-                "rollout/response_length": float(lengths.mean()),
-                "rollout/response_length_max": float(lengths.max()),
-                "rollout/truncation_rate": float(rollout.truncated.float().mean()),
-                "optim/lr": self.optimizer.param_groups[0]["lr"],
-                "perf/rollout_time_s": generated - started,
-                "perf/score_and_logprob_time_s": scored - generated,
-                "perf/update_time_s": time.perf_counter() - scored,
-                "perf/step_time_s": time.perf_counter() - started,
-                "perf/tokens_per_s": float(lengths.sum()) / (time.perf_counter() - started),
-            })
+            metrics.update(
+                {
+                    "reward/mean": float(finite.mean()),
+                    "reward/std": float(finite.std()) if len(finite) > 1 else 0.0,
+                    "reward/failed": float((~valid).sum()),
+                    "reward/advantage_mean": float(advantages[rows].mean()) if advantages.dim() == 1 else 0.0,
+                    "rollout/response_length": float(lengths.mean()),
+                    "rollout/response_length_max": float(lengths.max()),
+                    "rollout/truncation_rate": float(rollout.truncated.float().mean()),
+                    "optim/lr": self.optimizer.param_groups[0]["lr"],
+                    "perf/rollout_time_s": generated - started,
+                    "perf/score_and_logprob_time_s": scored - generated,
+                    "perf/update_time_s": time.perf_counter() - scored,
+                    "perf/step_time_s": time.perf_counter() - started,
+                    "perf/tokens_per_s": float(lengths.sum()) / (time.perf_counter() - started),
+                }
+            )
             if entropy is not None:
                 metrics["rollout/entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
             self.logger.log(self.step, metrics)
@@ -471,7 +528,9 @@ class Trainer:
             print(f"plot: {plot}")
         from flowrl.logging import read_metrics
 
-        return TrainResult(self.run_dir, read_metrics(self.run_dir / "metrics.jsonl"), self.policy, self.tokenizer)
+        return TrainResult(
+            self.run_dir, read_metrics(self.run_dir / "metrics.jsonl"), self.policy, self.tokenizer
+        )
 
 
 def train(cfg: Config, *, resume: bool = False) -> TrainResult:

@@ -29,11 +29,14 @@ def validate_row(row: Mapping[str, Any], where: str = "row") -> None:
     if missing:
         raise ValueError(
             f"{where}: missing column(s) {missing}; expected verl's schema with columns "
-            f"{list(REQUIRED_COLUMNS)} (+ 'ability', 'extra_info'). Convert raw datasets with `flowrl data prepare`."
+            f"{list(REQUIRED_COLUMNS)} (+ 'ability', 'extra_info'). "
+            "Convert raw datasets with `flowrl data prepare`."
         )
     prompt = row["prompt"]
     if isinstance(prompt, str) or not all(isinstance(m, Mapping) and "content" in m for m in prompt):
-        raise ValueError(f"{where}: 'prompt' must be a list of chat messages [{{'role': ..., 'content': ...}}]")
+        raise ValueError(
+            f"{where}: 'prompt' must be a list of chat messages [{{'role': ..., 'content': ...}}]"
+        )
     if not isinstance(row["reward_model"], Mapping) or "ground_truth" not in row["reward_model"]:
         raise ValueError(f"{where}: 'reward_model' must be a dict with a 'ground_truth' key")
 
