@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from flowrl import checkpoint as ckpt
 from flowrl.config import Config, load_config
 from flowrl.data import synthetic
 from flowrl.data.schema import write_rows
@@ -44,7 +45,6 @@ DEMO_OVERRIDES = [
     "train.mini_batch_size=160",
     "train.micro_batch_size=160",
     "train.total_steps=60",
-    "train.save_every=0",
     "train.sample_every=20",
     "train.num_samples_to_show=2",
     "train.progress=false",
@@ -54,7 +54,9 @@ DEMO_OVERRIDES = [
     "log_z.lr=1e-2",
     "reward.function=flowrl.data.synthetic:reward",
 ]
+DEMO_STEPS = 400
 EVAL_SAMPLES = 32
+PLOT_SUM = 9  # the prompt whose answer distribution the plot shows
 
 
 @torch.no_grad()
@@ -132,38 +134,43 @@ ROWS = (
 def format_table(results: dict[str, dict[str, float]]) -> str:
     names = list(results)
     header = f"{'metric':<42}" + "".join(f"{n:>12}" for n in names)
-    lines = [header, "-" * len(header)]
+    lines = [
+        header,
+        "-" * len(header),
+        f"{'RL step':<42}" + "".join(f"{int(results[n]['step']):>12}" for n in names),
+    ]
     for key, label in ROWS:
         lines.append(f"{label:<42}" + "".join(f"{results[n][key]:>12.3f}" for n in names))
     return "\n".join(lines)
 
 
 def plot(
-    results: dict[str, dict[str, float]], dists: dict[str, dict[str, float]], total: int, path: Path
+    trajectories: dict[str, list[dict[str, float]]],
+    dists: dict[str, dict[str, float]],
+    total: int,
+    path: Path,
 ) -> None:
+    """Left: each correct answer's probability for one prompt; right: accuracy against coverage."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     good = synthetic.correct_answers(total)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     width = 0.8 / len(dists)
     for j, (name, dist) in enumerate(dists.items()):
         axes[0].bar([i + j * width for i in range(len(good))], [dist[a] for a in good], width, label=name)
     axes[0].set_xticks([i + 0.4 - width / 2 for i in range(len(good))], good)
     axes[0].set_title(f"probability of each correct answer, prompt 'sum {total}:'")
     axes[0].legend()
-    metrics = ["accuracy", "modes_covered", "mass_correct"]
-    for j, name in enumerate(results):
-        axes[1].bar(
-            [i + j * 0.8 / len(results) for i in range(len(metrics))],
-            [results[name][m] for m in metrics],
-            0.8 / len(results),
-            label=name,
-        )
-    axes[1].set_xticks([i + 0.4 - 0.4 / len(results) for i in range(len(metrics))], metrics)
-    axes[1].set_title("averaged over prompts")
+    for name, points in trajectories.items():
+        xs, ys = [p["accuracy"] for p in points], [p["modes_covered"] for p in points]
+        axes[1].plot(xs, ys, marker="o", label=name)
+        axes[1].annotate(f"step {int(points[-1]['step'])}", (xs[-1], ys[-1]), fontsize=8)
+    axes[1].set_xlabel("accuracy (avg@32)")
+    axes[1].set_ylabel("correct answers covered (exact)")
+    axes[1].set_title("over training, every checkpoint")
     axes[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -188,7 +195,9 @@ def prepare(out: Path, *, seed: int, sft_steps: int) -> tuple[Path, Path]:
     return sft_dir, data
 
 
-def demo_config(model_dir: Path, data: Path, run_dir: Path, algorithm: str, seed: int, steps: int) -> Config:
+def demo_config(
+    model_dir: Path, data: Path, run_dir: Path, algorithm: str, seed: int, steps: int, save_every: int
+) -> Config:
     return load_config(
         None,
         [
@@ -199,8 +208,26 @@ def demo_config(model_dir: Path, data: Path, run_dir: Path, algorithm: str, seed
             f"algorithm.name={algorithm}",
             f"train.seed={seed}",
             f"train.total_steps={steps}",
+            f"train.save_every={save_every}",
         ],
     )
+
+
+def trajectory(
+    run_dir: Path, tokenizer: Any, ref: dict[int, dict[str, float]], *, seed: int
+) -> list[dict[str, float]]:
+    """Metrics of every checkpoint the run saved, in step order (each entry has its ``step``)."""
+    points = []
+    for path in ckpt.list_checkpoints(run_dir / "checkpoints"):
+        model = load_model(str(path / ckpt.MODEL_DIR))
+        step = int(path.name.split("_")[-1])
+        points.append({"step": step, **evaluate(model, tokenizer, ref, seed=seed)})
+    return points
+
+
+def closest(points: list[dict[str, float]], accuracy: float) -> dict[str, float]:
+    """The point of a trajectory whose accuracy is closest to ``accuracy``."""
+    return min(points, key=lambda p: abs(p["accuracy"] - accuracy))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output-dir", default="outputs/demo")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=60, help="RL steps per method")
+    parser.add_argument("--steps", type=int, default=DEMO_STEPS, help="RL steps per method")
+    parser.add_argument(
+        "--eval-every", type=int, default=0, help="checkpoint and evaluate every k steps (0: steps / 8)"
+    )
     parser.add_argument("--sft-steps", type=int, default=400)
     parser.add_argument("--json", help="write every number to this file")
     args = parser.parse_args(argv)
@@ -220,27 +250,43 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     out = Path(args.output_dir)
+    eval_every = args.eval_every or max(1, args.steps // 8)
     sft_dir, data = prepare(out, seed=args.seed, sft_steps=args.sft_steps)
     tokenizer = load_tokenizer(str(sft_dir))
     ref_model = load_model(str(sft_dir))
     ref = {s: answer_distribution(ref_model, tokenizer, s) for s in synthetic.SUMS}
-    results = {"sft (start)": evaluate(ref_model, tokenizer, ref, seed=args.seed)}
-    dists = {"sft (start)": ref[9]}
+    start = {"step": 0, **evaluate(ref_model, tokenizer, ref, seed=args.seed)}
+    results = {"sft (start)": start}
+    trajectories: dict[str, list[dict[str, float]]] = {}
+    dists = {"sft (start)": ref[PLOT_SUM]}
     for algorithm in ["flowrl", "grpo"] if args.compare else ["flowrl"]:
         print(f"\n== {algorithm}: {args.steps} RL steps ==")
-        run = train(demo_config(sft_dir, data, out / algorithm, algorithm, args.seed, args.steps))
-        model = run.policy.model
-        results[algorithm] = evaluate(model, tokenizer, ref, seed=args.seed)
-        dists[algorithm] = answer_distribution(model, tokenizer, 9)
+        run_dir = out / algorithm
+        cfg = demo_config(sft_dir, data, run_dir, algorithm, args.seed, args.steps, eval_every)
+        run = train(cfg)
+        trajectories[algorithm] = [start, *trajectory(run_dir, tokenizer, ref, seed=args.seed)]
+        results[algorithm] = trajectories[algorithm][-1]
+        dists[algorithm] = answer_distribution(run.policy.model, tokenizer, PLOT_SUM)
+    if args.compare:
+        # GRPO climbs faster; compare coverage where the two are equally accurate as well
+        matched = closest(trajectories["grpo"], results["flowrl"]["accuracy"])
+        results[f"grpo@{int(matched['step'])}"] = matched
     elapsed = time.perf_counter() - started
     print(
-        f"\nflowrl demo: digit-sum task, {len(synthetic.SUMS)} prompts, {EVAL_SAMPLES} samples each "
-        f"(wall time {elapsed:.0f}s)\n"
+        f"\nflowrl demo: digit-sum task, {len(synthetic.SUMS)} prompts, {EVAL_SAMPLES} samples each, "
+        f"{args.steps} RL steps per method (wall time {elapsed:.0f}s)\n"
     )
     print(format_table(results))
+    if args.compare:
+        print(
+            f"grpo@{int(matched['step'])}: the GRPO checkpoint closest to FlowRL's final accuracy "
+            f"(checkpoints every {eval_every} steps)"
+        )
     figure = out / "demo.png"
-    plot(results, dists, 9, figure)
+    plot(trajectories, dists, PLOT_SUM, figure)
     print(f"\nplot: {figure}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "wall_time_s": elapsed}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"results": results, "trajectories": trajectories, "wall_time_s": elapsed}, indent=2)
+        )
     return 0

@@ -80,7 +80,8 @@ def _run_test(test: dict, namespace: dict, nonce: str) -> dict:
         exec(compile(test["code"], "test.py", "exec"), namespace)
     else:  # "check" (HumanEval)
         exec(compile(test["code"], "test.py", "exec"), namespace)
-        namespace["check"](namespace[test["entry_point"]])
+        if "check" in namespace:  # test code without check() is plain asserts, already run
+            namespace["check"](namespace[test["entry_point"]])
     return {"nonce": nonce, "ok": True}
 
 

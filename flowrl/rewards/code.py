@@ -259,7 +259,9 @@ def parse_tests(spec: Any) -> list[TestCase]:
       argument per line.
     * ``{"asserts": ["assert f(1) == 2", ...], "setup": "import math"}`` or a plain list of assert
       strings: each assert is one test (MBPP, HumanEval+ ``plus`` inputs turned into asserts).
-    * ``{"test": "def check(candidate): ...", "entry_point": "f"}``: HumanEval, one test.
+    * ``{"test": "def check(candidate): ...", "entry_point": "f"}``: HumanEval, one test; the key may
+      also be ``"test_code"`` (what ``flowrl data prepare`` writes); test code without ``check`` is
+      run as plain asserts.
 
     Raises:
         ValueError: the format is none of these (the message lists them).
@@ -294,12 +296,13 @@ def parse_tests(spec: Any) -> list[TestCase]:
         return [TestCase("assert", i, code=str(a), setup=setup) for i, a in enumerate(spec["asserts"])]
     if isinstance(spec, list) and spec and all(isinstance(t, str) for t in spec):
         return [TestCase("assert", i, code=a) for i, a in enumerate(spec)]
-    if isinstance(spec, Mapping) and "test" in spec and "entry_point" in spec:
-        return [TestCase("check", 0, code=str(spec["test"]), entry_point=str(spec["entry_point"]))]
+    for key in ("test", "test_code"):
+        if isinstance(spec, Mapping) and key in spec and "entry_point" in spec:
+            return [TestCase("check", 0, code=str(spec[key]), entry_point=str(spec["entry_point"]))]
     raise ValueError(
         "unrecognized test spec; expected {'inputs', 'outputs'} (stdin/stdout), with 'fn_name' (function "
         "calls), LiveCodeBench [{'input', 'output', 'testtype'}], {'asserts': [...]}, a list of assert "
-        f"strings, or {{'test', 'entry_point'}} (HumanEval); got {str(spec)[:120]!r}"
+        f"strings, or {{'test' or 'test_code', 'entry_point'}} (HumanEval); got {str(spec)[:120]!r}"
     )
 
 

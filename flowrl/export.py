@@ -1,0 +1,297 @@
+"""``flowrl export CHECKPOINT_OR_RUN_DIR OUTPUT_DIR``: a training checkpoint -> a Hugging Face model dir.
+
+What ``OUTPUT_DIR`` holds::
+
+    config.json, generation_config.json        the policy, exactly as training saved it
+    model.safetensors (or shards + index)      policy weights only: no ``log_z_head.*`` tensor
+    tokenizer.json, tokenizer_config.json, ... the tokenizer
+    flowrl_export.json                         provenance: source checkpoint, step, head shape
+    log_z_head/log_z_head.safetensors          the partition head (FlowRL runs only)
+
+``AutoModelForCausalLM.from_pretrained(OUTPUT_DIR)`` (and vLLM, SGLang, TRL ...) load the policy and
+never see the head: it lives in a subdirectory, because loaders read only the files named by the index
+or every ``*.safetensors`` at the top level (vLLM does the latter), never subdirectories. The head keeps
+its keys with :data:`flowrl.partition.LOG_Z_PREFIX`, so
+``flowrl.checkpoint.load_log_z_head(LogZHead(...), OUTPUT_DIR / "log_z_head/log_z_head.safetensors")``
+loads it; :func:`load_exported_head` builds the head with the right shape and does that.
+
+The weight files are copied, not re-serialized (no model is loaded, so a 32B export needs no memory
+and the exported weights are bit-identical to the checkpoint's); a weight file that holds a head tensor
+anyway (a policy saved together with its head) is rewritten without it.
+
+A path is resolved like this (:func:`resolve_checkpoint`): a checkpoint directory (``step_N/`` with
+``model/`` and ``COMPLETE``) is used as it is; a run directory (``train.output_dir``, with
+``checkpoints/``) or its ``checkpoints/`` folder gives its newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from flowrl.checkpoint import COMPLETE_MARKER, HEAD_FILE, MODEL_DIR, latest_checkpoint, list_checkpoints
+from flowrl.partition import LOG_Z_PREFIX, is_log_z_param
+
+CHECKPOINTS_DIR = "checkpoints"
+EXPORT_INFO_FILE = "flowrl_export.json"
+HEAD_SUBDIR = "log_z_head"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the checkpoint
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """A directory laid out as one training checkpoint (complete or not)."""
+    return path.is_dir() and (
+        bool(_STEP_DIR.match(path.name)) or ((path / MODEL_DIR).is_dir() and (path / HEAD_FILE).exists())
+    )
+
+
+def is_training_output(path: str | Path) -> bool:
+    """True for a run directory, its ``checkpoints/`` folder, or one checkpoint: what
+    :func:`resolve_checkpoint` accepts."""
+    p = Path(path).expanduser()
+    return (
+        is_checkpoint_dir(p) or (p / CHECKPOINTS_DIR).is_dir() or (p.name == CHECKPOINTS_DIR and p.is_dir())
+    )
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The complete checkpoint a path names: itself, or the newest complete one of a run directory.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: an incomplete checkpoint, a run without a complete checkpoint, or a directory that
+            is neither (the message says what to pass instead).
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(
+            f"{p} does not exist; give a training run directory (its train.output_dir) or one of its "
+            "checkpoints/step_N directories"
+        )
+    if is_checkpoint_dir(p):
+        if not (p / COMPLETE_MARKER).is_file() or not (p / MODEL_DIR).is_dir():
+            complete = [c.name for c in list_checkpoints(p.parent)]
+            hint = (
+                f"complete checkpoints beside it: {complete}; pass one of them or the run directory"
+                if complete
+                else "no complete checkpoint beside it; resume the run (flowrl train CONFIG --resume)"
+            )
+            raise ValueError(
+                f"{p} is an incomplete checkpoint (no {COMPLETE_MARKER} marker or no {MODEL_DIR}/): its save "
+                f"was interrupted, so its files cannot be trusted; {hint}"
+            )
+        return p
+    root = p if p.name == CHECKPOINTS_DIR else p / CHECKPOINTS_DIR
+    if not root.is_dir():
+        if (p / "config.json").is_file():
+            raise ValueError(
+                f"{p} is already a Hugging Face model directory, not a training checkpoint; load it "
+                "directly (from_pretrained, flowrl eval --model) instead of exporting it"
+            )
+        raise ValueError(
+            f"{p} is neither a training run directory (with {CHECKPOINTS_DIR}/) nor a checkpoint "
+            f"(step_N/ with {MODEL_DIR}/ and {COMPLETE_MARKER}); pass the run's train.output_dir"
+        )
+    latest = latest_checkpoint(root)
+    if latest is None:
+        found = sorted(c.name for c in root.iterdir())
+        raise ValueError(
+            f"no complete checkpoint under {root} (found: {found or 'nothing'}); checkpoints are written "
+            "every train.save_every steps and at the end of training: let the run reach one "
+            "(flowrl train CONFIG --resume) or point at a finished run"
+        )
+    return latest
+
+
+def checkpoint_step(checkpoint: Path) -> int | None:
+    match = _STEP_DIR.match(checkpoint.name)
+    return int(match.group(1)) if match else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The head
+
+
+def head_shape(tensors: dict[str, Any]) -> dict[str, int]:
+    """``hidden_size`` and ``num_layers`` of a :class:`~flowrl.partition.LogZHead` from its saved tensors."""
+    linear = sorted(
+        (k for k, v in tensors.items() if k.endswith(".weight") and v.dim() == 2),
+        key=lambda k: int(k[len(LOG_Z_PREFIX) :].split(".")[1]),
+    )
+    if not linear:
+        raise ValueError("the head file holds no Linear weight; it was not written by flowrl")
+    return {"hidden_size": int(tensors[linear[0]].shape[1]), "num_layers": len(linear)}
+
+
+def _training_dropout(checkpoint: Path) -> float | None:
+    """``log_z.dropout`` from the run's saved config, when the checkpoint sits in a run directory."""
+    config = checkpoint.parent.parent / "config.yaml"
+    if not config.is_file():
+        return None
+    import yaml
+
+    data = yaml.safe_load(config.read_text()) or {}
+    value = (data.get("log_z") or {}).get("dropout")
+    return float(value) if value is not None else None
+
+
+def load_exported_head(output_dir: str | Path) -> Any:
+    """Build the :class:`~flowrl.partition.LogZHead` of an export and load its weights (None: no head)."""
+    from flowrl.checkpoint import load_log_z_head
+    from flowrl.partition import DROPOUT, LogZHead
+
+    output_dir = Path(output_dir)
+    info = json.loads((output_dir / EXPORT_INFO_FILE).read_text())
+    if info["log_z_head"] is None:
+        return None
+    shape = info["log_z_head"]
+    dropout = shape.get("dropout")
+    head = LogZHead(
+        shape["hidden_size"], num_layers=shape["num_layers"], dropout=DROPOUT if dropout is None else dropout
+    )
+    load_log_z_head(head, output_dir / shape["file"])
+    return head
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the export
+
+
+def _strip_head_tensors(weights: Path, index: dict[str, Any] | None) -> int:
+    """Rewrite one safetensors file without head tensors; returns how many were removed."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(weights), framework="pt") as f:
+        keys = list(f.keys())
+        metadata = f.metadata() or {}
+    dropped = [k for k in keys if is_log_z_param(k)]
+    if not dropped:
+        return 0
+    tensors = {k: v for k, v in load_file(str(weights)).items() if not is_log_z_param(k)}
+    save_file(tensors, str(weights), metadata={"format": "pt", **metadata})
+    if index is not None:
+        for k in dropped:
+            index["weight_map"].pop(k, None)
+    return len(dropped)
+
+
+def export_checkpoint(
+    source: str | Path, output_dir: str | Path, *, overwrite: bool = False
+) -> dict[str, Any]:
+    """Write the Hugging Face model directory of a checkpoint (see the module docstring for the layout).
+
+    Args:
+        source: a checkpoint, a run directory, or a run's ``checkpoints/`` folder.
+        output_dir: where to write; must not exist, be empty, or (with ``overwrite``) be a previous export.
+        overwrite: replace a previous export at ``output_dir``.
+
+    Returns:
+        The provenance written to ``flowrl_export.json``.
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`resolve_checkpoint`; also an ``output_dir`` that holds
+            other files.
+    """
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = resolve_checkpoint(source)
+    out = Path(output_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise ValueError(f"{out} exists and is not empty; choose a new OUTPUT_DIR or pass --overwrite")
+        if not (out / EXPORT_INFO_FILE).is_file():
+            raise ValueError(
+                f"{out} is not a previous flowrl export (no {EXPORT_INFO_FILE}); --overwrite only replaces "
+                "an export, choose a new OUTPUT_DIR"
+            )
+    model_dir = checkpoint / MODEL_DIR
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"{model_dir} has no config.json; the checkpoint was not written by flowrl train")
+
+    # Build the export beside the target and move it into place at the end: no half-written export.
+    tmp = out.parent / f".tmp_{out.name}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(model_dir, tmp)
+    index_path = tmp / _SAFETENSORS_INDEX
+    index = json.loads(index_path.read_text()) if index_path.is_file() else None
+    removed = sum(_strip_head_tensors(w, index) for w in sorted(tmp.glob("*.safetensors")))
+    if index is not None and removed:
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    if not list(tmp.glob("*.safetensors")):
+        shutil.rmtree(tmp)
+        raise ValueError(
+            f"{model_dir} holds no .safetensors weights; re-save the checkpoint with safetensors"
+        )
+
+    head_info = None
+    head_tensors = load_file(str(checkpoint / HEAD_FILE)) if (checkpoint / HEAD_FILE).is_file() else {}
+    if head_tensors:
+        (tmp / HEAD_SUBDIR).mkdir()
+        head_file = Path(HEAD_SUBDIR) / HEAD_FILE
+        save_file(head_tensors, str(tmp / head_file), metadata={"format": "pt"})
+        head_info = {
+            "file": str(head_file),
+            "key_prefix": LOG_Z_PREFIX,
+            **head_shape(head_tensors),
+            "dropout": _training_dropout(checkpoint),
+        }
+    info = {
+        "source_checkpoint": str(checkpoint.resolve()),
+        "step": checkpoint_step(checkpoint),
+        "log_z_head": head_info,
+        "head_tensors_removed_from_weights": removed,
+        "note": "policy weights only; the partition head (FlowRL's log Z) is in log_z_head/ and is not "
+        "part of the model loaded by from_pretrained",
+    }
+    (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="flowrl export",
+        description="Export a training checkpoint to a Hugging Face model directory (the log Z head "
+        "goes to OUTPUT_DIR/log_z_head/, outside the model weights).",
+        epilog="example: flowrl export runs/flowrl OUTPUT_DIR  (the run's newest complete checkpoint)",
+    )
+    parser.add_argument("source", help="a run directory (train.output_dir) or a checkpoints/step_N directory")
+    parser.add_argument("output_dir", help="the model directory to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous export at OUTPUT_DIR")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        info = export_checkpoint(args.source, args.output_dir, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"flowrl export: error: {exc}", file=sys.stderr)
+        return 2
+    head = info["log_z_head"]
+    print(f"exported {info['source_checkpoint']} (step {info['step']}) -> {args.output_dir}")
+    print(
+        f"  log Z head: {Path(args.output_dir) / head['file']} (H={head['hidden_size']}, "
+        f"{head['num_layers']} layers)"
+        if head
+        else "  log Z head: none (this run's objective has no head)"
+    )
+    if info["head_tensors_removed_from_weights"]:
+        print(f"  removed {info['head_tensors_removed_from_weights']} head tensors from the model weights")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
