@@ -10,6 +10,10 @@ Layout of one checkpoint (``<output_dir>/checkpoints/step_000010/``)::
 Everything is written into a hidden temporary directory that is renamed into place at the end, and a
 checkpoint counts only with its ``COMPLETE`` marker, so a kill during a save never leaves a checkpoint
 that looks valid but is not.
+
+Under torchrun only rank 0 saves (every rank holds the same weights, optimizer state and data
+position); the RNG states are rank 0's. The trainer re-seeds its random streams every step from
+``(seed, step, ...)``, so a resumed run does not depend on them.
 """
 
 from __future__ import annotations

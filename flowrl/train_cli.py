@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from flowrl.config import load_config
+    from flowrl.distributed import is_main_process
     from flowrl.trainer import train
 
     try:
@@ -30,5 +31,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flowrl train: {exc}", file=sys.stderr)
         return 2
     result = train(cfg, resume=args.resume)
-    print(f"done: {len(result.metrics)} steps logged in {result.run_dir}")
+    if is_main_process():  # under torchrun, rank 0 speaks for the run
+        print(f"done: {len(result.metrics)} steps logged in {result.run_dir}")
     return 0

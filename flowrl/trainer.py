@@ -1,7 +1,7 @@
 """The training loop, top to bottom: rollout -> score -> reference and old log-probs -> update -> log.
 
 Shape legend: N sequences per RL step (prompts_per_step x num_samples_per_prompt, the samples of one
-prompt contiguous), P prompt tokens, T response tokens.
+prompt contiguous), P prompt tokens, T response tokens. Under torchrun, N is this rank's share.
 
 One RL step:
   1. take ``prompts_per_step`` prompts, sample ``num_samples_per_prompt`` responses each;
@@ -14,13 +14,37 @@ One RL step:
      by the mini-batch's unit count (``normalizer``), so the summed gradient is the mini-batch mean's,
      whatever the micro-batch size;
   6. metrics: one console line, JSONL / TensorBoard / W&B, sample responses every ``sample_every``.
+
+Data parallelism (``torchrun --nproc_per_node K -m flowrl.cli train CONFIG.yaml``, see
+:mod:`flowrl.distributed`). The design goal is that K processes compute what one process computes:
+
+* Prompts: every rank draws the same ``prompts_per_step`` prompts (same sampler, same seed, so the
+  data position in checkpoints is global) and takes a contiguous slice of ``prompts_per_step / K``
+  (it must divide). All samples of a prompt live on one rank, so group statistics are local.
+* Random numbers: sampling is seeded per generation chunk by ``(seed, step, position in the step of
+  the chunk's first prompt)``, chunks being ``rollout.batch_size // num_samples_per_prompt`` prompts
+  aligned on the step's positions. When that chunk size divides the per-rank prompt count, a rank
+  generates exactly the chunks one process would, and the responses do not depend on K. The rest
+  (dropout) uses ``(seed, step, rank)``: with dropout, K processes draw different masks than one.
+  Every stream is re-seeded each step, so a resumed run equals a straight one.
+* Advantages: the advantage function sees the whole step (its inputs are all-gathered), so batch
+  statistics such as REINFORCE++'s whitening are global; each rank keeps its rows.
+* Mini-batches: one permutation of the step's valid sequences, the same on every rank (seeded by
+  ``(seed, step, epoch)``), cut into ``mini_batch_size`` pieces: the mini-batches one process would
+  draw. Each rank runs the members it holds (any number, possibly none), divides its loss by the
+  global mini-batch's unit count, and the gradients (policy and log Z head) are summed across ranks:
+  exactly the single-process mini-batch gradient. The price: a rank's share of a mini-batch varies,
+  so ranks wait for the busiest one when there are several mini-batches per step.
+* Metrics are reduced across ranks (sums and counts, then divided), and only rank 0 prints, logs,
+  plots, shows samples and writes checkpoints; the others wait at a barrier after each save. Parameters
+  stay identical on every rank (same start, broadcast from rank 0; same summed gradients), so rank
+  0's checkpoint is the run's. A step where no rank has a usable reward raises on every rank.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
@@ -34,9 +58,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flowrl import checkpoint as ckpt
+from flowrl import distributed
 from flowrl.config import Config, to_yaml
 from flowrl.data.schema import read_rows
-from flowrl.logging import MetricsLogger, plot_metrics
+from flowrl.distributed import derive_seed
+from flowrl.logging import MetricsLogger, plot_metrics, read_metrics
 from flowrl.objectives import OBJECTIVES, Objective
 from flowrl.partition import LogZHead, log_z_param_groups
 from flowrl.policy import Policy, encode_prompt, load_model, load_tokenizer
@@ -121,27 +147,6 @@ def _lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Any:
     return factor
 
 
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _init_distributed() -> None:
-    """Under torchrun, join the process group; a plain launch never touches torch.distributed."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if "RANK" not in os.environ:
-        return
-    if world_size > 1:
-        raise ValueError(
-            f"launched with WORLD_SIZE={world_size}: data-parallel training is not available yet; "
-            "run one process (python -m flowrl.cli train ... or torchrun --nproc_per_node 1)"
-        )
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend=backend)
-
-
 @dataclass
 class Micro:
     """The tensors of one micro-batch, trimmed to its own longest prompt and response."""
@@ -162,8 +167,31 @@ def _micro(rollout: RolloutBatch, rows: Tensor) -> Micro:
     return Micro(ids, mask, prompt_mask.shape[1] - first, rows, width)
 
 
-def _pad_to(x: Tensor, width: int) -> Tensor:
-    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+def _pad_to(x: Tensor, width: int, value: float = 0) -> Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+
+def _concat_rollouts(batches: list[RolloutBatch], pad_token_id: int) -> RolloutBatch:
+    """One batch from several: prompts left-padded, responses right-padded to the widest."""
+    if len(batches) == 1:
+        return batches[0]
+    p = max(b.prompt_ids.shape[1] for b in batches)
+    t = max(b.response_ids.shape[1] for b in batches)
+
+    def left(x: Tensor, value: int) -> Tensor:
+        return torch.nn.functional.pad(x, (p - x.shape[1], 0), value=value)
+
+    logprobs = [b.sampling_logprobs for b in batches]
+    return RolloutBatch(
+        prompt_ids=torch.cat([left(b.prompt_ids, pad_token_id) for b in batches]),
+        prompt_mask=torch.cat([left(b.prompt_mask, 0) for b in batches]),
+        response_ids=torch.cat([_pad_to(b.response_ids, t, pad_token_id) for b in batches]),
+        response_mask=torch.cat([_pad_to(b.response_mask, t) for b in batches]),
+        truncated=torch.cat([b.truncated for b in batches]),
+        sampling_logprobs=None
+        if any(lp is None for lp in logprobs)
+        else torch.cat([_pad_to(lp, t) for lp in logprobs]),  # type: ignore[arg-type]
+    )
 
 
 @dataclass
@@ -178,23 +206,29 @@ class Trainer:
     """Holds the run's parts; :meth:`fit` is the loop. Build it with a :class:`~flowrl.config.Config`."""
 
     def __init__(self, cfg: Config, *, resume: bool = False) -> None:
-        _init_distributed()
+        self.dp = distributed.setup(cfg.train.device)
+        self.prompts_per_rank = self.dp.split(cfg.train.prompts_per_step, "train.prompts_per_step")
         self.cfg = cfg
         self.objective: Objective = OBJECTIVES[cfg.algorithm.name]
-        self.device = _pick_device(cfg.train.device)
+        self.device = self.dp.device
         self.bf16 = cfg.train.bf16 if cfg.train.bf16 is not None else self.device.type == "cuda"
         self.run_dir = Path(cfg.train.output_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(cfg.train.seed)
+        torch.manual_seed(cfg.train.seed)  # the same on every rank: the log Z head starts alike
 
         resume_from = ckpt.latest_checkpoint(self.run_dir / "checkpoints") if resume else None
+        resume_from = self.dp.broadcast_object(resume_from)  # every rank resumes from rank 0's choice
         if resume and resume_from is None:
-            print(
+            self._print(
                 f"note: --resume given but no checkpoint under {self.run_dir / 'checkpoints'}; starting fresh"
             )
-        print(f"flowrl train | {cfg.algorithm.name} | device {self.device} | run dir {self.run_dir}")
-        print(to_yaml(cfg), flush=True)
-        (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        processes = f" | {self.dp.world_size} processes" if self.dp.enabled else ""
+        self._print(
+            f"flowrl train | {cfg.algorithm.name} | device {self.device}{processes} | run dir {self.run_dir}"
+        )
+        self._print(to_yaml(cfg))
+        if self.dp.is_main:
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
 
         m = cfg.model
         self.tokenizer = load_tokenizer(m.path, trust_remote_code=m.trust_remote_code)
@@ -239,7 +273,7 @@ class Trainer:
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
             batch_size=cfg.rollout.batch_size,
-            show_progress=cfg.train.progress,
+            show_progress=False,  # the trainer shows one bar over its generation chunks
         )
         self.sampling = SamplingParams(
             n=cfg.rollout.num_samples_per_prompt,
@@ -249,13 +283,20 @@ class Trainer:
             max_new_tokens=cfg.rollout.max_new_tokens,
         )
         self.reward_fn = load_callable(cfg.reward.function) if cfg.reward.function else None
+        per_chunk = max(1, cfg.rollout.batch_size // self.sampling.n)
+        if self.dp.enabled and self.prompts_per_rank % per_chunk:
+            self._print(
+                f"note: generation chunks of {per_chunk} prompts (rollout.batch_size // "
+                f"num_samples_per_prompt) do not divide the {self.prompts_per_rank} prompts per process, "
+                "so the sampled responses depend on the number of processes (see flowrl.trainer)"
+            )
 
         self.prompts = load_prompts(cfg.data.train_files, self.tokenizer, cfg.data.max_prompt_length)
-        if self.prompts.skipped:
+        if self.prompts.skipped and self.dp.is_main:
             report = self.run_dir / "skipped_prompts.jsonl"
             report.write_text("".join(json.dumps(s) + "\n" for s in self.prompts.skipped))
             skipped, total = len(self.prompts.skipped), len(self.prompts.skipped) + len(self.prompts.examples)
-            print(
+            self._print(
                 f"skipped {skipped} of {total} prompts longer than "
                 f"data.max_prompt_length={cfg.data.max_prompt_length} (listed in {report})"
             )
@@ -272,18 +313,79 @@ class Trainer:
             self.sampler.load_state_dict(state["sampler"])
             ckpt.set_rng_state(state["rng"])
             self.step = state["step"]
-            print(f"resumed from {resume_from} at step {self.step}")
-        self.logger = MetricsLogger(
-            self.run_dir,
-            total_steps=cfg.train.total_steps,
-            tensorboard=cfg.train.tensorboard,
-            wandb_project=cfg.train.wandb_project,
-            config=asdict(cfg),
-            append=resume_from is not None,
-            resume_step=self.step,
+            self._print(f"resumed from {resume_from} at step {self.step}")
+        self.dp.broadcast_parameters(self.policy.parameters())
+        self.logger = (
+            MetricsLogger(
+                self.run_dir,
+                total_steps=cfg.train.total_steps,
+                tensorboard=cfg.train.tensorboard,
+                wandb_project=cfg.train.wandb_project,
+                config=asdict(cfg),
+                append=resume_from is not None,
+                resume_step=self.step,
+            )
+            if self.dp.is_main
+            else None
         )
 
     # -- pieces of one step ------------------------------------------------------------------------
+
+    def _print(self, text: str) -> None:
+        if self.dp.is_main:
+            print(text, flush=True)
+
+    def _rollout(self, indices: list[int], first: int) -> RolloutBatch:
+        """Sample this rank's responses to ``indices``, the prompts at positions ``first, first + 1, ...``.
+
+        Generation runs in chunks of ``rollout.batch_size // n`` prompts aligned on the step's positions,
+        each seeded by ``(seed, step, position of its first prompt)``: a chunk's responses are the same
+        whichever process generates it (see the module docstring).
+        """
+        per_chunk = max(1, self.cfg.rollout.batch_size // self.sampling.n)
+        pieces = []
+        bar = tqdm(
+            total=len(indices),
+            desc="rollout",
+            unit="prompt",
+            disable=not (self.cfg.train.progress and self.dp.is_main),
+            leave=False,
+        )
+        start = 0
+        while start < len(indices):
+            position = first + start
+            end = min(len(indices), start + per_chunk - position % per_chunk)
+            torch.manual_seed(derive_seed(self.cfg.train.seed, "rollout", self.step, position))
+            prompts = [self.prompts.prompt_ids[i] for i in indices[start:end]]
+            pieces.append(self.engine.generate(prompts, self.sampling))
+            bar.update(end - start)
+            start = end
+        bar.close()
+        return _concat_rollouts(pieces, self.tokenizer.pad_token_id)
+
+    def _advantages(
+        self,
+        rewards: Tensor,
+        valid: Tensor,
+        response_mask: Tensor,
+        old_logprobs: Tensor | None,
+        ref_logprobs: Tensor | None,
+    ) -> Tensor:
+        """The objective's advantages of the whole step's sequences ((N,) or (N, T) padded to the widest).
+
+        ``rewards`` and ``valid`` are already the step's (gathered); the per-token inputs are this rank's
+        and get gathered here, so batch-level statistics (REINFORCE++'s whitening) are global.
+        """
+        gather = self.dp.gather
+        return self.objective.advantage_fn(
+            rewards,
+            gather(response_mask),
+            None if old_logprobs is None else gather(old_logprobs),
+            None if ref_logprobs is None else gather(ref_logprobs),
+            num_samples_per_prompt=self.sampling.n,
+            valid=valid,
+            **self.cfg.algorithm.advantage,
+        )
 
     def _needs_reference(self) -> bool:
         kl_coef = self.cfg.algorithm.loss.get("kl_coef", 0.0) or self.cfg.algorithm.advantage.get(
@@ -343,22 +445,46 @@ class Trainer:
         old_logprobs: Tensor | None,
         ref_logprobs: Tensor | None,
     ) -> dict[str, float]:
-        """Mini-batch AdamW steps over the sequences ``rows``; returns averaged metrics."""
+        """Mini-batch AdamW steps over the step's valid sequences; returns metrics averaged over them.
+
+        Args:
+            rollout: this rank's N sequences.
+            rows: (R,) indices of this rank's sequences to train on (those with a usable reward).
+            advantages: (N,) or (N, T) this rank's advantages.
+            old_logprobs: (N, T), or None when the batch makes one optimizer step.
+            ref_logprobs: (N, T), or None when the objective does not read them.
+
+        The mini-batches are cut from one permutation of every rank's ``rows`` that all ranks compute
+        alike, so they are a single process's; each rank runs the members it holds.
+        """
         t, obj = self.cfg.train, self.objective
         loss_kwargs = dict(self.cfg.algorithm.loss)
+        num_local = rollout.response_ids.shape[0]
+        offset = self.dp.rank * num_local
+        mine = torch.zeros(num_local, dtype=torch.bool, device=self.device)
+        mine[rows.to(self.device)] = True
+        step_rows = self.dp.gather(mine).nonzero().squeeze(-1)  # positions in the step's sequences
+        # Per-sequence sums over this rank's sequences; summed over the ranks at the end.
         sums: dict[str, float] = defaultdict(float)
-        count = 0
+        grad_norm_sum = 0.0
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        num_minibatches = math.ceil(len(rows) / t.mini_batch_size) * t.epochs_per_rollout
-        bar = tqdm(total=num_minibatches, desc="update", disable=not t.progress, leave=False)
-        for _ in range(t.epochs_per_rollout):
-            order = rows[torch.randperm(len(rows), device=rows.device)]
+        num_minibatches = math.ceil(len(step_rows) / t.mini_batch_size) * t.epochs_per_rollout
+        bar = tqdm(
+            total=num_minibatches, desc="update", disable=not (t.progress and self.dp.is_main), leave=False
+        )
+        for epoch in range(t.epochs_per_rollout):
+            shuffle = torch.Generator().manual_seed(derive_seed(t.seed, "minibatch", self.step, epoch))
+            order = step_rows[torch.randperm(len(step_rows), generator=shuffle).to(self.device)]
             for start in range(0, len(order), t.mini_batch_size):
                 mini = order[start : start + t.mini_batch_size]
-                normalizer = float(obj.count_units(rollout.response_mask[mini].float(), **loss_kwargs))
+                local = mini[(mini >= offset) & (mini < offset + num_local)] - offset
+                # The global mini-batch's unit count, so the summed gradients are its mean's.
+                normalizer = self.dp.sum(
+                    float(obj.count_units(rollout.response_mask[local].float(), **loss_kwargs))
+                )
                 self.optimizer.zero_grad(set_to_none=True)
                 mini_loss = 0.0
-                for mb in self._micro_batches(mini, rollout):
+                for mb in self._micro_batches(local, rollout):
                     with self._autocast():
                         out = self.policy(
                             mb.input_ids,
@@ -392,22 +518,24 @@ class Trainer:
                     for key, value in metrics.items():
                         sums[key] += float(value) * m
                     if out.entropy is not None:
-                        sums["rollout/entropy"] += (
-                            float(
-                                (out.entropy * tensors["response_mask"]).sum()
-                                / tensors["response_mask"].sum().clamp(min=1)
-                            )
-                            * m
-                        )
-                    count += m
+                        sums["entropy_sum"] += float((out.entropy * tensors["response_mask"]).sum())
+                        sums["entropy_tokens"] += float(tensors["response_mask"].sum())
+                self.dp.all_reduce_grads(params)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
                 self.optimizer.step()
-                # Every metric is a mean over sequences: weight each mini-batch by its size.
+                # Every metric is a mean over sequences: weight each mini-batch by its size. This rank's
+                # mini_loss is its part of the mini-batch loss, so the sum over ranks is the whole.
                 sums["loss"] += mini_loss * len(mini)
-                sums["optim/grad_norm"] += float(grad_norm) * len(mini)
+                grad_norm_sum += float(grad_norm) * len(mini)  # the same on every rank
                 bar.update(1)
         bar.close()
+        sums = self.dp.sum_dict(sums)
+        count = len(step_rows) * t.epochs_per_rollout
+        entropy_sum, entropy_tokens = sums.pop("entropy_sum", None), sums.pop("entropy_tokens", None)
         out_metrics = {k: v / count for k, v in sums.items()}
+        if entropy_sum is not None:
+            out_metrics["rollout/entropy"] = entropy_sum / max(entropy_tokens, 1.0)
+        out_metrics["optim/grad_norm"] = grad_norm_sum / count
         out_metrics["optim/num_minibatches"] = float(num_minibatches)
         return out_metrics
 
@@ -418,7 +546,7 @@ class Trainer:
         n = self.sampling.n
         lines = []
         with (self.run_dir / "samples.jsonl").open("a") as f:
-            for j in range(min(k, len(texts))):
+            for j in range(min(k, len(indices))):
                 row = j * n  # the first sample of the first k prompts
                 messages = self.prompts.examples[indices[row // n]]["prompt"]
                 record = {
@@ -435,58 +563,62 @@ class Trainer:
                 )
         print(f"samples at step {step}:\n" + "\n".join(lines), flush=True)
 
-    def _save(self) -> Path:
-        return ckpt.save_checkpoint(
-            self.run_dir / "checkpoints",
-            self.step,
-            model=self.policy.model,
-            tokenizer=self.tokenizer,
-            head=self.policy.log_z_head,
-            trainer_state={
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "sampler": self.sampler.state_dict(),
-            },
-            keep=self.cfg.train.keep_checkpoints,
-        )
+    def _save(self) -> None:
+        """Rank 0 writes the checkpoint (every rank holds the same weights and state); the rest wait."""
+        if self.dp.is_main:
+            path = ckpt.save_checkpoint(
+                self.run_dir / "checkpoints",
+                self.step,
+                model=self.policy.model,
+                tokenizer=self.tokenizer,
+                head=self.policy.log_z_head,
+                trainer_state={
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "sampler": self.sampler.state_dict(),
+                },
+                keep=self.cfg.train.keep_checkpoints,
+            )
+            print(f"checkpoint: {path}", flush=True)
+        self.dp.barrier()
 
     # -- the loop ----------------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
-        cfg, obj, n = self.cfg, self.objective, self.sampling.n
+        cfg, obj, dp = self.cfg, self.objective, self.dp
         t = cfg.train
         while self.step < t.total_steps:
             self.step += 1
             started = time.perf_counter()
 
-            # 1. rollout
-            indices = self.sampler.next(t.prompts_per_step)
-            rollout = self.engine.generate([self.prompts.prompt_ids[i] for i in indices], self.sampling)
+            # 1. rollout: every rank draws the step's prompts and samples its contiguous share
+            first = dp.rank * self.prompts_per_rank
+            indices = self.sampler.next(t.prompts_per_step)[first : first + self.prompts_per_rank]
+            rollout = self._rollout(indices, first)
+            torch.manual_seed(derive_seed(t.seed, "update", self.step, dp.rank))  # dropout
             generated = time.perf_counter()
 
             # 2. rewards; failures are counted and left out, never scored 0
             texts, results = self._score(rollout, indices)
-            check_batch_usable(results)
             rewards = torch.tensor([r.score for r in results], dtype=torch.float32, device=self.device)
             valid = torch.tensor([r.ok for r in results], device=self.device)
+            step_rewards, step_valid = dp.gather(rewards), dp.gather(valid)
+            if not bool(step_valid.any()):
+                check_batch_usable(results)  # no rank has a usable reward: every rank raises here
 
             # 3-4. reference and old log-probs (no gradient), then advantages
-            updates_per_rollout = math.ceil(int(valid.sum()) / t.mini_batch_size) * t.epochs_per_rollout
+            updates_per_rollout = math.ceil(int(step_valid.sum()) / t.mini_batch_size) * t.epochs_per_rollout
             old_logprobs = entropy = ref_logprobs = None
             if updates_per_rollout > 1 or obj.advantage_uses_ref_logprobs:  # REINFORCE++ KL needs both
                 old_logprobs, entropy = self._logprobs_no_grad(self.policy, rollout)
             if self.ref_model is not None:
                 ref_logprobs, _ = self._logprobs_no_grad(self.ref_policy, rollout)
             mask = rollout.response_mask.float()
-            advantages = obj.advantage_fn(
-                rewards,
-                mask,
-                old_logprobs,
-                ref_logprobs,
-                num_samples_per_prompt=n,
-                valid=valid,
-                **cfg.algorithm.advantage,
-            )
+            step_advantages = self._advantages(step_rewards, step_valid, mask, old_logprobs, ref_logprobs)
+            num_local, offset = len(rewards), dp.rank * len(rewards)
+            advantages = step_advantages[offset : offset + num_local]
+            if advantages.dim() == 2:
+                advantages = advantages[:, : mask.shape[1]]
             scored = time.perf_counter()
 
             # 5. update on the sequences whose reward was computed
@@ -494,19 +626,21 @@ class Trainer:
             metrics = self._update(rollout, rows, advantages, old_logprobs, ref_logprobs)
             self.scheduler.step()
 
-            # 6. metrics
-            finite = rewards[valid]
-            lengths = rollout.response_lengths.float()
-            metrics.update(status_counts(results))
+            # 6. metrics, over every rank's sequences
+            finite = step_rewards[step_valid]
+            lengths = dp.gather(rollout.response_lengths.float())
+            metrics.update(dp.sum_dict(status_counts(results)))
             metrics.update(
                 {
                     "reward/mean": float(finite.mean()),
                     "reward/std": float(finite.std()) if len(finite) > 1 else 0.0,
-                    "reward/failed": float((~valid).sum()),
-                    "reward/advantage_mean": float(advantages[rows].mean()) if advantages.dim() == 1 else 0.0,
+                    "reward/failed": float((~step_valid).sum()),
+                    "reward/advantage_mean": float(step_advantages[step_valid].mean())
+                    if step_advantages.dim() == 1
+                    else 0.0,
                     "rollout/response_length": float(lengths.mean()),
                     "rollout/response_length_max": float(lengths.max()),
-                    "rollout/truncation_rate": float(rollout.truncated.float().mean()),
+                    "rollout/truncation_rate": float(dp.gather(rollout.truncated).float().mean()),
                     "optim/lr": self.optimizer.param_groups[0]["lr"],
                     "perf/rollout_time_s": generated - started,
                     "perf/score_and_logprob_time_s": scored - generated,
@@ -516,23 +650,32 @@ class Trainer:
                 }
             )
             if entropy is not None:
-                metrics["rollout/entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
-            self.logger.log(self.step, metrics)
-            if t.sample_every and self.step % t.sample_every == 0:
+                totals = dp.sum_dict({"entropy": float((entropy * mask).sum()), "tokens": float(mask.sum())})
+                metrics["rollout/entropy"] = totals["entropy"] / max(totals["tokens"], 1.0)
+            if self.logger is not None:
+                self.logger.log(self.step, metrics)
+            if t.sample_every and self.step % t.sample_every == 0 and dp.is_main:
                 self._show_samples(self.step, indices, texts, results)
             if (t.save_every and self.step % t.save_every == 0) or self.step == t.total_steps:
                 self._save()
-        self.logger.close()
-        if t.plot:
+        if self.logger is not None:
+            self.logger.close()
+        if t.plot and dp.is_main:
             plot = plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "training.png")
             print(f"plot: {plot}")
-        from flowrl.logging import read_metrics
-
-        return TrainResult(
-            self.run_dir, read_metrics(self.run_dir / "metrics.jsonl"), self.policy, self.tokenizer
-        )
+        dp.barrier()  # rank 0 has written metrics.jsonl
+        path = self.run_dir / "metrics.jsonl"
+        metrics_rows = read_metrics(path) if path.exists() else []  # other ranks: needs a shared disk
+        return TrainResult(self.run_dir, metrics_rows, self.policy, self.tokenizer)
 
 
 def train(cfg: Config, *, resume: bool = False) -> TrainResult:
-    """Build a :class:`Trainer` from ``cfg`` and run it to ``train.total_steps``."""
-    return Trainer(cfg, resume=resume).fit()
+    """Build a :class:`Trainer` from ``cfg`` and run it to ``train.total_steps``.
+
+    Under torchrun it leaves the process group it joined when the run ends.
+    """
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.dp.close()

@@ -142,7 +142,12 @@ def test_update_does_not_depend_on_micro_batch_size(
                 model_dir,
                 data_file,
                 tmp_path / f"m{micro}",
-                **{"train.micro_batch_size": micro, "log_z.dropout": 0.0, "algorithm.name": algorithm},
+                **{
+                    "train.micro_batch_size": micro,
+                    "train.mini_batch_size": 16,  # all 16 sequences: the one mini-batch the test means
+                    "log_z.dropout": 0.0,
+                    "algorithm.name": algorithm,
+                },
             ),
         )
         trainer = Trainer(cfg)

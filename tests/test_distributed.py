@@ -1,0 +1,291 @@
+"""Data-parallel training under a real ``torchrun --nproc_per_node 2`` (CPU, gloo) against one process.
+
+The trainer is built so that K processes compute what one process computes (see flowrl.trainer's
+docstring): the same responses (generation seeded per chunk of prompts), the same mini-batches, the
+gradient of the global mini-batch mean. So a 2-process run must match a 1-process run up to float
+rounding, a resumed 2-process run must match both, and only rank 0 logs and saves.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flowrl import distributed
+from flowrl.checkpoint import HEAD_FILE, MODEL_DIR, list_checkpoints
+from flowrl.config import load_config
+from flowrl.data import synthetic
+from flowrl.data.schema import write_rows
+from flowrl.logging import read_metrics
+from flowrl.trainer import PromptSampler, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(hidden_size=32, num_layers=1, num_heads=2)
+PROMPTS_PER_RANK = 2
+SAMPLES = 4
+TORCHRUN_TIMEOUT_S = 120  # a deadlock shows up as this timeout, not as a hung test session
+COMPARED = ("loss", "reward/mean", "reward/std", "optim/grad_norm", "rollout/response_length")
+
+
+def digit_share(response: str, example: Mapping[str, Any]) -> float:
+    """A reward a random tiny model gets varied values of: the share of digits in the response."""
+    return sum(c.isdigit() for c in response) / max(1, len(response))
+
+
+FAIL_GROUND_TRUTHS = "FLOWRL_TEST_FAIL_GROUND_TRUTHS"
+_calls = itertools.count()
+
+
+def fails_on_some_prompts_then_everywhere(response: str, example: Mapping[str, Any]) -> float:
+    """NaN in step 1 for the prompts whose ground truth is listed in $FLOWRL_TEST_FAIL_GROUND_TRUTHS,
+    normal in step 2, NaN from step 3 on. Steps are counted by calls, as one process or one rank of
+    WORLD_SIZE makes them."""
+    per_step = 2 * PROMPTS_PER_RANK * SAMPLES // int(os.environ.get("WORLD_SIZE", "1"))
+    step = next(_calls) // per_step + 1
+    failing = os.environ[FAIL_GROUND_TRUTHS].split(",")
+    if step >= 3 or (step == 1 and example["reward_model"]["ground_truth"] in failing):
+        return math.nan
+    return digit_share(response, example)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthetic.save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0, **TINY)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_rows(synthetic.rows(), tmp_path_factory.mktemp("data") / "train.jsonl")
+
+
+def overrides(model_dir: Path, data_file: Path, out: Path, **extra: object) -> list[str]:
+    base = {
+        "model.path": model_dir,
+        "data.train_files": f"[{data_file}]",
+        "data.max_prompt_length": 16,
+        "rollout.num_samples_per_prompt": SAMPLES,
+        "rollout.max_new_tokens": 6,
+        # 2 prompts per generation chunk: each rank's 2 prompts are one chunk a single process also makes
+        "rollout.batch_size": 2 * SAMPLES,
+        "train.prompts_per_step": 2 * PROMPTS_PER_RANK,
+        # 4 mini-batches of 4 of the 16 sequences: random, uneven shares per rank (sometimes none)
+        "train.mini_batch_size": 4,
+        "train.micro_batch_size": 2,
+        "train.save_every": 1,
+        "train.keep_checkpoints": 3,
+        "train.sample_every": 1,
+        "train.progress": "false",
+        "train.tensorboard": "false",
+        "train.plot": "false",
+        "train.output_dir": out,
+        "optim.lr": 1e-2,
+        "optim.warmup_steps": 1,
+        "log_z.lr": 1e-1,
+        "log_z.dropout": 0.0,  # dropout masks are drawn per rank (flowrl.trainer's docstring)
+        "reward.function": "tests.test_distributed:digit_share",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def write_config(path: Path, items: list[str]) -> Path:
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(OmegaConf.from_dotlist(items), path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``torchrun --nproc_per_node 2 -m flowrl.cli train CONFIG ARGS`` from the repository root."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "flowrl.cli",
+        "train",
+        str(config),
+        *args,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S
+    )
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torchrun gives each process one thread; the reference run uses one too (and is faster for it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def single_process(model_dir: Path, data_file: Path, out: Path, **extra: object) -> list[dict[str, Any]]:
+    with one_thread():
+        return Trainer(load_config(None, overrides(model_dir, data_file, out, **extra))).fit().metrics
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    tensors = load_file(str(checkpoint / HEAD_FILE))
+    for f in (checkpoint / MODEL_DIR).glob("*.safetensors"):
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def assert_same_run(got: list[dict[str, Any]], expected: list[dict[str, Any]], keys: tuple[str, ...]) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in expected]
+    for a, b in zip(got, expected, strict=True):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+def assert_same_weights(got: Path, expected: Path) -> None:
+    a, b = weights(got), weights(expected)
+    assert a.keys() == b.keys() and a
+    for key in a:
+        # 1e-4: float rounding (sums in another order) that Adam steps carry on; the attention key bias,
+        # whose gradient is rounding noise only, moves most.
+        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4, msg=key)
+
+
+def test_torchrun_matches_one_process_and_resumes(model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    expected = single_process(model_dir, data_file, tmp_path / "single", **{"train.total_steps": 3})
+    ours = {"flowrl/log_z", *COMPARED}
+    assert len({r["reward/mean"] for r in expected}) == 3, "the reward must vary for the test to mean much"
+
+    run = tmp_path / "dp"
+    config = write_config(tmp_path / "dp.yaml", overrides(model_dir, data_file, run))
+    first = torchrun(config, "train.total_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    lines = first.stdout.splitlines()
+    # rank 0 alone prints, logs and saves
+    assert [line.split(" |")[0] for line in lines if line.startswith("step ")] == ["step 1/2", "step 2/2"]
+    assert sum(line.startswith("checkpoint: ") for line in lines) == 2
+    assert sum(line.startswith("samples at step") for line in lines) == 2
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_000001", "step_000002"]
+    assert not list((run / "checkpoints").glob(".tmp*"))
+    assert_same_run(read_metrics(run / "metrics.jsonl"), expected[:2], tuple(ours))
+    assert_same_weights(run / "checkpoints" / "step_000002", tmp_path / "single/checkpoints/step_000002")
+
+    resumed = torchrun(config, "train.total_steps=3", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sum("resumed from" in line and "at step 2" in line for line in resumed.stdout.splitlines()) == 1
+    assert_same_run(read_metrics(run / "metrics.jsonl"), expected, tuple(ours))
+    assert_same_weights(run / "checkpoints" / "step_000003", tmp_path / "single/checkpoints/step_000003")
+
+
+def test_torchrun_reinforce_pp_failed_rewards_and_stop(
+    model_dir: Path, data_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """REINFORCE++ (batch whitening over every rank's tokens) with failing rewards.
+
+    Step 1: every prompt of rank 1 fails, so rank 1 trains on nothing yet joins every collective.
+    Step 2: all rewards usable; a per-rank whitening would differ from the single process here.
+    Step 3: every reward fails on every rank: both ranks raise, nothing hangs.
+    """
+    global _calls
+    rows = synthetic.rows()
+    step_one = PromptSampler(len(rows), seed=0, shuffle=True).next(2 * PROMPTS_PER_RANK)
+    rank_one = [rows[i]["reward_model"]["ground_truth"] for i in step_one[PROMPTS_PER_RANK:]]
+    monkeypatch.setenv(FAIL_GROUND_TRUTHS, ",".join(rank_one))
+    extra = {
+        "algorithm.name": "reinforce_pp",
+        "reward.function": "tests.test_distributed:fails_on_some_prompts_then_everywhere",
+        "train.total_steps": 3,
+        "train.sample_every": 0,
+    }
+    _calls = itertools.count()
+    with pytest.raises(RuntimeError, match="every reward in this batch failed"):
+        single_process(model_dir, data_file, tmp_path / "single", **extra)
+    expected = read_metrics(tmp_path / "single" / "metrics.jsonl")
+    assert expected[0]["reward/failed"] == PROMPTS_PER_RANK * SAMPLES and expected[1]["reward/failed"] == 0
+
+    run = tmp_path / "dp"
+    config = write_config(tmp_path / "dp.yaml", overrides(model_dir, data_file, run, **extra))
+    result = torchrun(config)  # returns (the timeout would raise if a rank waited forever)
+    assert result.returncode != 0
+    assert "every reward in this batch failed" in result.stderr, result.stderr[-3000:]
+    keys = (*COMPARED, "reward/failed", "reward/status_error")
+    assert_same_run(read_metrics(run / "metrics.jsonl"), expected, keys)
+    assert_same_weights(run / "checkpoints" / "step_000002", tmp_path / "single/checkpoints/step_000002")
+
+
+def test_rollout_does_not_depend_on_how_prompts_are_split(
+    model_dir: Path, data_file: Path, tmp_path: Path
+) -> None:
+    with one_thread():
+        trainer = Trainer(load_config(None, overrides(model_dir, data_file, tmp_path / "run")))
+    trainer.step = 5
+    indices = trainer.sampler.next(2 * PROMPTS_PER_RANK)
+    whole = trainer._rollout(indices, 0)
+    halves = [trainer._rollout(indices[:PROMPTS_PER_RANK], 0)]
+    halves.append(trainer._rollout(indices[PROMPTS_PER_RANK:], PROMPTS_PER_RANK))
+
+    def responses(batch: Any) -> list[list[int]]:
+        pairs = zip(batch.response_ids, batch.response_mask, strict=True)
+        return [ids[mask.bool()].tolist() for ids, mask in pairs]
+
+    assert responses(whole) == responses(halves[0]) + responses(halves[1])
+    assert len(set(map(tuple, responses(whole)))) > 1
+    trainer.step = 6
+    assert responses(trainer._rollout(indices, 0)) != responses(whole), "each step samples anew"
+
+
+def test_prompts_per_step_must_divide_among_processes() -> None:
+    with pytest.raises(ValueError, match=r"train\.prompts_per_step=6 must be divisible.*\(4\).*=8"):
+        distributed.DataParallel(rank=1, world_size=4).split(6, "train.prompts_per_step")
+    assert distributed.DataParallel(rank=1, world_size=4).split(8, "train.prompts_per_step") == 2
+
+
+def test_plain_launch_never_touches_torch_distributed(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    dp = distributed.setup("cpu")
+    assert (dp.rank, dp.world_size, dp.is_main, dp.enabled) == (0, 1, True, False)
+    assert not torch.distributed.is_initialized()
+    x = torch.arange(3)
+    assert dp.gather(x) is x and dp.sum(2.5) == 2.5 and dp.broadcast_object("a") == "a"
+
+
+def test_one_gpu_index_for_many_processes_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="train.device=cuda"):
+        distributed.setup("cuda:1")
+    assert not torch.distributed.is_initialized()
+
+
+def test_derived_seeds_differ_per_part() -> None:
+    seeds = {distributed.derive_seed(0, "rollout", step, pos) for step in range(50) for pos in range(50)}
+    assert len(seeds) == 2500 and all(0 <= s < 2**63 for s in seeds)
+    assert distributed.derive_seed(0, "rollout", 2, 0) != distributed.derive_seed(1, "rollout", 1, 0)
