@@ -95,6 +95,7 @@ class TrainConfig:
     output_dir: str = "runs/flowrl"
     save_every: int = 50  # steps between checkpoints (and always at the end); 0 = only at the end
     keep_checkpoints: int = 2  # most recent checkpoints kept on disk
+    log_every: int = 1  # steps between console lines (JSONL / TensorBoard / W&B get every step)
     sample_every: int = 10  # steps between printed sample responses; 0 = never
     num_samples_to_show: int = 3
     tensorboard: bool = True
@@ -201,8 +202,8 @@ def validate(cfg: Config) -> None:
             f"need 1 <= train.micro_batch_size <= train.mini_batch_size "
             f"(got {t.micro_batch_size} and {t.mini_batch_size})"
         )
-    if t.total_steps < 1 or t.epochs_per_rollout < 1:
-        raise ValueError("train.total_steps and train.epochs_per_rollout must be >= 1")
+    if t.total_steps < 1 or t.epochs_per_rollout < 1 or t.log_every < 1:
+        raise ValueError("train.total_steps, train.epochs_per_rollout and train.log_every must be >= 1")
     if cfg.optim.schedule not in ("constant", "cosine"):
         raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {cfg.optim.schedule!r}")
     if cfg.rollout.engine != "hf":

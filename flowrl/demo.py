@@ -44,6 +44,7 @@ DEMO_OVERRIDES = [
     "train.prompts_per_step=10",
     "train.mini_batch_size=160",
     "train.micro_batch_size=160",
+    "train.log_every=25",
     "train.sample_every=200",
     "train.keep_checkpoints=100",
     "train.num_samples_to_show=2",

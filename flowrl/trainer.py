@@ -653,7 +653,8 @@ class Trainer:
                 totals = dp.sum_dict({"entropy": float((entropy * mask).sum()), "tokens": float(mask.sum())})
                 metrics["rollout/entropy"] = totals["entropy"] / max(totals["tokens"], 1.0)
             if self.logger is not None:
-                self.logger.log(self.step, metrics)
+                console = self.step % max(t.log_every, 1) == 0 or self.step == t.total_steps
+                self.logger.log(self.step, metrics, console=console)
             if t.sample_every and self.step % t.sample_every == 0 and dp.is_main:
                 self._show_samples(self.step, indices, texts, results)
             if (t.save_every and self.step % t.save_every == 0) or self.step == t.total_steps:

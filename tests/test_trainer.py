@@ -279,3 +279,16 @@ def test_cli_reports_bad_config_without_traceback(tmp_path: Path, capsys: pytest
     )
     assert cli.main(["train", str(config)]) == 2
     assert "train.total_steps" in capsys.readouterr().err
+
+
+def test_log_every_thins_console_lines_not_metrics(
+    model_dir: Path, data_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items = overrides(
+        model_dir, data_file, tmp_path / "run", **{"train.total_steps": 3, "train.log_every": 2}
+    )
+    config = write_config(tmp_path / "run.yaml", items)
+    assert cli.main(["train", str(config)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/3", "3/3"]
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
