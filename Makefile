@@ -14,11 +14,11 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -c requirements/lock.txt -e ".[dev,math,data]"
+	$(BIN)/pip install --quiet -c requirements/lock.txt -e ".[dev,math,data,trl]"
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/flowrl demo
+	$(BIN)/flowrl demo --compare
 
 toy: $(STAMP)
 	$(BIN)/flowrl toy --plot outputs/toy.png

@@ -1,0 +1,593 @@
+"""FlowRL on TRL: ``FlowRLTrainer``, a ``GRPOTrainer`` that trains with FlowRL's loss and log Z head.
+
+Shape legend (one micro-batch on one process):
+    N  sequences (prompts x ``num_generations``)
+    P  prompt tokens (left-padded)
+    T  completion tokens (right-padded)
+    H  hidden size of the policy
+
+TRL's ``GRPOTrainer`` (pinned to ``trl>=1.16,<1.17``: the vLLM weight-sync hook below is private API)
+does the generation (transformers or vLLM, colocated or on a server), the rewards, the group-normalized
+advantages, the reference log-probs and the distribution (accelerate: DDP, DeepSpeed ZeRO, FSDP, several
+nodes). This subclass changes five things, and nothing else:
+
+* **the loss**: :meth:`FlowRLTrainer._compute_loss` calls :func:`flowrl.objectives.flowrl_loss` (2509.15207)
+  on the current, old and reference log-probs, log Z and TRL's advantages; no second copy of the math;
+* **the log Z head**: a :class:`flowrl.partition.LogZHead` attached to the policy as the submodule
+  ``log_z_head`` (:data:`~flowrl.partition.LOG_Z_PREFIX`), so the optimizer, DDP, ZeRO-3 and FSDP see it.
+  Its input is the policy's final-layer hidden states of the prompt, mean-pooled over the prompt mask
+  (left padding excluded) by :func:`~flowrl.partition.pool_prompt_states`, as in
+  :class:`flowrl.policy.Policy`.
+  It is computed *inside* the policy's forward (the same call that yields the log-probs), so sharded
+  engines have its parameters gathered when it runs. It gets its own optimizer parameter group
+  (``log_z_lr``, ``log_z_weight_decay``);
+* **the reference model**: FlowRL always needs reference log-probs, which TRL computes only when its KL
+  coefficient ``beta`` is non-zero. The trainer switches TRL's ``beta`` on, so TRL builds and shards
+  the reference model (or, for a PEFT policy, uses the adapter-disabled model) as it would for GRPO; the
+  loss never reads it. There is no KL term: pi_ref enters through the trajectory-balance residual;
+* **the weights sent to vLLM**: the head's parameters are filtered out of the stream (and out of the
+  metadata a vLLM server receives first); vLLM's model has no such parameters;
+* **saving**: ``save_model`` and checkpoints write the policy without the head and the head beside it
+  as ``log_z_head.safetensors`` with ``log_z_head.``-prefixed keys, the file name and format of
+  :mod:`flowrl.checkpoint`, so a head trained here loads into the project's trainer and the other way
+  round (``FlowRLConfig.log_z_init_path``).
+
+Where this departs from the project's own trainer (``flowrl.trainer``):
+
+* the advantages are TRL's: ``(r - mean) / (std + 1e-4)`` per group (unbiased std), where
+  :func:`flowrl.objectives.group_normalized_rewards` uses ``1e-6``; for rewards in {0, 1} the
+  difference is below 1e-3 of r_hat; a group with equal rewards gets 0 in both;
+* the reduction is a mean over each process's micro-batch divided by the gradient-accumulation steps;
+  with the fixed ``per_device_train_batch_size`` of TRL and DDP's gradient average this is the mean
+  over the global batch of the optimizer step (``flowrl_sequence_weighting="length"`` divides by
+  TRL's global token count instead).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import types
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from transformers.utils import logging
+from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import FusedCausalLMOutput, disable_dropout_in_model
+
+from flowrl.checkpoint import HEAD_FILE, load_log_z_head
+from flowrl.objectives import flowrl_loss
+from flowrl.objectives.flowrl import (
+    BETA,
+    CLIP_EPS,
+    IMPORTANCE_WEIGHT_MODES,
+    MAX_IMPORTANCE_WEIGHT,
+    REFERENCES,
+    SEQUENCE_WEIGHTINGS,
+)
+from flowrl.partition import DROPOUT, LOG_Z_PREFIX, NUM_LAYERS, LogZHead, is_log_z_param, pool_prompt_states
+from flowrl.rewards.base import RewardFn, RewardStatus
+from flowrl.rewards.registry import score_batch
+
+logger = logging.get_logger(__name__)
+
+LOG_Z_MODULE = LOG_Z_PREFIX.rstrip(".")
+"""Attribute name of the head on the policy, and name of its optimizer parameter group."""
+
+OLD_LOGPROBS = ("trainer", "rollout")
+"""Where the importance weight's old log-probs come from: ``trainer``: the policy before this update,
+recomputed by the trainer (or the current log-probs, detached, when TRL skips that pass because the
+update is on-policy); ``rollout``: the log-probs vLLM reported while sampling, so the weight also
+corrects the vLLM/trainer mismatch (tokens vLLM could not score fall back to ``trainer``)."""
+
+_REFERENCE_SWITCH = 1.0
+"""Non-zero value of TRL's KL coefficient that makes ``GRPOTrainer`` build the reference model and
+compute its log-probs. The value is never used: the FlowRL loss has no KL term."""
+
+
+@dataclass
+class FlowRLConfig(GRPOConfig):
+    """TRL's ``GRPOConfig`` plus FlowRL's loss and partition-head settings.
+
+    FlowRL's own fields start with ``flowrl_`` or ``log_z_``. Of GRPO's loss fields, ``loss_type``,
+    ``epsilon``, ``epsilon_high``, ``delta``, ``importance_sampling_level`` and the ``sapo_*`` and
+    ``vespo_*`` values have no effect; the ones that would silently change FlowRL's objective are
+    refused (see :meth:`__post_init__`). Note the two betas: TRL's ``beta`` is a KL coefficient, which
+    FlowRL does not have (leave it at 0); FlowRL's reward inverse temperature is ``flowrl_beta``.
+    """
+
+    # Defaults that differ from GRPOConfig's: the paper's training setup (docs/flowrl-spec.md, section 4).
+    weight_decay: float = field(
+        default=0.1, metadata={"help": "AdamW weight decay (FlowRL's paper: 0.1, with lr 1e-6 and clip 1.0)."}
+    )
+    vllm_importance_sampling_correction: bool = field(
+        default=False,
+        metadata={
+            "help": "TRL's token-level vLLM importance-sampling correction of the GRPO loss; FlowRL does not "
+            "use it. To correct the vLLM/trainer mismatch, set flowrl_old_logprobs='rollout' instead."
+        },
+    )
+
+    flowrl_beta: float = field(
+        default=BETA,
+        metadata={"help": "Inverse temperature of FlowRL's target exp(beta r_hat) pi_ref / Z (paper: 15)."},
+    )
+    flowrl_importance_weight: str = field(
+        default="clamp",
+        metadata={
+            "help": "Sequence-level importance weight: 'clamp' min(w, flowrl_max_importance_weight) (the "
+            "authors' later default), 'clip' to [1-eps, 1+eps] (the paper's text), 'none', 'on_policy'."
+        },
+    )
+    flowrl_max_importance_weight: float = field(
+        default=MAX_IMPORTANCE_WEIGHT, metadata={"help": "Cap of the 'clamp' importance weight."}
+    )
+    flowrl_clip_eps: float = field(
+        default=CLIP_EPS, metadata={"help": "Half-width of the 'clip' importance-weight interval."}
+    )
+    flowrl_reference: str = field(
+        default="ref",
+        metadata={"help": "Policy in the residual: 'ref' (the paper) or 'old' (an ablation of the authors)."},
+    )
+    flowrl_sequence_weighting: str = field(
+        default="mean",
+        metadata={
+            "help": "'mean': plain mean over sequences; 'length': weighted by response length (what a "
+            "loss-scaling bug in the reference code did)."
+        },
+    )
+    flowrl_old_logprobs: str = field(
+        default="trainer",
+        metadata={
+            "help": "Old log-probs of the importance weight: 'trainer' (recomputed by the trainer, or the "
+            "current ones when on-policy) or 'rollout' (vLLM's sampling log-probs; needs use_vllm)."
+        },
+    )
+    log_z_num_layers: int = field(
+        default=NUM_LAYERS,
+        metadata={
+            "help": "Linear layers of the log Z head (paper code: 3); 0: no head, log Z = 0 (ablation)."
+        },
+    )
+    log_z_dropout: float = field(default=DROPOUT, metadata={"help": "Dropout of the head's hidden blocks."})
+    log_z_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the head's parameter group; None: learning_rate."}
+    )
+    log_z_weight_decay: float | None = field(
+        default=None, metadata={"help": "Weight decay of the head's parameter group; None: weight_decay."}
+    )
+    log_z_detach_input: bool = field(
+        default=False,
+        metadata={"help": "Stop the trajectory-balance gradient into the backbone through log Z."},
+    )
+    log_z_exclude_last_prompt_token: bool = field(
+        default=False, metadata={"help": "Reproduce the reference code's pooling off-by-one."}
+    )
+    log_z_init_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A log_z_head.safetensors to start the head from (saved by this trainer or by the "
+            "project's trainer); None: a fresh head, initialized identically on every process from `seed`."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("flowrl_importance_weight", self.flowrl_importance_weight, IMPORTANCE_WEIGHT_MODES)
+        _check_choice("flowrl_reference", self.flowrl_reference, REFERENCES)
+        _check_choice("flowrl_sequence_weighting", self.flowrl_sequence_weighting, SEQUENCE_WEIGHTINGS)
+        _check_choice("flowrl_old_logprobs", self.flowrl_old_logprobs, OLD_LOGPROBS)
+        if self.beta != 0.0:
+            raise ValueError(
+                f"beta={self.beta} is TRL's KL coefficient; FlowRL has no KL term (the reference policy "
+                "enters through the trajectory-balance residual) and always computes reference log-probs. "
+                "Leave beta at 0; FlowRL's reward inverse temperature is flowrl_beta."
+            )
+        if self.log_z_num_layers < 0:
+            raise ValueError(f"log_z_num_layers must be >= 0 (0: no head), got {self.log_z_num_layers}")
+        refused = {
+            "scale_rewards": (self.scale_rewards != "group", "FlowRL's r_hat is the group-normalized reward"),
+            "multi_objective_aggregation": (
+                self.multi_objective_aggregation != "sum_then_normalize",
+                "FlowRL normalizes the summed reward per group",
+            ),
+            "entropy_coef / use_adaptive_entropy": (
+                self.entropy_coef != 0.0 or self.use_adaptive_entropy,
+                "FlowRL has no entropy bonus",
+            ),
+            "top_entropy_quantile": (
+                self.top_entropy_quantile != 1.0,
+                "FlowRL trains on every response token",
+            ),
+            "off_policy_mask_threshold": (
+                self.off_policy_mask_threshold is not None,
+                "FlowRL weights off-policy sequences with flowrl_importance_weight",
+            ),
+            "vllm_importance_sampling_correction": (
+                self.vllm_importance_sampling_correction,
+                "use flowrl_old_logprobs='rollout' for FlowRL's sequence-level correction",
+            ),
+        }
+        for name, (bad, why) in refused.items():
+            if bad:
+                raise ValueError(f"{name} is not supported by FlowRLTrainer: {why}. Leave it at its default.")
+        if self.flowrl_old_logprobs == "rollout" and not self.use_vllm:
+            raise ValueError(
+                "flowrl_old_logprobs='rollout' needs the sampling log-probs of vLLM: set use_vllm=True, or "
+                "use flowrl_old_logprobs='trainer'"
+            )
+        if self.log_z_init_path is not None and not Path(self.log_z_init_path).is_file():
+            raise FileNotFoundError(f"log_z_init_path {self.log_z_init_path!r} is not a file")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; use one of {', '.join(choices)}")
+
+
+def new_log_z_head(hidden_size: int, args: FlowRLConfig) -> LogZHead:
+    """The head of ``args``, initialized from ``args.seed`` alone, so every process builds the same one.
+
+    Engines that shard parameters (ZeRO-3) keep each process's own copy of a module's shard, so identical
+    initial weights are a correctness requirement, not a convenience. The global RNG is left untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        head = LogZHead(hidden_size, num_layers=args.log_z_num_layers, dropout=args.log_z_dropout)
+    if args.log_z_init_path is not None:
+        load_log_z_head(head, args.log_z_init_path)
+    return head
+
+
+@dataclass
+class FlowRLCausalLMOutput(FusedCausalLMOutput):
+    """TRL's fused-LM-head output plus ``log_z`` (N,) float32 (a declared field, so DDP, which rebuilds
+    outputs from their fields, keeps it)."""
+
+    log_z: Tensor | None = None
+
+
+def attach_log_z_head(
+    model: nn.Module, head: LogZHead, *, detach_input: bool = False, exclude_last_token: bool = False
+) -> None:
+    """Add ``head`` to ``model`` as ``model.log_z_head`` and teach its forward to return log Z.
+
+    ``model(..., log_z_prompt_length=P)`` runs the forward ``model`` had (TRL's fused-LM-head forward),
+    captures the backbone's final hidden states (after the final norm) with a forward hook, and adds
+    ``log_z`` (N,) float32 to the output: the head on the states of the first P positions, mean-pooled
+    over ``attention_mask[:, :P]``. Causal attention makes those states independent of the completion.
+    Without ``log_z_prompt_length`` the forward is unchanged (generation, old and reference log-probs).
+
+    Computing log Z inside the forward, rather than calling the head after it, matters under FSDP:
+    the root module's parameters (the head's among them) are only unsharded during its forward.
+
+    Args:
+        model: the transformers causal LM (for PEFT, the base model under the adapters), after TRL has
+            added its fused LM head.
+        head: the partition head, on the model's device and in its dtype.
+        detach_input: stop the gradient from log Z into the backbone.
+        exclude_last_token: leave each prompt's last token out of the pooling (reference-code off-by-one).
+    """
+    model.add_module(LOG_Z_MODULE, head)
+    inner_forward = model.forward
+
+    # The wrapped signature is the model class's, which `generate` checks its keyword arguments against.
+    @functools.wraps(type(model).forward)
+    def forward(self: nn.Module, *args: Any, log_z_prompt_length: int | None = None, **kwargs: Any) -> Any:
+        if log_z_prompt_length is None:
+            return inner_forward(*args, **kwargs)
+        if "attention_mask" not in kwargs:
+            raise ValueError("log Z needs the attention_mask passed as a keyword argument")
+        captured: list[Tensor] = []
+        hook = self.base_model.register_forward_hook(
+            lambda _module, _inputs, output: captured.append(output.last_hidden_state)
+        )
+        try:
+            outputs = inner_forward(*args, **kwargs)
+        finally:
+            hook.remove()
+        prompt_states = captured[-1][:, :log_z_prompt_length]  # (N, P, H)
+        if detach_input:
+            prompt_states = prompt_states.detach()
+        pooled = pool_prompt_states(
+            prompt_states,
+            kwargs["attention_mask"][:, :log_z_prompt_length],
+            exclude_last_token=exclude_last_token,
+        )
+        return FlowRLCausalLMOutput(**dict(outputs.items()), log_z=getattr(self, LOG_Z_MODULE)(pooled))
+
+    model.forward = types.MethodType(forward, model)
+
+
+def exclude_log_z_from_vllm_sync(vllm_generation: Any) -> None:
+    """Drop the head's parameters from what TRL's ``VLLMGeneration`` sends to vLLM.
+
+    Patches ``_iter_named_params``, the one stream that both colocate and server mode read (a server
+    also gets its tensor metadata from it first). The stream is filtered, not cut short: gathering a
+    ZeRO-3 or FSDP parameter is a collective, so every process must still walk every parameter.
+    """
+    named_params = getattr(vllm_generation, "_iter_named_params", None)
+    if named_params is None:
+        raise RuntimeError(
+            "trl's VLLMGeneration has no _iter_named_params: this TRL version is not the one flowrl's "
+            "adapter was written for; install flowrl[trl] (trl>=1.16,<1.17)"
+        )
+
+    def without_log_z() -> Iterator[tuple[str, Tensor]]:
+        for name, param in named_params():
+            if not is_log_z_param(name):
+                yield name, param
+
+    vllm_generation._iter_named_params = without_log_z
+
+
+def _head_file_key(name: str) -> str:
+    """``module.log_z_head.layers.0.weight`` -> ``log_z_head.layers.0.weight`` (the saved-file key)."""
+    return LOG_Z_PREFIX + name.split(LOG_Z_PREFIX, 1)[1]
+
+
+class FlowRLTrainer(GRPOTrainer):
+    """TRL's ``GRPOTrainer`` with FlowRL's loss and log Z head (see the module docstring).
+
+    Takes ``GRPOTrainer``'s arguments; ``args`` must be a :class:`FlowRLConfig`. Text-only models;
+    no user-built optimizer (the head is added after ``GRPOTrainer.__init__``, so it would be missing).
+    After construction ``trainer.log_z_head`` is the head (also ``<policy>.log_z_head``).
+    """
+
+    _tag_names = ["trl", "flowrl"]
+    _name = "FlowRL"
+
+    def __init__(self, model: Any, reward_funcs: Any = None, args: FlowRLConfig | None = None, **kwargs: Any):
+        if not isinstance(args, FlowRLConfig):
+            raise TypeError(
+                "FlowRLTrainer needs args=FlowRLConfig(...) (FlowRL's loss and head settings), "
+                f"got {type(args).__name__}"
+            )
+        # TRL builds the reference model (or keeps the PEFT adapter switchable) and computes reference
+        # log-probs only when its KL coefficient is non-zero. FlowRL needs them and has no KL term, so the
+        # coefficient is switched on for TRL and left at 0 in the config; _compute_loss never reads it.
+        args.beta = _REFERENCE_SWITCH
+        try:
+            super().__init__(model, reward_funcs, args, **kwargs)
+        finally:
+            args.beta = 0.0
+        if self._is_vlm:
+            raise ValueError("FlowRLTrainer supports text-only models; got a vision-language processor")
+        if self.optimizer is not None:
+            raise ValueError(
+                "FlowRLTrainer builds its own optimizer so that it holds the log Z head (added after "
+                "GRPOTrainer.__init__); set it through FlowRLConfig (optim, learning_rate, log_z_lr)"
+            )
+        policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        first = next(policy.parameters())
+        head = new_log_z_head(policy.config.get_text_config().hidden_size, args)
+        head.to(device=first.device, dtype=first.dtype)
+        if args.disable_dropout:
+            disable_dropout_in_model(head)
+        attach_log_z_head(
+            policy,
+            head,
+            detach_input=args.log_z_detach_input,
+            exclude_last_token=args.log_z_exclude_last_prompt_token,
+        )
+        self.log_z_head = head
+        if self.use_vllm:
+            exclude_log_z_from_vllm_sync(self.vllm_generation)
+        self._flowrl_kwargs = dict(
+            beta=args.flowrl_beta,
+            importance_weight=args.flowrl_importance_weight,
+            max_importance_weight=args.flowrl_max_importance_weight,
+            clip_eps=args.flowrl_clip_eps,
+            reference=args.flowrl_reference,
+            sequence_weighting=args.flowrl_sequence_weighting,
+        )
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """TRL's optimizer, with the head's parameters moved into their own group ``"log_z_head"``.
+
+        The group's learning rate and weight decay are ``log_z_lr`` and ``log_z_weight_decay`` (default:
+        the policy's), as :func:`flowrl.partition.log_z_param_groups` gives the project's trainer. The
+        policy's groups are TRL's own (no weight decay on biases and norms).
+        """
+        optimizer = super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        head_params = [p for n, p in opt_model.named_parameters() if is_log_z_param(n) and p.requires_grad]
+        if not head_params or any(g.get("name") == LOG_Z_MODULE for g in optimizer.param_groups):
+            return optimizer
+        head_ids = {id(p) for p in head_params}
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in head_ids]
+        lr, wd = self.args.log_z_lr, self.args.log_z_weight_decay
+        optimizer.add_param_group(
+            {
+                "name": LOG_Z_MODULE,
+                "params": head_params,
+                "lr": self.args.learning_rate if lr is None else lr,
+                "weight_decay": self.args.weight_decay if wd is None else wd,
+            }
+        )
+        return optimizer
+
+    def _compute_loss(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
+        """FlowRL's loss on one micro-batch of TRL's generation batch, scaled for gradient accumulation.
+
+        ``inputs`` is what ``_generate_and_score_completions`` returns: ``prompt_ids``/``prompt_mask``
+        (N, P), ``completion_ids``/``completion_mask`` (N, T), ``advantages`` (N,), ``ref_per_token_logps``
+        (N, T), and, when the update is off-policy, ``old_per_token_logps`` (N, T).
+        """
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        response_mask = (
+            completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        )
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        num_completion_tokens = completion_ids.size(1)
+        # Only completion tokens are scored, as in GRPOTrainer._get_per_token_logps_and_entropies.
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, :-num_completion_tokens] = -100
+        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        with self.accelerator.autocast():
+            outputs = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                labels=labels,
+                fused_lm_head=True,
+                log_z_prompt_length=prompt_ids.size(1),
+                **router,
+            )
+        logprobs = outputs.log_probs[:, -num_completion_tokens:]  # temperature-scaled, 0 off the mask
+
+        old_logprobs = inputs.get("old_per_token_logps")
+        old_logprobs = logprobs.detach() if old_logprobs is None else old_logprobs
+        if self.args.flowrl_old_logprobs == "rollout":
+            sampled = inputs["sampling_per_token_logps"]
+            old_logprobs = torch.where(torch.isnan(sampled), old_logprobs, sampled)
+
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        if self._flowrl_kwargs["sequence_weighting"] == "length":
+            # TRL's token count of the whole generation batch, rescaled to one process and one optimizer step.
+            tokens = max(float(inputs["num_items_in_batch"]), 1.0) / self.accelerator.num_processes
+            normalizer = tokens * accumulation / self.args.steps_per_generation if mode == "train" else tokens
+        else:
+            normalizer = response_mask.shape[0] * accumulation
+        loss, metrics = flowrl_loss(
+            logprobs,
+            old_logprobs,
+            inputs["ref_per_token_logps"],
+            outputs.log_z,
+            inputs["advantages"],
+            response_mask,
+            normalizer=normalizer,
+            **self._flowrl_kwargs,
+        )
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / accumulation
+            metrics["aux_loss"] = outputs.aux_loss.detach()
+        if outputs.entropy is not None:
+            entropy = outputs.entropy[:, -num_completion_tokens:].detach()
+            metrics["entropy"] = (entropy * response_mask).sum() / response_mask.sum().clamp(min=1)
+        # One gather for all metrics: each is this micro-batch's mean, averaged over processes.
+        names = sorted(metrics)
+        stacked = torch.stack([metrics[n].float().reshape(()) for n in names])
+        for name, value in zip(names, self.accelerator.gather(stacked[None]).mean(0).tolist(), strict=True):
+            self._metrics[mode][name].append(value)
+        return loss
+
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
+        """Save the policy without the head, and the head beside it as ``log_z_head.safetensors``."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if state_dict is None:
+            state_dict = self.accelerator.unwrap_model(self.model, keep_torch_compile=False).state_dict()
+        gathered = bool(state_dict)  # DeepSpeed ZeRO-3 without gathering on save passes {}
+        if not gathered:
+            logger.warning(
+                "no gathered weights to save (DeepSpeed ZeRO-3 without zero3_save_16bit_model): the log Z "
+                f"head is only in DeepSpeed's checkpoint, not in {output_dir}/{HEAD_FILE}"
+            )
+        policy_state = {k: v for k, v in state_dict.items() if not is_log_z_param(k)}
+        super()._save(output_dir, state_dict=policy_state)
+        if self.args.should_save and gathered:
+            head_state = {
+                _head_file_key(k): v.detach().cpu().contiguous()
+                for k, v in state_dict.items()
+                if is_log_z_param(k)
+            }
+            save_file(head_state, os.path.join(output_dir, HEAD_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Load the policy as TRL does, then the head from the checkpoint's ``log_z_head.safetensors``.
+
+        Not used for DeepSpeed or FSDP, whose own checkpoints hold the (sharded) head.
+        """
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        head_file = Path(resume_from_checkpoint) / HEAD_FILE
+        if not head_file.is_file():
+            raise FileNotFoundError(
+                f"checkpoint {resume_from_checkpoint} has no {HEAD_FILE}; it was not written by FlowRLTrainer"
+            )
+        load_log_z_head(self.log_z_head, head_file)
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        # The checkpoint's model.safetensors has no head keys by design; the head is loaded from its own file.
+        load_result.missing_keys[:] = [k for k in load_result.missing_keys if not is_log_z_param(k)]
+        super()._issue_warnings_after_load(load_result)
+
+
+_TRL_REWARD_KWARGS = frozenset({"completion_ids", "trainer_state", "log_extra", "log_metric", "environments"})
+"""Keyword arguments TRL passes to reward functions that are not dataset columns."""
+
+
+class FlowRLReward:
+    """The project's rewards as a TRL reward function.
+
+    TRL calls ``reward(prompts=..., completions=..., **columns)`` with the dataset's other columns as
+    lists; each completion is scored by :func:`flowrl.rewards.registry.score_batch` against its row
+    (verl's schema: ``data_source``, ``reward_model.ground_truth``, ...), with ``reward_fn`` for every
+    row or, when it is None, the reward registered for the row's ``data_source``. A reward that could
+    not be computed (error, timeout) is returned as None, which TRL leaves out of the group statistics
+    and gives advantage 0; the status counts are logged as ``reward/status_<status>`` fractions.
+
+    Args:
+        reward_fn: ``fn(response, example) -> float | RewardResult`` for every row, or None.
+        num_workers: processes for math checks and sandboxed programs (default: half the cores).
+        name: the name TRL logs the reward under (``rewards/<name>/mean``).
+    """
+
+    def __init__(
+        self, reward_fn: RewardFn | None = None, *, num_workers: int | None = None, name: str = "flowrl"
+    ):
+        self.reward_fn = reward_fn
+        self.num_workers = num_workers
+        self.__name__ = name
+
+    def __call__(
+        self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any
+    ) -> list[float | None]:
+        responses = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        data = {k: v for k, v in columns.items() if k not in _TRL_REWARD_KWARGS}
+        examples = [{"prompt": p, **{k: v[i] for k, v in data.items()}} for i, p in enumerate(prompts)]
+        results = score_batch(responses, examples, reward_fn=self.reward_fn, num_workers=self.num_workers)
+        log_metric: Callable[[str, float], None] | None = columns.get("log_metric")
+        if log_metric is not None:
+            for status in RewardStatus:
+                share = sum(r.status is status for r in results) / max(len(results), 1)
+                log_metric(f"reward/status_{status.value}", share)
+        return [r.score if r.ok else None for r in results]
+
+
+def trl_dataset(rows: Sequence[Mapping[str, Any]], tokenizer: Any) -> Any:
+    """Rows in the project's schema (verl's) as a ``datasets.Dataset`` that TRL can train on.
+
+    ``prompt`` stays a list of chat messages when the tokenizer has a chat template (TRL applies it);
+    otherwise it is rendered to plain text the way the project's trainer does
+    (:func:`flowrl.policy.prompt_text`), since TRL cannot template conversations without one.
+    """
+    from datasets import Dataset
+
+    from flowrl.policy import prompt_text
+
+    if not getattr(tokenizer, "chat_template", None):
+        rows = [{**row, "prompt": prompt_text(tokenizer, list(row["prompt"]))} for row in rows]
+    return Dataset.from_list([dict(row) for row in rows])
+
+
+__all__ = [
+    "LOG_Z_MODULE",
+    "OLD_LOGPROBS",
+    "FlowRLCausalLMOutput",
+    "FlowRLConfig",
+    "FlowRLReward",
+    "FlowRLTrainer",
+    "attach_log_z_head",
+    "exclude_log_z_from_vllm_sync",
+    "new_log_z_head",
+    "trl_dataset",
+]

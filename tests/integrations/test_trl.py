@@ -1,0 +1,361 @@
+"""FlowRL on TRL: the loss equals flowrl_loss, the head trains, saves and loads the project's way,
+stays out of vLLM's weights; end to end in one process and under a real 2-process torchrun launch."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip(
+    "trl", reason="TRL is not installed: pip install -e '.[trl]' to test flowrl.integrations.trl"
+)
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from flowrl.checkpoint import HEAD_FILE, load_log_z_head, save_log_z_head  # noqa: E402
+from flowrl.data import synthetic  # noqa: E402
+from flowrl.data.schema import write_rows  # noqa: E402
+from flowrl.integrations.trl import (  # noqa: E402
+    LOG_Z_MODULE,
+    FlowRLConfig,
+    FlowRLReward,
+    FlowRLTrainer,
+    exclude_log_z_from_vllm_sync,
+    new_log_z_head,
+    trl_dataset,
+)
+from flowrl.objectives import flowrl_loss  # noqa: E402
+from flowrl.partition import LOG_Z_PREFIX, LogZHead, is_log_z_param, pool_prompt_states  # noqa: E402
+from flowrl.policy import load_model, load_tokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "examples" / "trl" / "train_flowrl_trl.py"
+TINY = dict(hidden_size=32, num_layers=1, num_heads=2)
+TEMPERATURE = 0.7  # != 1, so a missing temperature scaling would show
+CPU_RUN = dict(use_cpu=True, bf16=False, report_to="none", save_strategy="no", gradient_checkpointing=False)
+BATCH = dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=6, logging_steps=1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthetic.save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0, **TINY)
+
+
+def make_trainer(model_dir: Path, output_dir: Path, **config: object) -> FlowRLTrainer:
+    tokenizer = load_tokenizer(str(model_dir))
+    args = FlowRLConfig(output_dir=str(output_dir), **{**CPU_RUN, **BATCH, **config})
+    return FlowRLTrainer(
+        str(model_dir),
+        reward_funcs=FlowRLReward(synthetic.reward),
+        args=args,
+        train_dataset=trl_dataset(synthetic.rows(), tokenizer),
+        processing_class=tokenizer,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[FlowRLTrainer, dict]:
+    """Two optimizer steps in one process; log_z_dropout=0 so later forwards are deterministic."""
+    trainer = make_trainer(
+        model_dir,
+        tmp_path_factory.mktemp("run"),
+        max_steps=2,
+        learning_rate=1e-3,
+        log_z_lr=1e-2,
+        log_z_dropout=0.0,
+        temperature=TEMPERATURE,
+    )
+    head0 = {k: v.clone() for k, v in trainer.log_z_head.state_dict().items()}
+    trainer.train()
+    return trainer, head0
+
+
+def test_training_updates_the_head_in_its_own_param_group(trained: tuple[FlowRLTrainer, dict]) -> None:
+    trainer, head0 = trained
+    head1 = trainer.log_z_head.state_dict()
+    assert head0 and all(not torch.equal(head0[k], head1[k]) for k in head0)
+    assert getattr(trainer.model, LOG_Z_MODULE) is trainer.log_z_head
+
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert all(math.isfinite(r["flowrl/log_z"]) for r in trainer.state.log_history if "loss" in r)
+
+    groups = {g.get("name"): g for g in trainer.optimizer.param_groups}
+    head_ids = {id(p) for p in trainer.log_z_head.parameters()}
+    assert {id(p) for p in groups[LOG_Z_MODULE]["params"]} == head_ids
+    assert groups[LOG_Z_MODULE]["initial_lr"] == 1e-2
+    others = [p for g in trainer.optimizer.param_groups if g.get("name") != LOG_Z_MODULE for p in g["params"]]
+    assert others and not head_ids & {id(p) for p in others}
+    # TRL loaded a reference model for FlowRL while its KL coefficient stays 0 in the config
+    assert trainer.ref_model is not None and trainer.args.beta == 0.0
+
+
+@pytest.mark.parametrize(
+    ("sequence_weighting", "old_logprobs_from"),
+    [("mean", "trainer"), ("length", "trainer"), ("mean", "rollout")],
+)
+def test_loss_equals_flowrl_loss_on_the_same_tensors(
+    trained: tuple[FlowRLTrainer, dict],
+    sequence_weighting: str,
+    old_logprobs_from: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trainer, _ = trained
+    monkeypatch.setitem(trainer._flowrl_kwargs, "sequence_weighting", sequence_weighting)
+    monkeypatch.setattr(trainer.args, "flowrl_old_logprobs", old_logprobs_from)
+    model, args = trainer.model, trainer.args
+    pad = trainer.processing_class.pad_token_id
+    torch.manual_seed(3)
+    # 4 sequences: left-padded prompts of lengths 5, 3, 4, 5; right-padded completions of 4, 2, 3, 1
+    prompt_lengths, completion_lengths, P, T = [5, 3, 4, 5], [4, 2, 3, 1], 5, 4
+    prompt_ids = torch.randint(4, 20, (4, P))
+    prompt_mask = (torch.arange(P) >= P - torch.tensor(prompt_lengths)[:, None]).long()
+    completion_ids = torch.randint(4, 20, (4, T))
+    completion_mask = (torch.arange(T) < torch.tensor(completion_lengths)[:, None]).long()
+    prompt_ids, completion_ids = (
+        prompt_ids.masked_fill(prompt_mask == 0, pad),
+        completion_ids.masked_fill(completion_mask == 0, pad),
+    )
+    advantages = torch.tensor([1.2, -0.4, 0.0, -0.8])
+    ref_logprobs = -torch.rand(4, T) * completion_mask
+    old_logprobs = -torch.rand(4, T) * completion_mask
+    inputs = {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": advantages,
+        "ref_per_token_logps": ref_logprobs,
+        "old_per_token_logps": old_logprobs,
+        "num_items_in_batch": completion_mask.sum(),  # one process, steps_per_generation 1
+    }
+    old_in_loss = old_logprobs
+    if old_logprobs_from == "rollout":  # vLLM's sampling log-probs; NaN where vLLM could not score a token
+        sampled = -torch.rand(4, T) * completion_mask
+        sampled[0, 1] = float("nan")
+        inputs["sampling_per_token_logps"] = sampled
+        old_in_loss = torch.where(torch.isnan(sampled), old_logprobs, sampled)
+    model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    model.zero_grad()
+    loss = trainer._compute_loss(model, inputs)
+    loss.backward()
+    got_grads = [p.grad.clone() for p in trainer.log_z_head.parameters()]
+
+    # independently: a plain forward, full logits, log_softmax at the sampling temperature
+    model.zero_grad()
+    ids, mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, P - 1 : -1] / TEMPERATURE
+    logprobs = torch.log_softmax(logits.float(), -1).gather(-1, completion_ids[..., None]).squeeze(-1)
+    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    log_z = trainer.log_z_head(pool_prompt_states(hidden[:, :P], prompt_mask))
+    expected, _ = flowrl_loss(
+        logprobs * completion_mask,
+        old_in_loss,
+        ref_logprobs,
+        log_z,
+        advantages,
+        completion_mask,
+        beta=args.flowrl_beta,
+        importance_weight=args.flowrl_importance_weight,
+        max_importance_weight=args.flowrl_max_importance_weight,
+        sequence_weighting=sequence_weighting,
+    )
+    (expected / 2).backward()  # divided by the 2 accumulation steps
+    torch.testing.assert_close(loss, expected / 2, atol=1e-5, rtol=1e-5)
+    for got, want in zip(got_grads, (p.grad for p in trainer.log_z_head.parameters()), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert trainer._metrics["train"]["flowrl/loss"][-1] == pytest.approx(expected.item(), rel=1e-5)
+    model.zero_grad()
+
+
+def test_log_z_ignores_left_padding(trained: tuple[FlowRLTrainer, dict]) -> None:
+    trainer, _ = trained
+    model = trainer.model
+    short, long = torch.tensor([[7, 8, 9]]), torch.tensor([[5, 6, 7, 8, 9]])
+    pad = trainer.processing_class.pad_token_id
+    batch = torch.cat([torch.cat([torch.full((1, 2), pad), short], 1), long])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+
+    def log_z(ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        labels = torch.full_like(ids, -100)
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True,
+                        log_z_prompt_length=ids.shape[1])  # fmt: skip
+        return out.log_z
+
+    batched = log_z(batch, mask)
+    torch.testing.assert_close(batched[0], log_z(short, torch.ones_like(short))[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batched[1], log_z(long, torch.ones_like(long))[0], atol=1e-5, rtol=1e-5)
+
+
+def test_save_model_keeps_the_head_beside_the_weights(
+    trained: tuple[FlowRLTrainer, dict], tmp_path: Path
+) -> None:
+    trainer, _ = trained
+    trainer.save_model(str(tmp_path))
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    assert weights and not [k for k in weights if is_log_z_param(k)]
+    head = trainer.log_z_head.state_dict()
+    saved = load_file(str(tmp_path / HEAD_FILE))
+    assert set(saved) == {LOG_Z_PREFIX + k for k in head}
+    # the project's loaders read both: the policy alone, and the head into a fresh LogZHead
+    exported = load_model(str(tmp_path)).state_dict()
+    policy = {k: v for k, v in trainer.model.state_dict().items() if not is_log_z_param(k)}
+    assert set(exported) == set(policy) and all(torch.equal(exported[k], policy[k]) for k in policy)
+    fresh = LogZHead(trainer.log_z_head.hidden_size, num_layers=trainer.args.log_z_num_layers)
+    load_log_z_head(fresh, tmp_path / HEAD_FILE)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in head.items())
+    # resuming from that directory restores the head
+    with torch.no_grad():
+        for p in trainer.log_z_head.parameters():
+            p.add_(1.0)
+    trainer._load_from_checkpoint(str(tmp_path))
+    assert all(torch.equal(trainer.log_z_head.state_dict()[k], v) for k, v in head.items())
+
+
+def test_resume_restores_the_head_and_its_optimizer_state(model_dir: Path, tmp_path: Path) -> None:
+    config = dict(max_steps=2, save_strategy="steps", save_steps=1, learning_rate=1e-3, log_z_lr=1e-2)
+    first = make_trainer(model_dir, tmp_path / "a", **config)
+    first.train()
+    assert (tmp_path / "a" / "checkpoint-1" / HEAD_FILE).is_file()
+    resumed = make_trainer(model_dir, tmp_path / "b", **config)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
+    # step 2 again, from step 1's policy, head, optimizer state and RNG: the same loss and the same head
+    losses = {r["step"]: r["loss"] for r in first.state.log_history if "loss" in r}
+    again = {r["step"]: r["loss"] for r in resumed.state.log_history if "loss" in r}
+    assert again == {1: losses[1], 2: pytest.approx(losses[2], rel=1e-5)}  # step 1 is the checkpoint's log
+    for k, v in first.log_z_head.state_dict().items():
+        torch.testing.assert_close(resumed.log_z_head.state_dict()[k], v)
+
+
+def test_head_saved_by_the_project_starts_the_trl_head(model_dir: Path, tmp_path: Path) -> None:
+    torch.manual_seed(11)
+    project_head = LogZHead(TINY["hidden_size"])
+    save_log_z_head(project_head, tmp_path / HEAD_FILE)
+    trainer = make_trainer(
+        model_dir, tmp_path / "run", max_steps=1, log_z_init_path=str(tmp_path / HEAD_FILE)
+    )
+    ours = trainer.log_z_head.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in project_head.state_dict().items())
+
+
+def test_vllm_weight_sync_leaves_out_the_head(trained: tuple[FlowRLTrainer, dict]) -> None:
+    from trl.distributed import DistributedBackend
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    trainer, _ = trained
+    # VLLMGeneration without starting vLLM (not installed here): only its weight stream is exercised
+    generation = VLLMGeneration.__new__(VLLMGeneration)
+    generation.model, generation.accelerator = trainer.model, trainer.accelerator
+    generation._dist = DistributedBackend(trainer.accelerator)
+    unfiltered = [name for name, _ in generation._iter_named_params()]
+    assert any(is_log_z_param(n) for n in unfiltered)
+    exclude_log_z_from_vllm_sync(generation)
+    sent = [name for name, _ in generation._iter_named_params()]
+    assert sent == [n for n in unfiltered if not is_log_z_param(n)] and sent
+
+
+def test_reward_adapter_scores_rows_and_reports_failures() -> None:
+    def flaky(response: str, example: dict) -> float:
+        if "boom" in response:
+            raise RuntimeError("boom")
+        return synthetic.reward(response, example).score
+
+    logged: dict[str, float] = {}
+    rows = synthetic.rows((7, 7, 7))
+    scores = FlowRLReward(flaky, num_workers=1)(
+        prompts=["sum 7:"] * 3,
+        completions=[" \\boxed{34}", " \\boxed{35}", "boom"],
+        reward_model=[r["reward_model"] for r in rows],
+        data_source=[r["data_source"] for r in rows],
+        completion_ids=[[1], [2], [3]],
+        trainer_state=None,
+        log_metric=logged.__setitem__,
+    )
+    assert scores == [1.0, 0.0, None]
+    assert logged["reward/status_error"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (dict(beta=0.04), "KL coefficient"),
+        (dict(scale_rewards="batch"), "scale_rewards"),
+        (dict(entropy_coef=0.01), "entropy"),
+        (dict(vllm_importance_sampling_correction=True), "flowrl_old_logprobs='rollout'"),
+        (dict(flowrl_old_logprobs="rollout"), "use_vllm"),
+        (dict(flowrl_importance_weight="clamped"), "unknown flowrl_importance_weight"),
+    ],
+)
+def test_config_refuses_settings_that_would_change_the_objective(
+    overrides: dict, match: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        FlowRLConfig(output_dir=str(tmp_path), **CPU_RUN, **BATCH, **overrides)
+
+
+def test_example_configs_parse() -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+    from trl import TrlParser
+
+    for name in ("zero3.yaml", "zero3_multinode.yaml"):
+        config = load_config_from_file(str(REPO / "examples" / "trl" / name))
+        assert config.distributed_type == "DEEPSPEED" and config.deepspeed_config["zero_stage"] == 3
+        assert config.deepspeed_config["zero3_save_16bit_model"], "save_model would write no head without it"
+    parser = TrlParser([FlowRLConfig])
+    (args,) = parser.parse_args_and_config(
+        ["--config", str(REPO / "examples" / "trl" / "flowrl_math.yaml"), "--output_dir", "unused"]
+        + ["--bf16", "false", "--use_cpu", "true"]
+    )
+    assert args.flowrl_beta == 15.0 and args.use_vllm and args.learning_rate == 1e-6
+
+
+def test_two_process_torchrun_trains_and_saves(model_dir: Path, tmp_path: Path) -> None:
+    """The example script under torchrun: 2 gloo processes (accelerate MULTI_CPU); the script reports
+    the world size it saw, since a launcher that silently starts one process would also pass."""
+    data = write_rows(synthetic.rows(), tmp_path / "train.jsonl")
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(SCRIPT),
+    ]
+    command += ["--model_name_or_path", str(model_dir), "--train_files", str(data), "--output_dir", str(out)]
+    command += [
+        "--reward_function",
+        "flowrl.data.synthetic:reward",
+        "--max_steps",
+        "2",
+        "--disable_tqdm",
+        "true",
+    ]
+    command += ["--learning_rate", "1e-3", "--log_z_lr", "1e-2"]
+    for key, value in {**CPU_RUN, **BATCH}.items():
+        command += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["world_size"] == 2 and info["distributed_type"] == "DistributedType.MULTI_CPU"
+    losses = [r["loss"] for r in info["log_history"] if "loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert not [k for k in load_file(str(out / "model.safetensors")) if is_log_z_param(k)]
+    initial = new_log_z_head(
+        TINY["hidden_size"], FlowRLConfig(output_dir=str(tmp_path), **CPU_RUN)
+    ).state_dict()
+    saved = load_file(str(out / HEAD_FILE))
+    assert set(saved) == {LOG_Z_PREFIX + k for k in initial}
+    assert all(not torch.equal(saved[LOG_Z_PREFIX + k], v) for k, v in initial.items())
