@@ -91,3 +91,51 @@ def test_data_train_export_eval(tmp_path: Path, capsys: pytest.CaptureFixture[st
     # the export holds the run's final weights: same seed, same samples; training changed the model
     assert responses("exported") == responses("trained")
     assert responses("base") != responses("trained")
+
+
+def test_prepare_train_export_eval_on_public_dataset_files(tmp_path: Path) -> None:
+    """The same chain from published dataset layouts (GSM8K to train, MATH-500 to evaluate), rewarded by
+    the registry's math checker by data_source: the tiny model answers nothing right, and every one of
+    its responses must still be scored (wrong or no answer), none failed."""
+    fixtures = Path(__file__).parent / "data" / "fixtures"
+    train_file, eval_file = tmp_path / "gsm8k.parquet", tmp_path / "math500.parquet"
+    assert cli.main(["data", "prepare", "gsm8k", "--input", str(fixtures / "gsm8k_train.jsonl"),
+                     "--output", str(train_file)]) == 0  # fmt: skip
+    assert cli.main(["data", "prepare", "math500", "--input", str(fixtures / "math500_test.jsonl"),
+                     "--output", str(eval_file)]) == 0  # fmt: skip
+    rows = read_rows(train_file)
+    base = synthetic.save_tiny_model(tmp_path / "base", seed=0, **TINY)
+
+    run = tmp_path / "run"
+    items = [
+        f"model.path={base}",
+        f"data.train_files=[{train_file}]",
+        "data.max_prompt_length=2048",
+        "rollout.num_samples_per_prompt=2",
+        "rollout.max_new_tokens=4",
+        f"train.prompts_per_step={len(rows)}",
+        f"train.mini_batch_size={2 * len(rows)}",
+        f"train.micro_batch_size={2 * len(rows)}",
+        "train.total_steps=1",
+        "train.sample_every=0",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "train.plot=false",
+        f"train.output_dir={run}",
+        "reward.num_workers=1",
+    ]
+    OmegaConf.save(OmegaConf.from_dotlist(items), tmp_path / "train.yaml")
+    assert cli.main(["train", str(tmp_path / "train.yaml")]) == 0
+    step = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    scored = step["reward/status_wrong"] + step["reward/status_no_answer"] + step["reward/status_correct"]
+    assert scored == 2 * len(rows) and step["reward/failed"] == 0
+
+    exported = tmp_path / "exported"
+    assert cli.main(["export", str(run), str(exported)]) == 0
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", str(exported), "--data", str(eval_file), "--output-dir", str(out)]
+    assert cli.main([*argv, "--n", "2", "--max-new-tokens", "4", "--num-workers", "1"]) == 0
+    summary = json.loads((out / "results.json").read_text())["models"]["exported"]["benchmarks"]
+    (name,) = summary
+    assert summary[name]["num_problems"] == len(read_rows(eval_file)) and summary[name]["num_samples"] == 2
+    assert (out / "report.md").exists()
