@@ -27,12 +27,10 @@ from flowrl import distributed
 from flowrl.checkpoint import HEAD_FILE, MODEL_DIR, list_checkpoints
 from flowrl.config import load_config
 from flowrl.data import synthetic
-from flowrl.data.schema import write_rows
 from flowrl.logging import read_metrics
 from flowrl.trainer import PromptSampler, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(hidden_size=32, num_layers=1, num_heads=2)
 PROMPTS_PER_RANK = 2
 SAMPLES = 4
 TORCHRUN_TIMEOUT_S = 120  # a deadlock shows up as this timeout, not as a hung test session
@@ -58,16 +56,6 @@ def fails_on_some_prompts_then_everywhere(response: str, example: Mapping[str, A
     if step >= 3 or (step == 1 and example["reward_model"]["ground_truth"] in failing):
         return math.nan
     return digit_share(response, example)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic.save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0, **TINY)
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_rows(synthetic.rows(), tmp_path_factory.mktemp("data") / "train.jsonl")
 
 
 def overrides(model_dir: Path, data_file: Path, out: Path, **extra: object) -> list[str]:

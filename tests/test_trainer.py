@@ -21,18 +21,6 @@ from flowrl.policy import Policy, load_model, load_tokenizer
 from flowrl.rollout import HFRolloutEngine, SamplingParams
 from flowrl.trainer import Trainer
 
-TINY = dict(hidden_size=32, num_layers=1, num_heads=2)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic.save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0, **TINY)
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_rows(synthetic.rows(), tmp_path_factory.mktemp("data") / "train.jsonl")
-
 
 def overrides(model_dir: Path, data_file: Path, out: Path, **extra: object) -> list[str]:
     base = {
