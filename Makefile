@@ -5,8 +5,11 @@ BIN := $(VENV)/bin
 # The CPU build of torch is what installs on CPU-only machines; GPU users may override TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# verl's pins can clash with the core's: its adapter is tested in an environment of its own.
+VERL_VENV := .venv-verl
+VERL_STAMP := $(VERL_VENV)/.installed
 
-.PHONY: setup demo toy test test-slow lint format clean
+.PHONY: setup demo toy test test-verl test-slow lint format clean
 
 setup: $(STAMP)
 
@@ -26,6 +29,17 @@ toy: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+$(VERL_STAMP): pyproject.toml requirements/verl.txt
+	$(PYTHON) -m venv $(VERL_VENV)
+	$(VERL_VENV)/bin/pip install --quiet --upgrade pip
+	$(VERL_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
+	$(VERL_VENV)/bin/pip install --quiet -c requirements/verl.txt -e ".[dev,math,verl]"
+	$(VERL_VENV)/bin/python -c "import flowrl.integrations.verl"
+	touch $(VERL_STAMP)
+
+test-verl: $(VERL_STAMP)
+	$(VERL_VENV)/bin/python -m pytest tests/integrations/test_verl.py
+
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
@@ -38,4 +52,4 @@ format: $(STAMP)
 	$(BIN)/ruff format flowrl tests benchmarks
 
 clean:
-	rm -rf $(VENV) outputs runs
+	rm -rf $(VENV) $(VERL_VENV) outputs runs

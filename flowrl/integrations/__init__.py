@@ -7,4 +7,6 @@ no engine: each submodule needs its engine's optional dependency.
 
 * :mod:`flowrl.integrations.trl`: ``FlowRLTrainer``, a subclass of TRL's ``GRPOTrainer``
   (``pip install "flowrl[trl]"``; see ``docs/trl.md``).
+* :mod:`flowrl.integrations.verl`: FlowRL on verl 0.9's engine API (``pip install "flowrl[verl]"`` in
+  its own environment; see ``docs/verl.md``).
 """

@@ -1,0 +1,157 @@
+"""``FlowRLTrainerSync``: verl 0.9's synchronous v1 PPO trainer, training the actor with FlowRL's loss.
+
+Selected with ``trainer.v1.trainer_mode=flowrl_sync`` (:data:`TRAINER_MODE`). verl's step pipeline is
+unchanged (sample -> reward -> old log-probs -> reference log-probs -> advantages -> actor update ->
+weight sync); the trainer does three things around it:
+
+* it checks once, before any worker starts, that the verl config describes FlowRL (:func:`check_config`:
+  GRPO advantages normalized by the group std, a reference policy without a KL term, the ``flowrl``
+  policy loss, the FlowRL engine ...), raising a ``ValueError`` that names the setting to change;
+* it copies the ``flowrl.log_z`` section into ``actor_rollout_ref.model.override_config`` (flat
+  ``flowrl_log_z_*`` keys, :class:`~flowrl.integrations.verl.head.LogZSettings`), the part of the model
+  config that reaches the engine in every worker;
+* after the workers are built (``on_init_end``) it installs
+  :func:`~flowrl.integrations.verl.loss.flowrl_actor_loss` on every actor rank with ``set_loss_fn``.
+
+The ``flowrl`` section of the config (defaults: :data:`FLOWRL_DEFAULTS`) holds the loss switches
+(:class:`~flowrl.integrations.verl.loss.FlowRLLossOptions`) and ``log_z`` (the head).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+from verl.trainer.ppo.v1.trainer_base import register_trainer
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+from verl.utils.config import omega_conf_to_dataclass
+
+from flowrl.integrations.verl.engine import FLOWRL_MODEL_TYPE
+from flowrl.integrations.verl.head import LogZSettings
+from flowrl.integrations.verl.loss import LOSS_MODE, SEQUENCE_WEIGHTING, FlowRLLossOptions, flowrl_actor_loss
+
+TRAINER_MODE = "flowrl_sync"
+"""verl ``trainer.v1.trainer_mode`` of :class:`FlowRLTrainerSync`."""
+
+FLOWRL_DEFAULTS: dict[str, Any] = {
+    **dataclasses.asdict(FlowRLLossOptions()),
+    "log_z": dataclasses.asdict(LogZSettings()),
+}
+"""The ``flowrl`` section of the verl config, with its defaults (spec sections 1-3)."""
+
+
+def flowrl_section(config: DictConfig) -> tuple[FlowRLLossOptions, LogZSettings]:
+    """The loss switches and head settings of a verl config's ``flowrl`` section (defaults if absent)."""
+    section = OmegaConf.to_container(config.get("flowrl") or OmegaConf.create({}), resolve=True)
+    unknown = sorted(set(section) - set(FLOWRL_DEFAULTS))
+    log_z = section.pop("log_z", None) or {}
+    unknown += sorted(f"log_z.{key}" for key in set(log_z) - set(FLOWRL_DEFAULTS["log_z"]))
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {unknown} in the flowrl section; known: {sorted(FLOWRL_DEFAULTS)} and "
+            f"log_z.{{{', '.join(FLOWRL_DEFAULTS['log_z'])}}}"
+        )
+    return FlowRLLossOptions(**section), LogZSettings(**log_z)
+
+
+def check_config(config: DictConfig) -> None:
+    """Raise a ValueError naming the fix unless the verl config trains FlowRL as specified."""
+    actor = config.actor_rollout_ref.actor
+    algorithm = config.algorithm
+    rollout_correction = algorithm.get("rollout_correction") or {}
+    requirements = [
+        (
+            algorithm.adv_estimator == "grpo",
+            f"algorithm.adv_estimator={algorithm.adv_estimator!r}: FlowRL's r_hat is the group-normalized "
+            "reward; set algorithm.adv_estimator=grpo",
+        ),
+        (
+            bool(algorithm.get("norm_adv_by_std_in_grpo", True)),
+            "algorithm.norm_adv_by_std_in_grpo=false: FlowRL's r_hat divides by the group std (beta=15 is "
+            "calibrated for it); set it to true",
+        ),
+        (
+            not algorithm.get("use_kl_in_reward", False),
+            "algorithm.use_kl_in_reward=true would change the rewards FlowRL normalizes; set it to false",
+        ),
+        (
+            bool(actor.use_kl_loss),
+            "actor_rollout_ref.actor.use_kl_loss=false: FlowRL needs reference log-probs, which verl "
+            "computes only with use_kl_loss=true; set it (with kl_loss_coef=0)",
+        ),
+        (
+            float(actor.kl_loss_coef) == 0.0,
+            f"actor_rollout_ref.actor.kl_loss_coef={actor.kl_loss_coef}: FlowRL has no KL loss (pi_ref "
+            "enters through the trajectory-balance residual); set it to 0",
+        ),
+        (
+            float(actor.entropy_coeff) == 0.0,
+            f"actor_rollout_ref.actor.entropy_coeff={actor.entropy_coeff}: FlowRL has no entropy bonus; "
+            "set it to 0",
+        ),
+        (
+            actor.policy_loss.loss_mode == LOSS_MODE,
+            f"actor_rollout_ref.actor.policy_loss.loss_mode={actor.policy_loss.loss_mode!r}; set it to "
+            f"{LOSS_MODE!r}",
+        ),
+        (
+            actor.loss_agg_mode in SEQUENCE_WEIGHTING,
+            f"actor_rollout_ref.actor.loss_agg_mode={actor.loss_agg_mode!r} has no FlowRL meaning; use "
+            "seq-mean-token-mean (mean over sequences) or token-mean (weighted by response length)",
+        ),
+        (
+            config.actor_rollout_ref.model.get("model_type") == FLOWRL_MODEL_TYPE,
+            "the actor must run on FlowRL's engine (it computes log Z); set "
+            f"+actor_rollout_ref.model.model_type={FLOWRL_MODEL_TYPE}",
+        ),
+        (
+            actor.strategy == "fsdp2",
+            f"actor_rollout_ref.actor.strategy={actor.strategy!r}: FlowRL's engine supports fsdp2 only",
+        ),
+        (
+            int(actor.get("ulysses_sequence_parallel_size", 1)) == 1,
+            "actor_rollout_ref.actor.ulysses_sequence_parallel_size > 1 is not supported by the log Z head; "
+            "set it to 1",
+        ),
+        (
+            rollout_correction.get("rollout_is") is None and rollout_correction.get("rollout_rs") is None,
+            "algorithm.rollout_correction.rollout_is / rollout_rs: FlowRL corrects off-policy samples with "
+            "its own sequence-level weight (flowrl.importance_weight); leave both null (bypass_mode=true, "
+            "which uses the rollout's log-probs as the old policy, is fine)",
+        ),
+        (
+            not config.critic.get("enable", False),
+            "critic.enable=true: FlowRL has no value model; leave it unset or false",
+        ),
+    ]
+    problems = [message for ok, message in requirements if not ok]
+    if problems:
+        raise ValueError("the verl config does not describe a FlowRL run:\n  - " + "\n  - ".join(problems))
+    flowrl_section(config)  # validates the flowrl section
+
+
+def apply_log_z_settings(config: DictConfig, settings: LogZSettings) -> None:
+    """Write ``settings`` into ``actor_rollout_ref.model.override_config`` (flat ``flowrl_log_z_*`` keys)."""
+    with open_dict(config):
+        override = config.actor_rollout_ref.model.get("override_config") or {}
+        config.actor_rollout_ref.model.override_config = {**override, **settings.to_override_config()}
+
+
+@register_trainer(TRAINER_MODE)
+class FlowRLTrainerSync(PPOTrainerSync):
+    """verl's synchronous trainer with FlowRL's loss (see the module docstring)."""
+
+    def __init__(self, config: DictConfig) -> None:
+        check_config(config)
+        self.flowrl_options, log_z_settings = flowrl_section(config)
+        apply_log_z_settings(config, log_z_settings)
+        super().__init__(config)
+
+    def on_init_end(self) -> None:
+        actor_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.actor)
+        self.actor_rollout_wg.set_loss_fn(
+            partial(flowrl_actor_loss, config=actor_config, options=self.flowrl_options)
+        )
+        super().on_init_end()
