@@ -36,6 +36,7 @@ STATE_FILE = "trainer_state.pt"
 MODEL_DIR = "model"
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+CHECKPOINTS_DIR = "checkpoints"  # under a run's train.output_dir
 
 
 def save_log_z_head(head: nn.Module | None, path: str | Path) -> None:
@@ -130,3 +131,77 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     """The trainer state of a checkpoint (call :func:`set_rng_state` on its ``rng`` when resuming)."""
     return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding a checkpoint from what a user passes (export, eval)
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """A directory laid out as one training checkpoint (complete or not)."""
+    return path.is_dir() and (
+        bool(_STEP_DIR.match(path.name)) or ((path / MODEL_DIR).is_dir() and (path / HEAD_FILE).exists())
+    )
+
+
+def is_training_output(path: str | Path) -> bool:
+    """True for a run directory, its ``checkpoints/`` folder, or one checkpoint: what
+    :func:`resolve_checkpoint` accepts."""
+    p = Path(path).expanduser()
+    return (
+        is_checkpoint_dir(p) or (p / CHECKPOINTS_DIR).is_dir() or (p.name == CHECKPOINTS_DIR and p.is_dir())
+    )
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The complete checkpoint a path names: itself, or the newest complete one of a run directory.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: an incomplete checkpoint, a run without a complete checkpoint, or a directory that
+            is neither (the message says what to pass instead).
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(
+            f"{p} does not exist; give a training run directory (its train.output_dir) or one of its "
+            "checkpoints/step_N directories"
+        )
+    if is_checkpoint_dir(p):
+        if not (p / COMPLETE_MARKER).is_file() or not (p / MODEL_DIR).is_dir():
+            complete = [c.name for c in list_checkpoints(p.parent)]
+            hint = (
+                f"complete checkpoints beside it: {complete}; pass one of them or the run directory"
+                if complete
+                else "no complete checkpoint beside it; resume the run (flowrl train CONFIG --resume)"
+            )
+            raise ValueError(
+                f"{p} is an incomplete checkpoint (no {COMPLETE_MARKER} marker or no {MODEL_DIR}/): its save "
+                f"was interrupted, so its files cannot be trusted; {hint}"
+            )
+        return p
+    root = p if p.name == CHECKPOINTS_DIR else p / CHECKPOINTS_DIR
+    if not root.is_dir():
+        if (p / "config.json").is_file():
+            raise ValueError(
+                f"{p} is already a Hugging Face model directory, not a training checkpoint; load it "
+                "directly (from_pretrained, flowrl eval --model) instead of exporting it"
+            )
+        raise ValueError(
+            f"{p} is neither a training run directory (with {CHECKPOINTS_DIR}/) nor a checkpoint "
+            f"(step_N/ with {MODEL_DIR}/ and {COMPLETE_MARKER}); pass the run's train.output_dir"
+        )
+    latest = latest_checkpoint(root)
+    if latest is None:
+        found = sorted(c.name for c in root.iterdir())
+        raise ValueError(
+            f"no complete checkpoint under {root} (found: {found or 'nothing'}); checkpoints are written "
+            "every train.save_every steps and at the end of training: let the run reach one "
+            "(flowrl train CONFIG --resume) or point at a finished run"
+        )
+    return latest
+
+
+def checkpoint_step(checkpoint: Path) -> int | None:
+    match = _STEP_DIR.match(checkpoint.name)
+    return int(match.group(1)) if match else None

@@ -224,7 +224,7 @@ def trajectory(
 ) -> list[dict[str, float]]:
     """Metrics of every checkpoint the run saved, in step order (each entry has its ``step``)."""
     points = []
-    for path in ckpt.list_checkpoints(run_dir / "checkpoints"):
+    for path in ckpt.list_checkpoints(run_dir / ckpt.CHECKPOINTS_DIR):
         model = load_model(str(path / ckpt.MODEL_DIR))
         step = int(path.name.split("_")[-1])
         points.append({"step": step, **evaluate(model, tokenizer, ref, seed=seed)})

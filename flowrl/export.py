@@ -19,8 +19,8 @@ The weight files are copied, not re-serialized (no model is loaded, so a 32B exp
 and the exported weights are bit-identical to the checkpoint's); a weight file that holds a head tensor
 anyway (a policy saved together with its head) is rewritten without it.
 
-A path is resolved like this (:func:`resolve_checkpoint`): a checkpoint directory (``step_N/`` with
-``model/`` and ``COMPLETE``) is used as it is; a run directory (``train.output_dir``, with
+A path is resolved by :func:`flowrl.checkpoint.resolve_checkpoint`: a checkpoint directory (``step_N/``
+with ``model/`` and ``COMPLETE``) is used as it is; a run directory (``train.output_dir``, with
 ``checkpoints/``) or its ``checkpoints/`` folder gives its newest complete checkpoint.
 """
 
@@ -29,94 +29,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from flowrl.checkpoint import COMPLETE_MARKER, HEAD_FILE, MODEL_DIR, latest_checkpoint, list_checkpoints
+from flowrl.checkpoint import (
+    HEAD_FILE,
+    MODEL_DIR,
+    checkpoint_step,
+    resolve_checkpoint,
+)
 from flowrl.partition import LOG_Z_PREFIX, is_log_z_param
 
-CHECKPOINTS_DIR = "checkpoints"
 EXPORT_INFO_FILE = "flowrl_export.json"
 HEAD_SUBDIR = "log_z_head"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding the checkpoint
-
-
-def is_checkpoint_dir(path: Path) -> bool:
-    """A directory laid out as one training checkpoint (complete or not)."""
-    return path.is_dir() and (
-        bool(_STEP_DIR.match(path.name)) or ((path / MODEL_DIR).is_dir() and (path / HEAD_FILE).exists())
-    )
-
-
-def is_training_output(path: str | Path) -> bool:
-    """True for a run directory, its ``checkpoints/`` folder, or one checkpoint: what
-    :func:`resolve_checkpoint` accepts."""
-    p = Path(path).expanduser()
-    return (
-        is_checkpoint_dir(p) or (p / CHECKPOINTS_DIR).is_dir() or (p.name == CHECKPOINTS_DIR and p.is_dir())
-    )
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The complete checkpoint a path names: itself, or the newest complete one of a run directory.
-
-    Raises:
-        FileNotFoundError: the path does not exist.
-        ValueError: an incomplete checkpoint, a run without a complete checkpoint, or a directory that
-            is neither (the message says what to pass instead).
-    """
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(
-            f"{p} does not exist; give a training run directory (its train.output_dir) or one of its "
-            "checkpoints/step_N directories"
-        )
-    if is_checkpoint_dir(p):
-        if not (p / COMPLETE_MARKER).is_file() or not (p / MODEL_DIR).is_dir():
-            complete = [c.name for c in list_checkpoints(p.parent)]
-            hint = (
-                f"complete checkpoints beside it: {complete}; pass one of them or the run directory"
-                if complete
-                else "no complete checkpoint beside it; resume the run (flowrl train CONFIG --resume)"
-            )
-            raise ValueError(
-                f"{p} is an incomplete checkpoint (no {COMPLETE_MARKER} marker or no {MODEL_DIR}/): its save "
-                f"was interrupted, so its files cannot be trusted; {hint}"
-            )
-        return p
-    root = p if p.name == CHECKPOINTS_DIR else p / CHECKPOINTS_DIR
-    if not root.is_dir():
-        if (p / "config.json").is_file():
-            raise ValueError(
-                f"{p} is already a Hugging Face model directory, not a training checkpoint; load it "
-                "directly (from_pretrained, flowrl eval --model) instead of exporting it"
-            )
-        raise ValueError(
-            f"{p} is neither a training run directory (with {CHECKPOINTS_DIR}/) nor a checkpoint "
-            f"(step_N/ with {MODEL_DIR}/ and {COMPLETE_MARKER}); pass the run's train.output_dir"
-        )
-    latest = latest_checkpoint(root)
-    if latest is None:
-        found = sorted(c.name for c in root.iterdir())
-        raise ValueError(
-            f"no complete checkpoint under {root} (found: {found or 'nothing'}); checkpoints are written "
-            "every train.save_every steps and at the end of training: let the run reach one "
-            "(flowrl train CONFIG --resume) or point at a finished run"
-        )
-    return latest
-
-
-def checkpoint_step(checkpoint: Path) -> int | None:
-    match = _STEP_DIR.match(checkpoint.name)
-    return int(match.group(1)) if match else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +96,7 @@ def load_exported_head(output_dir: str | Path) -> Any:
 # Writing the export
 
 
-def _strip_head_tensors(weights: Path, index: dict[str, Any] | None) -> int:
+def strip_head_tensors(weights: Path, index: dict[str, Any] | None) -> int:
     """Rewrite one safetensors file without head tensors; returns how many were removed."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -227,7 +155,7 @@ def export_checkpoint(
     shutil.copytree(model_dir, tmp)
     index_path = tmp / _SAFETENSORS_INDEX
     index = json.loads(index_path.read_text()) if index_path.is_file() else None
-    removed = sum(_strip_head_tensors(w, index) for w in sorted(tmp.glob("*.safetensors")))
+    removed = sum(strip_head_tensors(w, index) for w in sorted(tmp.glob("*.safetensors")))
     if index is not None and removed:
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     if not list(tmp.glob("*.safetensors")):

@@ -216,7 +216,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.train.seed)  # the same on every rank: the log Z head starts alike
 
-        resume_from = ckpt.latest_checkpoint(self.run_dir / "checkpoints") if resume else None
+        resume_from = ckpt.latest_checkpoint(self.run_dir / ckpt.CHECKPOINTS_DIR) if resume else None
         resume_from = self.dp.broadcast_object(resume_from)  # every rank resumes from rank 0's choice
         if resume and resume_from is None:
             self._print(
@@ -567,7 +567,7 @@ class Trainer:
         """Rank 0 writes the checkpoint (every rank holds the same weights and state); the rest wait."""
         if self.dp.is_main:
             path = ckpt.save_checkpoint(
-                self.run_dir / "checkpoints",
+                self.run_dir / ckpt.CHECKPOINTS_DIR,
                 self.step,
                 model=self.policy.model,
                 tokenizer=self.tokenizer,

@@ -163,8 +163,7 @@ def resolve_model(spec: str) -> ModelSpec:
         FileNotFoundError: a local-looking path that does not exist.
         ValueError: an incomplete checkpoint, a run without one, or a directory that is no model.
     """
-    from flowrl.checkpoint import MODEL_DIR
-    from flowrl.export import is_checkpoint_dir, is_training_output, resolve_checkpoint
+    from flowrl.checkpoint import MODEL_DIR, is_checkpoint_dir, is_training_output, resolve_checkpoint
 
     label, path = _split_label(spec)
     local = Path(path).expanduser()

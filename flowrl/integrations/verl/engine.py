@@ -45,7 +45,7 @@ from verl.workers.engine import EngineRegistry
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
 from flowrl.checkpoint import HEAD_FILE, load_log_z_head, save_log_z_head
-from flowrl.export import _strip_head_tensors
+from flowrl.export import strip_head_tensors
 from flowrl.integrations.verl.head import LogZCapture, LogZSettings, prompt_positions, without_log_z_params
 from flowrl.partition import LogZHead
 
@@ -99,7 +99,7 @@ def strip_log_z_from_hf_dir(hf_dir: Path) -> int:
     """Remove head tensors from a Hugging Face model directory's weights (and index); returns the count."""
     index_path = hf_dir / _HF_INDEX
     index = json.loads(index_path.read_text()) if index_path.is_file() else None
-    removed = sum(_strip_head_tensors(weights, index) for weights in sorted(hf_dir.glob("*.safetensors")))
+    removed = sum(strip_head_tensors(weights, index) for weights in sorted(hf_dir.glob("*.safetensors")))
     if index is not None and removed:
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return removed
