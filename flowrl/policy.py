@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -117,15 +116,21 @@ class PolicyOutput:
     entropy: Tensor | None  # (B, T) float32, when asked for (no gradient)
 
 
-def _chunk_logprobs(hidden: Tensor, targets: Tensor, lm_head: nn.Module, temperature: float) -> Tensor:
+def _chunk_logprobs(
+    hidden: Tensor, targets: Tensor, lm_head: nn.Module, temperature: float, entropy: list[Tensor] | None
+) -> Tensor:
+    """Log-probs of one chunk; its entropy, when asked for, is appended to ``entropy`` from the same logits.
+
+    Under activation checkpointing this runs twice (forward, and again in backward to rebuild the graph);
+    the entropy, which needs no graph, is computed the first time only (the list is no longer empty).
+    """
     logits = lm_head(hidden).float() / temperature  # (n, V), lives only for this chunk
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-@torch.no_grad()
-def _chunk_entropy(hidden: Tensor, lm_head: nn.Module, temperature: float) -> Tensor:
-    logp = F.log_softmax(lm_head(hidden).float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    log_norm = torch.logsumexp(logits, dim=-1)
+    if entropy is not None and not entropy:  # one output projection per token for both, not two
+        with torch.no_grad():
+            logp = logits - log_norm[:, None]
+            entropy.append(-(logp.exp() * logp).sum(-1))
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - log_norm
 
 
 def token_logprobs(
@@ -154,12 +159,13 @@ def token_logprobs(
     needs_grad = torch.is_grad_enabled() and hidden.requires_grad
     for start in range(0, hidden.shape[0], chunk_size):
         h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        slot: list[Tensor] | None = [] if with_entropy else None
         if needs_grad:  # recompute the chunk's logits in backward rather than keep them
-            out.append(checkpoint(_chunk_logprobs, h, y, lm_head, temperature, use_reentrant=False))
+            out.append(checkpoint(_chunk_logprobs, h, y, lm_head, temperature, slot, use_reentrant=False))
         else:
-            out.append(_chunk_logprobs(h, y, lm_head, temperature))
-        if with_entropy:
-            ent.append(_chunk_entropy(h.detach(), lm_head, temperature))
+            out.append(_chunk_logprobs(h, y, lm_head, temperature, slot))
+        if slot:
+            ent.append(slot[0])
     empty = hidden.new_zeros(0, dtype=torch.float32)
     logprobs = torch.cat(out) if out else empty
     return logprobs, (torch.cat(ent) if ent else empty) if with_entropy else None

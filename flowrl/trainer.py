@@ -677,6 +677,9 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
     """
     trainer = Trainer(cfg, resume=resume)
     try:
-        return trainer.fit()
+        result = trainer.fit()
+        # leave together: a rank tearing down gloo while another still talks to it can abort the process
+        trainer.dp.barrier()
+        return result
     finally:
         trainer.dp.close()

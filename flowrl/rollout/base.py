@@ -20,6 +20,9 @@ class SamplingParams:
     top_k: int = 0  # 0 disables top-k
     max_new_tokens: int = 256
     return_logprobs: bool = False  # log-probs of the sampled tokens under the temperature-scaled distribution
+    # Keep sampling after EOS up to max_new_tokens, every token counting as response (vLLM's ignore_eos):
+    # a fixed-length workload for benchmarks. The sampling distribution is unchanged (EOS is not banned).
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.n < 1:

@@ -1,0 +1,124 @@
+"""The two fast paths of issue 7, each timed against the code it replaced, on this machine.
+
+    .venv/bin/python benchmarks/fast_paths.py --json outputs/bench/fast_paths_cpu.json
+
+* **sampling** (``flowrl.rollout.hf.InverseCdfSampler``): one next token per row of (B, V) logits.
+  Before: ``torch.multinomial(softmax(logits), 1)``, what ``generate(do_sample=True)`` does, which draws
+  an exponential variate per vocabulary entry. After: inverse-CDF sampling, one uniform per row (a float64
+  cumulative sum), then the argmax ``generate`` takes of the one-hot scores. Same distribution.
+* **log-probs with entropy** (``flowrl.policy.token_logprobs(..., with_entropy=True)``), without gradient
+  (the reference and old-policy passes) and with (the update). Before: the output projection ran twice
+  per token, once for the log-probs and once more for the entropy. After: both from one projection.
+
+Medians of ``--repeats`` timings; the shapes are the CPU preset's vocabulary (4k) and Qwen2.5's (152k).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+
+def median_time(fn: Any, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def previous_token_logprobs(hidden: Any, targets: Any, lm_head: Any, chunk_size: int) -> tuple[Any, Any]:
+    """The replaced implementation: log-probs (checkpointed when differentiable) and a second projection
+    for the entropy."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk(h: Any, y: Any) -> Any:
+        logits = lm_head(h).float()
+        return logits.gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+    out, ent = [], []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        out.append(checkpoint(chunk, h, y, use_reentrant=False) if hidden.requires_grad else chunk(h, y))
+        with torch.no_grad():
+            logp = F.log_softmax(lm_head(h.detach()).float(), dim=-1)
+            ent.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(out), torch.cat(ent)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args()
+
+    import torch
+
+    from flowrl.policy import token_logprobs
+    from flowrl.rollout.hf import InverseCdfSampler
+
+    env = _common.environment()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    results: dict[str, Any] = {"sampling": [], "logprobs_with_entropy": []}
+
+    sampler = InverseCdfSampler()
+    for batch, vocab in [(32, 4096), (32, 151936), (512, 151936)]:
+        logits = torch.randn(batch, vocab, device=device)
+        before = median_time(lambda: torch.multinomial(torch.softmax(logits, -1), 1), args.repeats)  # noqa: B023
+        after = median_time(lambda: sampler(None, logits).argmax(-1), args.repeats)  # noqa: B023
+        results["sampling"].append(
+            {"batch": batch, "vocab": vocab, "before_ms": before * 1e3, "after_ms": after * 1e3,
+             "speedup": before / after}
+        )  # fmt: skip
+        timing = f"{before * 1e3:.2f} -> {after * 1e3:.2f} ms ({before / after:.1f}x)"
+        print(f"sampling B={batch} V={vocab}: {timing}")
+
+    for tokens, hidden_size, vocab in [(2048, 128, 4096), (1024, 896, 151936)]:
+        lm_head = torch.nn.Linear(hidden_size, vocab, bias=False, device=device)
+        hidden = torch.randn(tokens, hidden_size, device=device)
+        targets = torch.randint(0, vocab, (tokens,), device=device)
+        for grad in (False, True):
+            h = hidden.clone().requires_grad_(grad)
+
+            def old(h: Any = h, grad: bool = grad, y: Any = targets, head: Any = lm_head) -> None:
+                with torch.set_grad_enabled(grad):
+                    lp, _ = previous_token_logprobs(h, y, head, 1024)
+                    if grad:
+                        lp.sum().backward()
+
+            def new(h: Any = h, grad: bool = grad, y: Any = targets, head: Any = lm_head) -> None:
+                with torch.set_grad_enabled(grad):
+                    lp, _ = token_logprobs(h, y, head, temperature=1.0, chunk_size=1024, with_entropy=True)
+                    if grad:
+                        lp.sum().backward()
+
+            before, after = median_time(old, args.repeats), median_time(new, args.repeats)
+            label = "forward+backward" if grad else "no grad"
+            results["logprobs_with_entropy"].append(
+                {"tokens": tokens, "hidden": hidden_size, "vocab": vocab, "pass": label,
+                 "before_ms": before * 1e3, "after_ms": after * 1e3, "speedup": before / after}
+            )  # fmt: skip
+            print(
+                f"log-probs + entropy, {label}, {tokens} tokens, H={hidden_size}, V={vocab}: "
+                f"{before * 1e3:.1f} ms -> {after * 1e3:.1f} ms ({before / after:.2f}x)"
+            )
+    _common.print_load(env)
+    _common.finish(env, {"benchmark": "fast_paths", "device": args.device, **results}, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

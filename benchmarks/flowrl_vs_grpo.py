@@ -1,0 +1,211 @@
+"""FlowRL against GRPO in the project's trainer: steady-state step time by phase, and peak memory.
+
+    .venv/bin/python benchmarks/flowrl_vs_grpo.py --preset cpu --json outputs/bench/flowrl_vs_grpo_cpu.json
+    .venv/bin/python benchmarks/flowrl_vs_grpo.py --preset gpu --json outputs/bench/flowrl_vs_grpo_gpu.json
+
+Same model (a Qwen2 config with random weights), prompts, batch, lengths and seed for every method;
+generation is forced to full length (``SamplingParams.ignore_eos``), so every step trains on exactly
+``prompts x samples x max_new_tokens`` response tokens whatever the random model samples. Each method
+runs in its own process (peak RSS, and on CUDA ``torch.cuda.max_memory_allocated``, are then that
+method's), ``--repeats`` times in mirrored order (A B C, C B A, ...) so a change in the machine's load
+hits every method alike. The first ``--warmup`` steps of a run are excluded.
+
+Methods:
+
+* ``flowrl``: the paper's objective: log Z head, reference log-probs, trajectory-balance loss;
+* ``grpo``: the project's GRPO as configured: ``kl_coef`` 0, but ``OBJECTIVES["grpo"].uses_ref_logprobs``
+  is True, so the trainer loads the reference model and runs its forward every step anyway (the loss
+  reads it only for the ``actor/ref_kl`` metric);
+* ``grpo_noref``: GRPO as users typically run it (TRL's default ``beta=0``, DAPO, Dr. GRPO): no
+  reference model at all (defined by this script, see ``_common.register_grpo_without_reference``).
+
+The phases are the trainer's own metrics: ``perf/rollout_time_s`` (generation),
+``perf/score_and_logprob_time_s`` (rewards plus the reference forward), ``perf/update_time_s`` (policy
+forward and backward, log Z head, loss, AdamW). So ``grpo - grpo_noref`` in the second phase is the
+reference pass, and ``flowrl - grpo`` in the update phase is the head and the loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # 2 CPU cores: about 2 minutes for the three methods, twice.
+    "cpu": dict(shape="small", prompts=8, samples=4, max_new_tokens=64, micro_batch=16, steps=8, warmup=2),
+    # The issue's reference workload on one GPU.
+    "gpu": dict(shape="qwen2.5-0.5b", prompts=64, samples=8, max_new_tokens=256, micro_batch=64, steps=5,
+                warmup=2),
+    # The smoke test's: seconds.
+    "smoke": dict(shape="tiny", prompts=2, samples=2, max_new_tokens=4, micro_batch=4, steps=2, warmup=1),
+}  # fmt: skip
+METHODS = ("flowrl", "grpo", "grpo_noref")
+GOAL_OVERHEAD = 0.05  # FlowRL within 5% of GRPO's step time (issue 7)
+PHASES = {
+    "step_wall_s": "step (wall)",
+    "perf/rollout_time_s": "rollout",
+    "perf/score_and_logprob_time_s": "score + ref",
+    "perf/update_time_s": "update",
+}
+
+
+def child(spec_file: str) -> None:
+    spec = json.loads(Path(spec_file).read_text())
+    result = _common.run_project_trainer(spec)
+    Path(spec["result_file"]).write_text(json.dumps(result))
+
+
+def pooled_median(runs: list[dict[str, Any]], key: str) -> float:
+    """Median over every measured (post-warm-up) step of every repeat."""
+    values = [v for run in runs for v in run["per_step"][key][run["warmup_steps"] :]]
+    return statistics.median(values)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--device", default=None, help="default: cuda for --preset gpu, else cpu")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {METHODS}")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per method, in mirrored order")
+    parser.add_argument("--steps", type=int, help="RL steps per run (default: the preset's)")
+    parser.add_argument("--warmup", type=int, help="leading steps left out (default: the preset's)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads per process (OMP_NUM_THREADS); default: torch's, one per core. 1 is steadier "
+        "on a machine shared with other jobs (no OpenMP barriers waiting for a descheduled thread)",
+    )
+    parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--workdir", help="keep models, configs and logs here (default: a temporary dir)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child)
+        return 0
+
+    env = _common.environment()
+    preset = dict(PRESETS[args.preset])
+    preset["steps"] = args.steps or preset["steps"]
+    preset["warmup"] = args.warmup if args.warmup is not None else preset["warmup"]
+    device = args.device or ("cuda" if args.preset == "gpu" else "cpu")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+    order = [m for r in range(args.repeats) for m in (methods if r % 2 == 0 else methods[::-1])]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
+        model_dir = _common.save_model(work / f"model-{preset['shape']}", preset["shape"])
+        from flowrl.data.schema import write_rows
+
+        data_file = write_rows(_common.prompt_rows(preset["prompts"]), work / "prompts.jsonl")
+        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+        for i, method in enumerate(order):
+            name = f"{i:02d}-{method}"
+            spec = {
+                "warmup_steps": preset["warmup"],
+                "overrides": _common.trainer_overrides(
+                    model_dir=model_dir,
+                    data_file=data_file,
+                    output_dir=work / "runs" / name,
+                    algorithm=method,
+                    prompts=preset["prompts"],
+                    samples=preset["samples"],
+                    max_new_tokens=preset["max_new_tokens"],
+                    micro_batch=preset["micro_batch"],
+                    steps=preset["steps"],
+                    device=device,
+                ),
+            }
+            print(f"[{i + 1}/{len(order)}] {method} (load {_common.load_average()[0]})", flush=True)
+            runs[method].append(
+                _common.run_child(
+                    Path(__file__), spec, work / "logs", name, timeout=3600, threads=args.threads
+                )
+            )
+
+    summary: dict[str, dict[str, Any]] = {}
+    for method, method_runs in runs.items():
+        first = method_runs[0]
+        summary[method] = {
+            "reference_model": first["reference_model"],
+            "policy_parameters": first["policy_parameters"],
+            "log_z_head_parameters": first["log_z_head_parameters"],
+            "median_s": {key: round(pooled_median(method_runs, key), 4) for key in PHASES},
+            "tokens_per_s": round(pooled_median(method_runs, "perf/tokens_per_s"), 1),
+            "response_length": first["per_step"]["rollout/response_length"][-1],
+            "peak_memory": {key: max(run["memory"][key] for run in method_runs) for key in first["memory"]},
+        }
+    comparisons = {}
+    if "flowrl" in summary:
+        flow = summary["flowrl"]["median_s"]["step_wall_s"]
+        for base in ("grpo", "grpo_noref"):
+            if base in summary:
+                other = summary[base]["median_s"]["step_wall_s"]
+                comparisons[f"flowrl_vs_{base}"] = {
+                    "overhead": round(flow / other - 1, 4),
+                    "goal": GOAL_OVERHEAD,
+                    "meets_goal": flow / other - 1 <= GOAL_OVERHEAD,
+                }
+    if "grpo" in summary and "grpo_noref" in summary:
+        key = "perf/score_and_logprob_time_s"
+        comparisons["reference_pass_s"] = round(
+            summary["grpo"]["median_s"][key] - summary["grpo_noref"]["median_s"][key], 4
+        )
+    if "grpo" in summary and "flowrl" in summary:
+        key = "perf/update_time_s"
+        comparisons["head_and_loss_in_update_s"] = round(
+            summary["flowrl"]["median_s"][key] - summary["grpo"]["median_s"][key], 4
+        )
+
+    tokens = preset["prompts"] * preset["samples"] * preset["max_new_tokens"]
+    print(
+        f"\n{args.preset} preset on {device}: model {preset['shape']}, {preset['prompts']} prompts x "
+        f"{preset['samples']} samples x {preset['max_new_tokens']} tokens ({tokens} response tokens/step), "
+        f"micro-batch {preset['micro_batch']}, {preset['steps'] - preset['warmup']} measured steps x "
+        f"{args.repeats} runs; medians in seconds"
+    )
+    print(f"{'method':<12}" + "".join(f"{label:>13}" for label in PHASES.values()) + f"{'peak RSS MiB':>14}")
+    for method, s in summary.items():
+        cells = "".join(f"{s['median_s'][key]:>13.3f}" for key in PHASES)
+        print(f"{method:<12}{cells}{s['peak_memory']['peak_rss_mib']:>14.0f}")
+    for name, c in comparisons.items():
+        if isinstance(c, dict):
+            verdict = "meets" if c["meets_goal"] else "misses"
+            print(f"{name}: {c['overhead']:+.1%} step time ({verdict} the goal of <= {c['goal']:.0%})")
+        else:
+            print(f"{name}: {c:+.3f} s")
+    _common.print_load(env)
+    _common.finish(
+        env,
+        {
+            "benchmark": "flowrl_vs_grpo",
+            "preset": args.preset,
+            "device": device,
+            "workload": {
+                **preset,
+                "response_tokens_per_step": tokens,
+                "repeats": args.repeats,
+                "threads": args.threads,
+            },
+            "summary": summary,
+            "comparisons": comparisons,
+            "runs": runs,
+        },
+        args.json,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
