@@ -120,6 +120,7 @@ def torchrun(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
         *args,
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["PYTHONFAULTHANDLER"] = "1"  # a crashing rank prints where it was
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return subprocess.run(
