@@ -70,6 +70,10 @@ from flowrl.rewards.base import RewardResult, load_callable
 from flowrl.rewards.registry import check_batch_usable, score_batch, status_counts
 from flowrl.rollout import HFRolloutEngine, RolloutBatch, SamplingParams
 
+# Objectives that read reference log-probs only for their KL penalty: without it (kl_coef 0, what most
+# GRPO users run) the trainer neither loads nor runs the reference model. FlowRL always needs pi_ref.
+KL_ONLY_REFERENCE = frozenset({"grpo", "dr_grpo"})
+
 
 @dataclass
 class PromptSet:
@@ -391,6 +395,8 @@ class Trainer:
         kl_coef = self.cfg.algorithm.loss.get("kl_coef", 0.0) or self.cfg.algorithm.advantage.get(
             "kl_coef", 0.0
         )
+        if self.objective.name in KL_ONLY_REFERENCE:  # pi_ref only feeds the KL term: skip it at kl_coef 0
+            return kl_coef > 0
         return self.objective.uses_ref_logprobs or self.objective.advantage_uses_ref_logprobs or kl_coef > 0
 
     def _autocast(self) -> Any:
@@ -508,7 +514,10 @@ class Trainer:
                         "response_mask": rollout.response_mask[mb.rows, :w].float(),
                     }
                     if obj.uses_ref_logprobs:
-                        tensors["ref_logprobs"] = ref_logprobs[mb.rows, :w]
+                        # no reference model (GRPO at kl_coef 0): the KL term it would feed is 0 anyway
+                        tensors["ref_logprobs"] = (
+                            tensors["old_logprobs"] if ref_logprobs is None else ref_logprobs[mb.rows, :w]
+                        )
                     if obj.uses_log_z:
                         tensors["log_z"] = out.log_z
                     loss, metrics = obj.loss_fn(**tensors, **loss_kwargs, normalizer=normalizer)

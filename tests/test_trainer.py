@@ -280,3 +280,13 @@ def test_log_every_thins_console_lines_not_metrics(
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in lines] == ["2/3", "3/3"]
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(("algorithm", "kl_coef", "loaded"), [("grpo", 0.0, False), ("grpo", 0.05, True)])
+def test_grpo_loads_the_reference_only_for_its_kl(
+    model_dir: Path, data_file: Path, tmp_path: Path, algorithm: str, kl_coef: float, loaded: bool
+) -> None:
+    items = overrides(model_dir, data_file, tmp_path / "run", **{"algorithm.name": algorithm})
+    trainer = Trainer(load_config(None, [*items, f"algorithm.loss.kl_coef={kl_coef}"]))
+    assert (trainer.ref_model is not None) == loaded
+    assert math.isfinite(trainer.fit().metrics[-1]["loss"])
