@@ -9,6 +9,7 @@ with filler tokens up to the model's vocabulary, so the demo's prompts and rewar
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -255,6 +256,20 @@ def run_child(
     result = json.loads(out_file.read_text())
     result["process_wall_s"] = round(time.perf_counter() - started, 2)
     return result
+
+
+def add_process_arguments(parser: Any) -> None:
+    """``--threads``, ``--json``, ``--workdir`` and the hidden ``--child`` of the trainer benchmarks."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads per process (OMP_NUM_THREADS); default: torch's, one per core. 1 is steadier "
+        "on a machine shared with other jobs (no OpenMP barriers waiting for a descheduled thread)",
+    )
+    parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--workdir", help="keep models, configs and logs here (default: a temporary dir)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
 
 
 def thread_env(threads: int | None) -> dict[str, str]:

@@ -77,16 +77,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2, help="runs per method, in mirrored order")
     parser.add_argument("--steps", type=int, help="RL steps per run (default: the preset's)")
     parser.add_argument("--warmup", type=int, help="leading steps left out (default: the preset's)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="intra-op threads per process (OMP_NUM_THREADS); default: torch's, one per core. 1 is steadier "
-        "on a machine shared with other jobs (no OpenMP barriers waiting for a descheduled thread)",
-    )
-    parser.add_argument("--json", help="write the results to this file")
-    parser.add_argument("--workdir", help="keep models, configs and logs here (default: a temporary dir)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    _common.add_process_arguments(parser)
     args = parser.parse_args()
     if args.child:
         child(args.child)
