@@ -258,6 +258,39 @@ def run_child(
     return result
 
 
+def add_run_arguments(parser: Any, presets: dict[str, Any], names: Sequence[str], *, what: str) -> None:
+    """The command line shared by the trainer comparisons: ``--preset``, ``--device``, ``--{what}s`` (the
+    contestants, from ``names``), ``--repeats``, ``--steps``, ``--warmup``, then the process arguments."""
+    parser.add_argument("--preset", choices=sorted(presets), default="cpu")
+    parser.add_argument("--device", default=None, help="default: cuda for --preset gpu, else cpu")
+    parser.add_argument(f"--{what}s", default=",".join(names), help=f"comma-separated, from {list(names)}")
+    parser.add_argument("--repeats", type=int, default=2, help=f"runs per {what}, in mirrored order")
+    parser.add_argument("--steps", type=int, help="RL steps per run (default: the preset's)")
+    parser.add_argument("--warmup", type=int, help="leading steps left out (default: the preset's)")
+    add_process_arguments(parser)
+
+
+def resolve_run(
+    parser: Any, args: Any, presets: dict[str, Any], names: Sequence[str], *, what: str
+) -> tuple[dict[str, Any], str, list[str]]:
+    """The preset's workload with ``--steps`` / ``--warmup`` applied, the device, and the chosen names."""
+    workload = dict(presets[args.preset])
+    workload["steps"] = args.steps or workload["steps"]
+    workload["warmup"] = args.warmup if args.warmup is not None else workload["warmup"]
+    device = args.device or ("cuda" if args.preset == "gpu" else "cpu")
+    chosen = [n.strip() for n in getattr(args, f"{what}s").split(",") if n.strip()]
+    unknown = set(chosen) - set(names)
+    if unknown:
+        parser.error(f"unknown {what}s {sorted(unknown)}; choose from {list(names)}")
+    return workload, device, chosen
+
+
+def mirrored(names: Sequence[str], repeats: int) -> list[str]:
+    """``repeats`` passes over ``names``, every other one reversed (A B C, C B A, ...), so a change in the
+    machine's load hits every contestant alike."""
+    return [n for r in range(repeats) for n in (names if r % 2 == 0 else names[::-1])]
+
+
 def add_process_arguments(parser: Any) -> None:
     """``--threads``, ``--json``, ``--workdir`` and the hidden ``--child`` of the trainer benchmarks."""
     parser.add_argument(

@@ -71,28 +71,15 @@ def pooled_median(runs: list[dict[str, Any]], key: str) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--device", default=None, help="default: cuda for --preset gpu, else cpu")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {METHODS}")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per method, in mirrored order")
-    parser.add_argument("--steps", type=int, help="RL steps per run (default: the preset's)")
-    parser.add_argument("--warmup", type=int, help="leading steps left out (default: the preset's)")
-    _common.add_process_arguments(parser)
+    _common.add_run_arguments(parser, PRESETS, METHODS, what="method")
     args = parser.parse_args()
     if args.child:
         child(args.child)
         return 0
 
     env = _common.environment()
-    preset = dict(PRESETS[args.preset])
-    preset["steps"] = args.steps or preset["steps"]
-    preset["warmup"] = args.warmup if args.warmup is not None else preset["warmup"]
-    device = args.device or ("cuda" if args.preset == "gpu" else "cpu")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        parser.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
-    order = [m for r in range(args.repeats) for m in (methods if r % 2 == 0 else methods[::-1])]
+    preset, device, methods = _common.resolve_run(parser, args, PRESETS, METHODS, what="method")
+    order = _common.mirrored(methods, args.repeats)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)

@@ -201,29 +201,14 @@ def pooled(runs: list[dict[str, Any]], key: str) -> list[float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--device", default=None, help="default: cuda for --preset gpu, else cpu")
-    parser.add_argument(
-        "--contestants", default=",".join(CONTESTANTS), help=f"comma-separated, from {CONTESTANTS}"
-    )
-    parser.add_argument("--repeats", type=int, default=2, help="runs per contestant, in mirrored order")
-    parser.add_argument("--steps", type=int, help="RL steps per run (default: the preset's)")
-    parser.add_argument("--warmup", type=int, help="leading steps left out (default: the preset's)")
-    _common.add_process_arguments(parser)
+    _common.add_run_arguments(parser, PRESETS, CONTESTANTS, what="contestant")
     args = parser.parse_args()
     if args.child:
         child(args.child)
         return 0
 
     env = _common.environment()
-    w = dict(PRESETS[args.preset])
-    w["steps"] = args.steps or w["steps"]
-    w["warmup"] = args.warmup if args.warmup is not None else w["warmup"]
-    device = args.device or ("cuda" if args.preset == "gpu" else "cpu")
-    contestants = [c.strip() for c in args.contestants.split(",") if c.strip()]
-    unknown = set(contestants) - set(CONTESTANTS)
-    if unknown:
-        parser.error(f"unknown contestants {sorted(unknown)}; choose from {CONTESTANTS}")
+    w, device, contestants = _common.resolve_run(parser, args, PRESETS, CONTESTANTS, what="contestant")
     skipped = {}
     if "trl_flowrl" in contestants:
         why = trl_flowrl_available()
@@ -231,7 +216,7 @@ def main() -> int:
             skipped["trl_flowrl"] = why
             contestants.remove("trl_flowrl")
             print(f"skipping trl_flowrl: flowrl.integrations.trl does not import ({why})")
-    order = [c for r in range(args.repeats) for c in (contestants if r % 2 == 0 else contestants[::-1])]
+    order = _common.mirrored(contestants, args.repeats)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)

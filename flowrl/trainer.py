@@ -70,10 +70,6 @@ from flowrl.rewards.base import RewardResult, load_callable
 from flowrl.rewards.registry import check_batch_usable, score_batch, status_counts
 from flowrl.rollout import HFRolloutEngine, RolloutBatch, SamplingParams
 
-# Objectives that read reference log-probs only for their KL penalty: without it (kl_coef 0, what most
-# GRPO users run) the trainer neither loads nor runs the reference model. FlowRL always needs pi_ref.
-KL_ONLY_REFERENCE = frozenset({"grpo", "dr_grpo"})
-
 
 @dataclass
 class PromptSet:
@@ -395,7 +391,7 @@ class Trainer:
         kl_coef = self.cfg.algorithm.loss.get("kl_coef", 0.0) or self.cfg.algorithm.advantage.get(
             "kl_coef", 0.0
         )
-        if self.objective.name in KL_ONLY_REFERENCE:  # pi_ref only feeds the KL term: skip it at kl_coef 0
+        if self.objective.ref_logprobs_only_for_kl:  # GRPO at kl_coef 0 (what most users run): no pi_ref
             return kl_coef > 0
         return self.objective.uses_ref_logprobs or self.objective.advantage_uses_ref_logprobs or kl_coef > 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from flowrl.data import synthetic
 from flowrl.data.schema import write_rows
@@ -22,3 +23,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The digit-sum prompts in verl's schema (JSON Lines)."""
     return write_rows(synthetic.rows(), tmp_path_factory.mktemp("data") / "train.jsonl")
+
+
+def write_config(path: Path, items: list[str]) -> Path:
+    """Save dotted ``key=value`` overrides as a YAML config file for ``flowrl train``."""
+    OmegaConf.save(OmegaConf.from_dotlist(items), path)
+    return path

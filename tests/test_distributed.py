@@ -29,6 +29,7 @@ from flowrl.config import load_config
 from flowrl.data import synthetic
 from flowrl.logging import read_metrics
 from flowrl.trainer import PromptSampler, Trainer
+from tests.conftest import write_config
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS_PER_RANK = 2
@@ -86,13 +87,6 @@ def overrides(model_dir: Path, data_file: Path, out: Path, **extra: object) -> l
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
-
-
-def write_config(path: Path, items: list[str]) -> Path:
-    from omegaconf import OmegaConf
-
-    OmegaConf.save(OmegaConf.from_dotlist(items), path)
-    return path
 
 
 def free_port() -> int:

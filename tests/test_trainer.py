@@ -20,6 +20,7 @@ from flowrl.partition import LOG_Z_PREFIX
 from flowrl.policy import Policy, load_model, load_tokenizer
 from flowrl.rollout import HFRolloutEngine, SamplingParams
 from flowrl.trainer import Trainer
+from tests.conftest import write_config
 
 
 def overrides(model_dir: Path, data_file: Path, out: Path, **extra: object) -> list[str]:
@@ -46,13 +47,6 @@ def overrides(model_dir: Path, data_file: Path, out: Path, **extra: object) -> l
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
-
-
-def write_config(path: Path, items: list[str]) -> Path:
-    from omegaconf import OmegaConf
-
-    OmegaConf.save(OmegaConf.from_dotlist(items), path)
-    return path
 
 
 def test_train_cli_two_steps_updates_every_parameter(

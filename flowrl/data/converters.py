@@ -549,13 +549,7 @@ def convert_deepcoder(record: Mapping[str, Any]) -> Problem:
     ``starter_code``."""
     text = _text(record.get("problem"), "problem")
     tests = _json_value(record.get("tests"), "tests")
-    metadata = record.get("metadata")
-    if isinstance(metadata, str):
-        try:
-            metadata = json.loads(metadata) if metadata.strip() else {}
-        except json.JSONDecodeError:
-            metadata = {}
-    metadata = metadata if isinstance(metadata, Mapping) else {}
+    metadata = _metadata(record)
     starter_code = record.get("starter_code") or metadata.get("starter_code") or ""
     if isinstance(tests, dict):
         gt, fmt, fn_name = _tests_from_inputs_outputs(tests)
@@ -564,6 +558,17 @@ def convert_deepcoder(record: Mapping[str, Any]) -> Problem:
     else:
         raise SkipRow(f"tests are a JSON {type(tests).__name__}, expected a list or an object")
     return Problem(text, gt, {}, fmt, starter_code, fn_name)
+
+
+def _metadata(record: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A record's ``metadata``, given as a mapping or a JSON string; empty when absent or unparsable."""
+    metadata = record.get("metadata")
+    if isinstance(metadata, str):
+        try:
+            metadata = json.loads(metadata) if metadata.strip() else {}
+        except json.JSONDecodeError:
+            metadata = {}
+    return metadata if isinstance(metadata, Mapping) else {}
 
 
 def _convert_apps_like(record: Mapping[str, Any], extra_keys: Sequence[str]) -> Problem:
@@ -598,13 +603,7 @@ def convert_livecodebench(record: Mapping[str, Any]) -> Problem:
     cases = decode_lcb_tests(record.get("public_test_cases")) + decode_lcb_tests(
         record.get("private_test_cases")
     )
-    metadata = record.get("metadata")
-    if isinstance(metadata, str):
-        try:
-            metadata = json.loads(metadata) if metadata.strip() else {}
-        except json.JSONDecodeError:
-            metadata = {}
-    metadata = metadata if isinstance(metadata, Mapping) else {}
+    metadata = _metadata(record)
     starter_code = record.get("starter_code") or ""
     gt, fmt, fn_name = _tests_from_case_list(cases, metadata, starter_code)
     keys = ("question_id", "question_title", "platform", "contest_id", "contest_date", "difficulty")

@@ -83,6 +83,9 @@ class Objective:
     advantage_uses_ref_logprobs: bool = False
     """``advantage_fn`` reads ``ref_logprobs`` (REINFORCE++ puts the KL into the reward), so the trainer
     must compute them even when ``uses_ref_logprobs`` is False."""
+    ref_logprobs_only_for_kl: bool = False
+    """``loss_fn`` reads ``ref_logprobs`` only for its ``kl_coef``-weighted KL term (GRPO): at
+    ``kl_coef=0`` the trainer may pass any stand-in and skip the reference model."""
 
 
 def _default(fn: Callable[..., Any], argument: str) -> Any:
@@ -192,6 +195,7 @@ OBJECTIVES: dict[str, Objective] = {
         uses_ref_logprobs=True,
         needs_values=False,
         count_units=_units_by_agg_mode(grpo_loss),
+        ref_logprobs_only_for_kl=True,
     ),
     "dr_grpo": Objective(
         name="dr_grpo",
@@ -201,6 +205,7 @@ OBJECTIVES: dict[str, Objective] = {
         uses_ref_logprobs=True,
         needs_values=False,
         count_units=_units_by_agg_mode(dr_grpo_loss),
+        ref_logprobs_only_for_kl=True,
     ),
     "reinforce_pp": Objective(
         name="reinforce_pp",
