@@ -1,4 +1,4 @@
-"""The two fast paths of issue 7, each timed against the code it replaced, on this machine.
+"""The fast paths of issue 7, each timed against the code it replaced, on this machine.
 
     .venv/bin/python benchmarks/fast_paths.py --json outputs/bench/fast_paths_cpu.json
 
@@ -7,8 +7,12 @@
   an exponential variate per vocabulary entry. After: inverse-CDF sampling, one uniform per row (a float64
   cumulative sum), then the argmax ``generate`` takes of the one-hot scores. Same distribution.
 * **log-probs with entropy** (``flowrl.policy.token_logprobs(..., with_entropy=True)``), without gradient
-  (the reference and old-policy passes) and with (the update). Before: the output projection ran twice
-  per token, once for the log-probs and once more for the entropy. After: both from one projection.
+  (the reference and old-policy passes) and with (the update), three generations of the code:
+  ``two_projections`` (the first version: the output projection ran twice per token, once for the
+  log-probs and once more for the entropy), ``autograd`` (one projection per chunk for both, the chunk
+  recomputed in backward by activation checkpointing: ``fused=False``, still the path for heads that are
+  not a plain ``nn.Linear``) and ``fused`` (``_LinearLogprobs``: logits freed after the forward, rebuilt
+  once in backward and turned into their gradient in place; the default).
 
 Medians of ``--repeats`` timings; the shapes are the CPU preset's vocabulary (4k) and Qwen2.5's (152k).
 """
@@ -57,6 +61,9 @@ def previous_token_logprobs(hidden: Any, targets: Any, lm_head: Any, chunk_size:
     return torch.cat(out), torch.cat(ent)
 
 
+LOGPROB_VARIANTS = ("two_projections", "autograd", "fused")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -93,27 +100,35 @@ def main() -> int:
         for grad in (False, True):
             h = hidden.clone().requires_grad_(grad)
 
-            def old(h: Any = h, grad: bool = grad, y: Any = targets, head: Any = lm_head) -> None:
-                with torch.set_grad_enabled(grad):
-                    lp, _ = previous_token_logprobs(h, y, head, 1024)
-                    if grad:
-                        lp.sum().backward()
+            def timed(
+                variant: str, h: Any = h, grad: bool = grad, y: Any = targets, head: Any = lm_head
+            ) -> float:
+                def once() -> None:
+                    with torch.set_grad_enabled(grad):
+                        if variant == "two_projections":
+                            lp, _ = previous_token_logprobs(h, y, head, 1024)
+                        else:
+                            lp, _ = token_logprobs(
+                                h, y, head, temperature=1.0, chunk_size=1024, with_entropy=True,
+                                fused=variant == "fused",
+                            )  # fmt: skip
+                        if grad:
+                            lp.sum().backward()
 
-            def new(h: Any = h, grad: bool = grad, y: Any = targets, head: Any = lm_head) -> None:
-                with torch.set_grad_enabled(grad):
-                    lp, _ = token_logprobs(h, y, head, temperature=1.0, chunk_size=1024, with_entropy=True)
-                    if grad:
-                        lp.sum().backward()
+                return median_time(once, args.repeats)
 
-            before, after = median_time(old, args.repeats), median_time(new, args.repeats)
+            ms = {variant: timed(variant) * 1e3 for variant in LOGPROB_VARIANTS}
             label = "forward+backward" if grad else "no grad"
             results["logprobs_with_entropy"].append(
                 {"tokens": tokens, "hidden": hidden_size, "vocab": vocab, "pass": label,
-                 "before_ms": before * 1e3, "after_ms": after * 1e3, "speedup": before / after}
+                 **{f"{v}_ms": t for v, t in ms.items()},
+                 "speedup_fused_vs_two_projections": ms["two_projections"] / ms["fused"],
+                 "speedup_fused_vs_autograd": ms["autograd"] / ms["fused"]}
             )  # fmt: skip
             print(
                 f"log-probs + entropy, {label}, {tokens} tokens, H={hidden_size}, V={vocab}: "
-                f"{before * 1e3:.1f} ms -> {after * 1e3:.1f} ms ({before / after:.2f}x)"
+                + " -> ".join(f"{v} {t:.1f} ms" for v, t in ms.items())
+                + f" (fused vs autograd {ms['autograd'] / ms['fused']:.2f}x)"
             )
     _common.print_load(env)
     _common.finish(env, {"benchmark": "fast_paths", "device": args.device, **results}, args.json)

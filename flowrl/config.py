@@ -88,6 +88,9 @@ class TrainConfig:
     prompts_per_step: int = 512
     mini_batch_size: int = 256  # sequences per optimizer step (paper: 32 prompts x 8 = 256)
     micro_batch_size: int = 8  # sequences per forward/backward; does not change the loss
+    # sequences per forward of the passes without gradient (reference, old policy), which keep no
+    # activations; None: twice micro_batch_size
+    logprob_micro_batch_size: int | None = None
     epochs_per_rollout: int = 1  # passes over a rollout batch (paper: 16 mini-batches, one pass)
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
@@ -201,6 +204,10 @@ def validate(cfg: Config) -> None:
         raise ValueError(
             f"need 1 <= train.micro_batch_size <= train.mini_batch_size "
             f"(got {t.micro_batch_size} and {t.mini_batch_size})"
+        )
+    if t.logprob_micro_batch_size is not None and t.logprob_micro_batch_size < 1:
+        raise ValueError(
+            f"train.logprob_micro_batch_size must be >= 1 or null, got {t.logprob_micro_batch_size}"
         )
     if t.total_steps < 1 or t.epochs_per_rollout < 1 or t.log_every < 1:
         raise ValueError("train.total_steps, train.epochs_per_rollout and train.log_every must be >= 1")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -119,18 +120,90 @@ class PolicyOutput:
 def _chunk_logprobs(
     hidden: Tensor, targets: Tensor, lm_head: nn.Module, temperature: float, entropy: list[Tensor] | None
 ) -> Tensor:
-    """Log-probs of one chunk; its entropy, when asked for, is appended to ``entropy`` from the same logits.
+    """Log-probs of one chunk through any output module; its entropy, when asked for, is appended to
+    ``entropy`` from the same logits. The general path, for heads that are not a plain ``nn.Linear``.
 
     Under activation checkpointing this runs twice (forward, and again in backward to rebuild the graph);
     the entropy, which needs no graph, is computed the first time only (the list is no longer empty).
     """
-    logits = lm_head(hidden).float() / temperature  # (n, V), lives only for this chunk
+    logits = _wide(lm_head(hidden))  # (n, V), lives only for this chunk
+    if temperature != 1.0:
+        logits = logits / temperature
     log_norm = torch.logsumexp(logits, dim=-1)
     if entropy is not None and not entropy:  # one output projection per token for both, not two
         with torch.no_grad():
-            logp = logits - log_norm[:, None]
-            entropy.append(-(logp.exp() * logp).sum(-1))
+            entropy.append(_entropy_from(logits - log_norm[:, None]))
     return logits.gather(-1, targets[:, None]).squeeze(-1) - log_norm
+
+
+def _wide(logits: Tensor) -> Tensor:
+    """Logits in at least float32 (bf16 / fp16 projections are widened before the softmax)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _entropy_from(logp: Tensor) -> Tensor:
+    """-sum p log p per row of ``logp`` (n, V)."""
+    return -torch.linalg.vecdot(logp.exp(), logp)
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T / temperature)[target] for one chunk through an ``nn.Linear`` head.
+
+    The fused form of :func:`_chunk_logprobs`: backward needs only the chunk's hidden states and the
+    per-token log-normalizer, so the (n, V) logits are freed after the forward and rebuilt once in
+    backward, where the gradient ``(onehot(y) - softmax) * g / temperature`` is formed in place in that
+    one buffer. Autograd's version of the same computation (checkpoint + logsumexp + gather) makes about
+    twice as many full-vocabulary passes and allocations. Under autocast the projection runs in the
+    autocast dtype in both directions; the softmax is float32.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        targets: Tensor,
+        temperature: float,
+        with_entropy: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        projected = F.linear(hidden, weight, bias)  # autocast applies here, as in the module's forward
+        ctx.compute_dtype = projected.dtype
+        logits = _wide(projected)
+        del projected
+        if temperature != 1.0:
+            logits.div_(temperature)
+        log_norm = torch.logsumexp(logits, dim=-1)
+        picked = logits.gather(-1, targets[:, None]).squeeze(-1) - log_norm
+        entropy = _entropy_from(logits.sub_(log_norm[:, None])) if with_entropy else None
+        ctx.save_for_backward(hidden, weight, bias, targets, log_norm)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(*([entropy] if entropy is not None else []))
+        return picked, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _grad_entropy: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        hidden, weight, bias, targets, log_norm = ctx.saved_tensors
+        dtype, temperature = ctx.compute_dtype, ctx.temperature
+        w = weight.to(dtype)
+        logits = _wide(F.linear(hidden.to(dtype), w, None if bias is None else bias.to(dtype)))
+        if temperature != 1.0:
+            logits.div_(temperature)
+        grad_logits = logits.sub_(log_norm[:, None]).exp_()  # softmax, in the logits' buffer
+        grad_logits.mul_(-grad[:, None]).scatter_add_(
+            -1, targets[:, None], grad[:, None].to(grad_logits.dtype)
+        )
+        if temperature != 1.0:
+            grad_logits.div_(temperature)
+        grad_logits = grad_logits.to(dtype)
+        grad_hidden = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = (grad_logits @ w).to(hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_logits.T @ hidden.to(dtype)).to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = grad_logits.sum(0).to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 def token_logprobs(
@@ -141,6 +214,7 @@ def token_logprobs(
     temperature: float,
     chunk_size: int = DEFAULT_LOGPROB_CHUNK_SIZE,
     with_entropy: bool = False,
+    fused: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """log softmax(lm_head(hidden) / temperature)[target] for packed tokens, chunk by chunk.
 
@@ -151,14 +225,28 @@ def token_logprobs(
         temperature: the sampling temperature (log-probs of the distribution actually sampled from).
         chunk_size: tokens per chunk; memory is O(chunk_size * V) instead of O(n * V).
         with_entropy: also return the per-token entropy (no gradient).
+        fused: use :class:`_LinearLogprobs` when ``lm_head`` is a plain ``nn.Linear`` (the usual causal-LM
+            head); False, or any other head, takes the general path (autograd, chunks recomputed in
+            backward under activation checkpointing). Both give the same values and gradients.
 
     Returns:
         ``(logprobs (n,), entropy (n,) or None)``.
     """
     out, ent = [], []
-    needs_grad = torch.is_grad_enabled() and hidden.requires_grad
+    use_fused = fused and type(lm_head) is nn.Linear
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters())
+    )
     for start in range(0, hidden.shape[0], chunk_size):
         h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if use_fused:
+            lp, chunk_entropy = _LinearLogprobs.apply(
+                h, lm_head.weight, lm_head.bias, y, temperature, with_entropy
+            )
+            out.append(lp)
+            if chunk_entropy is not None:
+                ent.append(chunk_entropy)
+            continue
         slot: list[Tensor] | None = [] if with_entropy else None
         if needs_grad:  # recompute the chunk's logits in backward rather than keep them
             out.append(checkpoint(_chunk_logprobs, h, y, lm_head, temperature, slot, use_reentrant=False))

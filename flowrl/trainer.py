@@ -400,30 +400,36 @@ class Trainer:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def _micro_batches(self, rows: Tensor, rollout: RolloutBatch) -> Iterator[Micro]:
-        size = self.cfg.train.micro_batch_size
+    def _micro_batches(self, rows: Tensor, rollout: RolloutBatch, size: int | None = None) -> Iterator[Micro]:
+        size = size or self.cfg.train.micro_batch_size
         for start in range(0, len(rows), size):
             yield _micro(rollout, rows[start : start + size])
 
     @torch.no_grad()
-    def _logprobs_no_grad(self, policy: Policy, rollout: RolloutBatch) -> tuple[Tensor, Tensor]:
-        """(N, T) log-probs and entropies of every sequence, without gradient."""
+    def _logprobs_no_grad(
+        self, policy: Policy, rollout: RolloutBatch, *, with_entropy: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """(N, T) log-probs (and entropies) of every sequence, without gradient, in micro-batches of
+        ``train.logprob_micro_batch_size`` (no activations are kept, so they can be larger)."""
         n, width = rollout.response_ids.shape
         logprobs = torch.zeros(n, width, device=self.device)
-        entropy = torch.zeros(n, width, device=self.device)
+        entropy = torch.zeros(n, width, device=self.device) if with_entropy else None
         was_training = policy.training
         policy.eval()  # no dropout: these are the log-probs the samples were drawn with
-        for mb in self._micro_batches(torch.arange(n, device=self.device), rollout):
+        t = self.cfg.train
+        size = t.logprob_micro_batch_size or 2 * t.micro_batch_size
+        for mb in self._micro_batches(torch.arange(n, device=self.device), rollout, size):
             with self._autocast():
                 out = policy(
                     mb.input_ids,
                     mb.attention_mask,
                     mb.prompt_length,
                     temperature=self.sampling.temperature,
-                    with_entropy=True,
+                    with_entropy=with_entropy,
                 )
             logprobs[mb.rows] = _pad_to(out.logprobs, width)
-            entropy[mb.rows] = _pad_to(out.entropy, width)
+            if entropy is not None:
+                entropy[mb.rows] = _pad_to(out.entropy, width)
         policy.train(was_training)
         return logprobs, entropy
 
@@ -615,9 +621,9 @@ class Trainer:
             updates_per_rollout = math.ceil(int(step_valid.sum()) / t.mini_batch_size) * t.epochs_per_rollout
             old_logprobs = entropy = ref_logprobs = None
             if updates_per_rollout > 1 or obj.advantage_uses_ref_logprobs:  # REINFORCE++ KL needs both
-                old_logprobs, entropy = self._logprobs_no_grad(self.policy, rollout)
-            if self.ref_model is not None:
-                ref_logprobs, _ = self._logprobs_no_grad(self.ref_policy, rollout)
+                old_logprobs, entropy = self._logprobs_no_grad(self.policy, rollout, with_entropy=True)
+            if self.ref_model is not None:  # its entropy is never read
+                ref_logprobs, _ = self._logprobs_no_grad(self.ref_policy, rollout, with_entropy=False)
             mask = rollout.response_mask.float()
             step_advantages = self._advantages(step_rewards, step_valid, mask, old_logprobs, ref_logprobs)
             num_local, offset = len(rewards), dp.rank * len(rewards)

@@ -126,6 +126,7 @@ def test_update_does_not_depend_on_micro_batch_size(
                 tmp_path / f"m{micro}",
                 **{
                     "train.micro_batch_size": micro,
+                    "train.logprob_micro_batch_size": micro + 1,  # the reference pass's own size
                     "train.mini_batch_size": 16,  # all 16 sequences: the one mini-batch the test means
                     "log_z.dropout": 0.0,
                     "algorithm.name": algorithm,
@@ -142,7 +143,7 @@ def test_update_does_not_depend_on_micro_batch_size(
             rewards, rollout.response_mask.float(), None, None, num_samples_per_prompt=4, valid=valid
         )
         ref = (
-            trainer._logprobs_no_grad(trainer.ref_policy, rollout)[0]
+            trainer._logprobs_no_grad(trainer.ref_policy, rollout, with_entropy=False)[0]
             if trainer.ref_model is not None
             else None
         )

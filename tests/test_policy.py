@@ -1,0 +1,115 @@
+"""The chunked log-prob paths of flowrl.policy: the fused nn.Linear path against plain autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from flowrl.policy import token_logprobs
+
+
+def _reference(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, temperature: float):
+    """Full logits, plain log_softmax: what every path must equal."""
+    logp = torch.log_softmax(head(hidden) / temperature, -1)
+    return logp.gather(-1, targets[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+class _ScaledHead(nn.Module):
+    """A head that is not a plain nn.Linear: must take the general path and still be right."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * self.linear(x)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("bias", [False, True])
+def test_values_entropy_and_gradients_match_autograd(fused: bool, temperature: float, bias: bool) -> None:
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=bias).double()
+    hidden = torch.randn(23, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    weights = torch.randn(23, dtype=torch.float64)  # a non-uniform upstream gradient
+
+    lp, ent = token_logprobs(
+        hidden, targets, head, temperature=temperature, chunk_size=5, with_entropy=True, fused=fused
+    )
+    (lp * weights).sum().backward()
+    got = hidden.grad.clone(), head.weight.grad.clone(), None if head.bias is None else head.bias.grad.clone()
+
+    hidden.grad = None
+    head.zero_grad()
+    want_lp, want_ent = _reference(hidden, targets, head, temperature)
+    (want_lp * weights).sum().backward()
+
+    torch.testing.assert_close(lp, want_lp)
+    torch.testing.assert_close(ent, want_ent.detach())
+    assert not ent.requires_grad
+    torch.testing.assert_close(got[0], hidden.grad)
+    torch.testing.assert_close(got[1], head.weight.grad)
+    if bias:
+        torch.testing.assert_close(got[2], head.bias.grad)
+
+
+def test_fused_gradient_passes_gradcheck() -> None:
+    from flowrl.policy import _LinearLogprobs
+
+    torch.manual_seed(1)
+    targets = torch.randint(0, 9, (7,))
+    inputs = tuple(
+        torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in [(7, 6), (9, 6), (9,)]
+    )
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: _LinearLogprobs.apply(h, w, b, targets, 0.8, False)[0], inputs
+    )
+
+
+def test_general_path_for_other_heads_and_tied_weights() -> None:
+    torch.manual_seed(2)
+    embedding = nn.Embedding(40, 8)
+    linear = nn.Linear(8, 40, bias=False)
+    linear.weight = embedding.weight  # tied, as in Qwen2.5-0.5B: one parameter, two uses
+    hidden = embedding(torch.randint(0, 40, (11,)))
+    targets = torch.randint(0, 40, (11,))
+    for head in (linear, _ScaledHead(linear)):
+        embedding.zero_grad()
+        lp, _ = token_logprobs(hidden, targets, head, temperature=1.0, chunk_size=4)
+        lp.sum().backward(retain_graph=True)
+        got = embedding.weight.grad.clone()
+        embedding.zero_grad()
+        want, _ = _reference(hidden, targets, head, 1.0)
+        want.sum().backward(retain_graph=True)
+        torch.testing.assert_close(got, embedding.weight.grad)
+
+
+def test_bf16_autocast_matches_autograd_under_autocast() -> None:
+    torch.manual_seed(3)
+    head = nn.Linear(32, 64, bias=False)
+    hidden = torch.randn(20, 32, requires_grad=True)
+    targets = torch.randint(0, 64, (20,))
+    results = []
+    for fused in (True, False):
+        hidden.grad, head.weight.grad = None, None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lp, _ = token_logprobs(hidden, targets, head, temperature=1.0, chunk_size=8, fused=fused)
+        assert lp.dtype == torch.float32
+        lp.sum().backward()
+        assert hidden.grad.dtype == torch.float32 and head.weight.grad.dtype == torch.float32
+        results.append((lp.detach(), hidden.grad.clone(), head.weight.grad.clone()))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+def test_no_grad_and_empty_inputs() -> None:
+    head = nn.Linear(4, 10)
+    with torch.no_grad():
+        lp, ent = token_logprobs(torch.randn(3, 4), torch.tensor([1, 2, 3]), head, temperature=1.0)
+    assert lp.shape == (3,) and ent is None
+    lp, ent = token_logprobs(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), head, temperature=1.0,
+                             with_entropy=True)  # fmt: skip
+    assert lp.shape == (0,) and ent is not None and ent.shape == (0,)
