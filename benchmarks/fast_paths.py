@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/fast_paths.py --json outputs/bench/fast_paths_cpu.json
 
-* **sampling** (``flowrl.rollout.hf.InverseCdfSampler``): one next token per row of (B, V) logits.
+* **sampling** (``flowrl.rollout.hf.inverse_cdf_sample``): one next token per row of (B, V) logits.
   Before: ``torch.multinomial(softmax(logits), 1)``, what ``generate(do_sample=True)`` does, which draws
   an exponential variate per vocabulary entry. After: inverse-CDF sampling, one uniform per row (a float64
   cumulative sum), then the argmax ``generate`` takes of the one-hot scores. Same distribution.
@@ -13,6 +13,13 @@
   recomputed in backward by activation checkpointing: ``fused=False``, still the path for heads that are
   not a plain ``nn.Linear``) and ``fused`` (``_LinearLogprobs``: logits freed after the forward, rebuilt
   once in backward and turned into their gradient in place; the default).
+
+* **decoding** (``HFRolloutEngine``'s own decode loop) against ``model.generate(do_sample=True)``, what
+  a transformers user runs, on the CPU preset's model (1.5M parameters, V 4k), 8 prompts x 4 samples,
+  up to 64 tokens: ``fixed`` runs every row to 64 tokens (``ignore_eos`` / ``min_new_tokens``);
+  ``early_stops`` makes 128 of the 4,096 tokens end a response, so lengths are geometric (mean about
+  30) as they vary in real rollouts, and the loop drops finished rows from the batch while ``generate``
+  keeps decoding them.
 
 Medians of ``--repeats`` timings; the shapes are the CPU preset's vocabulary (4k) and Qwen2.5's (152k).
 """
@@ -64,6 +71,53 @@ def previous_token_logprobs(hidden: Any, targets: Any, lm_head: Any, chunk_size:
 LOGPROB_VARIANTS = ("two_projections", "autograd", "fused")
 
 
+def decoding(repeats: int, device: Any) -> list[dict[str, Any]]:
+    """``generate(do_sample=True)`` against ``HFRolloutEngine`` on the same prompts, both workloads."""
+
+    from flowrl.policy import encode_prompt
+    from flowrl.rollout import HFRolloutEngine, SamplingParams
+    from flowrl.rollout.hf import left_pad
+
+    tokenizer = _common.build_tokenizer(_common.MODEL_SHAPES["small"]["vocab_size"])
+    model = _common.build_model("small", tokenizer).to(device).eval()
+    prompts = [encode_prompt(tokenizer, r["prompt"]) for r in _common.prompt_rows(8)]
+    samples, steps = 4, 64
+    ids, mask = left_pad([p for p in prompts for _ in range(samples)], tokenizer.pad_token_id, device)
+    rows = []
+    for workload, stop_ids in [("fixed", []), ("early_stops", list(range(1000, 1128)))]:
+        engine = HFRolloutEngine(
+            model, pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids, batch_size=len(ids),
+            show_progress=False,
+        )  # fmt: skip
+        params = SamplingParams(n=samples, max_new_tokens=steps, ignore_eos=not stop_ids)
+        lengths: dict[str, float] = {}
+
+        def with_generate(stop_ids: list[int] = stop_ids, lengths: dict[str, float] = lengths) -> None:
+            out = model.generate(
+                ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=steps,
+                min_new_tokens=0 if stop_ids else steps, eos_token_id=stop_ids or None,
+                pad_token_id=tokenizer.pad_token_id,
+            )  # fmt: skip
+            lengths["generate"] = out.shape[1] - ids.shape[1]
+
+        def with_engine(
+            engine: Any = engine, params: Any = params, lengths: dict[str, float] = lengths
+        ) -> None:
+            lengths["engine_mean"] = float(engine.generate(prompts, params).response_lengths.float().mean())
+
+        before, after = median_time(with_generate, repeats), median_time(with_engine, repeats)
+        rows.append(
+            {"workload": workload, "sequences": len(ids), "max_new_tokens": steps,
+             "generate_ms": before * 1e3, "engine_ms": after * 1e3, "speedup": before / after,
+             "engine_mean_length": lengths["engine_mean"], "generate_batch_length": lengths["generate"]}
+        )  # fmt: skip
+        print(
+            f"decoding {workload}, {len(ids)} x up to {steps} tokens: generate {before * 1e3:.0f} ms -> "
+            f"engine {after * 1e3:.0f} ms ({before / after:.2f}x; mean length {lengths['engine_mean']:.1f})"
+        )
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -74,18 +128,17 @@ def main() -> int:
     import torch
 
     from flowrl.policy import token_logprobs
-    from flowrl.rollout.hf import InverseCdfSampler
+    from flowrl.rollout.hf import inverse_cdf_sample
 
     env = _common.environment()
     device = torch.device(args.device)
     torch.manual_seed(0)
     results: dict[str, Any] = {"sampling": [], "logprobs_with_entropy": []}
 
-    sampler = InverseCdfSampler()
     for batch, vocab in [(32, 4096), (32, 151936), (512, 151936)]:
         logits = torch.randn(batch, vocab, device=device)
         before = median_time(lambda: torch.multinomial(torch.softmax(logits, -1), 1), args.repeats)  # noqa: B023
-        after = median_time(lambda: sampler(None, logits).argmax(-1), args.repeats)  # noqa: B023
+        after = median_time(lambda: inverse_cdf_sample(logits), args.repeats)  # noqa: B023
         results["sampling"].append(
             {"batch": batch, "vocab": vocab, "before_ms": before * 1e3, "after_ms": after * 1e3,
              "speedup": before / after}
@@ -130,6 +183,7 @@ def main() -> int:
                 + " -> ".join(f"{v} {t:.1f} ms" for v, t in ms.items())
                 + f" (fused vs autograd {ms['autograd'] / ms['fused']:.2f}x)"
             )
+    results["decoding"] = decoding(args.repeats, device)
     _common.print_load(env)
     _common.finish(env, {"benchmark": "fast_paths", "device": args.device, **results}, args.json)
     return 0

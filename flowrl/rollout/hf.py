@@ -1,11 +1,11 @@
-"""Rollout with transformers' ``generate``, on the policy model itself (no weight copy to sync)."""
+"""Rollout on the policy's own transformers model (no weight copy to sync), with the project's decode loop."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -24,57 +24,65 @@ def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str
     return ids.to(device), mask.to(device)
 
 
-def _logits_processors(params: SamplingParams) -> Any:
-    """transformers' own temperature / top-k / top-p warpers, in its order, then the sampler; greedy: none."""
+def _warpers(params: SamplingParams) -> Any:
+    """transformers' own temperature / top-k / top-p warpers, in its order (none for greedy decoding)."""
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-    if params.temperature == 0:
-        return LogitsProcessorList()
-    processors: list[Any] = []
-    if params.temperature != 1.0:
-        processors.append(TemperatureLogitsWarper(params.temperature))
-    if params.top_k > 0:
-        processors.append(TopKLogitsWarper(params.top_k))
-    if params.top_p < 1.0:
-        processors.append(TopPLogitsWarper(params.top_p))
-    return LogitsProcessorList([*processors, InverseCdfSampler()])
+    warpers: list[Any] = []
+    if params.temperature not in (0.0, 1.0):
+        warpers.append(TemperatureLogitsWarper(params.temperature))
+    if params.temperature > 0 and params.top_k > 0:
+        warpers.append(TopKLogitsWarper(params.top_k))
+    if params.temperature > 0 and params.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(params.top_p))
+    return LogitsProcessorList(warpers)
 
 
-class InverseCdfSampler:
-    """A logits processor that draws the next token and returns scores whose argmax is that token.
+def inverse_cdf_sample(scores: Tensor) -> Tensor:
+    """Draw one token per row of ``scores`` (B, V) from ``softmax(scores)``: (B,) token ids.
 
-    Samples from ``softmax(scores)`` by inverse transform: one uniform number per row, located in the
-    cumulative distribution. That is the distribution ``torch.multinomial`` samples (what ``generate``
-    uses with ``do_sample=True``), but multinomial draws an exponential variate for every vocabulary
-    entry, B x V per token, which dominates CPU decoding at realistic vocabulary sizes (about 45% of a
-    decode step for a 4k vocabulary, more at 150k). ``generate`` then runs greedily on the returned
-    one-hot scores (0 at the drawn token, -inf elsewhere).
+    Inverse transform sampling: one uniform number per row, located in the cumulative distribution. That
+    is the distribution ``torch.multinomial`` samples (what ``generate(do_sample=True)`` uses), but
+    multinomial draws an exponential variate for every vocabulary entry, B x V per token, which
+    dominates CPU decoding at realistic vocabulary sizes (about 45% of a decode step for a 4k
+    vocabulary, more at 150k).
 
     The cumulative sum is in float64: in float32 its rounding (about 3e-8 per entry near 1) would move
     up to ~V x 3e-8 of probability mass between tail tokens, 0.5% at V = 150k.
     """
+    wide = torch.float32 if scores.device.type == "mps" else torch.float64  # MPS has no float64
+    cdf = torch.softmax(scores.float(), dim=-1).to(wide).cumsum(-1)  # (B, V)
+    total = cdf[:, -1:]  # about 1
+    u = torch.rand(total.shape, device=cdf.device, dtype=cdf.dtype) * total
+    # u < total strictly, so a token after the last one with probability mass is never returned.
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)  # the first position with cdf > u
 
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        """``scores`` (B, V) processed logits -> (B, V) one-hot scores of the drawn tokens."""
-        wide = torch.float32 if scores.device.type == "mps" else torch.float64  # MPS has no float64
-        cdf = torch.softmax(scores.float(), dim=-1).to(wide).cumsum(-1)  # (B, V)
-        total = cdf[:, -1:]  # about 1
-        u = torch.rand(total.shape, device=cdf.device, dtype=cdf.dtype) * total
-        # u < total strictly, so a token after the last one with probability mass is never returned.
-        u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
-        tokens = torch.searchsorted(cdf, u, right=True)  # (B, 1): the first position with cdf > u
-        return torch.full_like(scores, float("-inf")).scatter_(-1, tokens, 0.0)
+
+# A sequence that has finished stays in the decode batch (its new tokens discarded) until at least this
+# share of the batch has finished; then the finished rows leave the batch and the KV cache. Each
+# compaction copies the cache, so compacting on every finish would cost O(batch) copies; this way the
+# batch shrinks geometrically, a few dozen copies at most, and no step decodes many dead rows.
+COMPACT_FINISHED_SHARE = 0.25
 
 
 class HFRolloutEngine:
-    """Batched sampling with ``model.generate``: left padding, temperature / top-p / top-k, EOS handling.
+    """Batched sampling on the policy's own transformers model: left-padded prefill, then one token per
+    step through the model's KV cache, with temperature / top-p / top-k and EOS handling.
+
+    The decode loop is the project's, not ``generate``'s: it asks the model for the last position's
+    logits only, samples with :func:`inverse_cdf_sample` after transformers' warpers, records the sampled
+    token's log-prob as it goes (no (B, T, V) logits kept), and drops finished sequences from the batch
+    and the cache (see :data:`COMPACT_FINISHED_SHARE`), so a step decodes only what is still running.
+    A model's saved ``generation_config`` never applies: the trainer's log-probs assume exactly the
+    :class:`SamplingParams` given.
 
     Args:
         model: the policy's causal LM (shared with the trainer, so ``sync_weights`` is a no-op).
         pad_token_id: the tokenizer's pad id.
         eos_token_id: the id (or ids) that end a response.
-        batch_size: sequences per ``generate`` call (prompts x n); bounds generation memory.
-        show_progress: a progress bar over generate calls.
+        batch_size: sequences per decode batch (prompts x n); bounds generation memory.
+        show_progress: a progress bar over decode batches.
     """
 
     def __init__(
@@ -95,60 +103,99 @@ class HFRolloutEngine:
     def sync_weights(self, policy_model: nn.Module) -> None:  # noqa: D102 - shares the module
         self.model = policy_model
 
-    def _generation_config(self, params: SamplingParams) -> Any:
-        from transformers import GenerationConfig
-
-        # Sampling is done by the logits processors of `_logits_processors`; `generate` itself runs
-        # greedily on their output (argmax of a one-hot score).
-        return GenerationConfig(
-            do_sample=False,
-            max_new_tokens=params.max_new_tokens,
-            pad_token_id=self.pad_token_id,
-            eos_token_id=[] if params.ignore_eos else self.eos_token_ids,  # []: no token ends a response
-            return_dict_in_generate=True,
-            output_logits=params.return_logprobs,
-            use_cache=True,
-        )
-
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
         """Sample ``params.n`` responses per prompt; the n samples of a prompt are contiguous rows."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        from transformers import GenerationConfig
-
         device = next(self.model.parameters()).device
         expanded = [p for p in prompts for _ in range(params.n)]
-        config, processors = self._generation_config(params), _logits_processors(params)
         was_training = self.model.training
         self.model.eval()
-        # `generate` fills every setting left unset in `config` from the model's own generation config
-        # (a checkpoint's repetition_penalty, top_k, ...). An empty one in its place while sampling means
-        # nothing saved with a model leaks in: the trainer's log-probs assume exactly `params`.
-        saved_config, self.model.generation_config = self.model.generation_config, GenerationConfig()
         chunks = []
         starts = range(0, len(expanded), self.batch_size)
         try:
             for start in tqdm(starts, desc="rollout", disable=not self.show_progress, leave=False):
                 ids, mask = left_pad(expanded[start : start + self.batch_size], self.pad_token_id, device)
-                out = self.model.generate(
-                    input_ids=ids, attention_mask=mask, generation_config=config, logits_processor=processors
-                )
-                chunks.append(self._response(ids, out, params))
+                chunks.append(self._decode(ids, mask, params))
         finally:
-            self.model.generation_config = saved_config
             self.model.train(was_training)
         return self._assemble(expanded, chunks, params, device)
 
-    @staticmethod
-    def _response(ids: Tensor, out: Any, params: SamplingParams) -> tuple[Tensor, Tensor | None]:
-        response = out.sequences[:, ids.shape[1] :]
-        logprobs = None
-        if params.return_logprobs:  # `out.logits` are the model's raw logits, before any processor
-            scale = params.temperature if params.temperature > 0 else 1.0
-            logits = torch.stack(out.logits, dim=1).float() / scale  # (b, T, V)
-            logprobs = F.log_softmax(logits, -1).gather(-1, response[..., None]).squeeze(-1)
-        return response, logprobs
+    def _forward_fn(self) -> Any:
+        """``f(ids, mask, positions, cache) -> (b, V)`` float logits of the last position, the cache grown by
+        ``ids.shape[1]`` positions, in the keyword names this model's ``forward`` takes."""
+        accepted = inspect.signature(self.model.forward).parameters
+        # transformers 5.24 renamed `past_key_values` to `cache`; older releases take the former.
+        cache_name = "cache" if "cache" in accepted else "past_key_values"
+        # Only the last position's logits are needed; a remote-code model without `logits_to_keep`
+        # computes all of them.
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+
+        def forward(ids: Tensor, mask: Tensor, positions: Tensor, cache: Any) -> Tensor:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{cache_name: cache},
+                **keep,
+            )
+            return out.logits[:, -1].float()
+
+        return forward
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.model.config)  # per-layer kinds (sliding windows, ...)
+        except TypeError:  # transformers releases before the config argument
+            return DynamicCache()
+
+    def _decode(self, ids: Tensor, mask: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor | None]:
+        """Sample up to ``max_new_tokens`` for each left-padded row: (b, T) tokens (pad after the end)
+        and, when asked for, (b, T) log-probs of the sampled tokens at the sampling temperature."""
+        batch, steps = ids.shape[0], params.max_new_tokens
+        tokens = ids.new_full((batch, steps), self.pad_token_id)
+        logprobs = torch.zeros(batch, steps, device=ids.device) if params.return_logprobs else None
+        warpers, scale = _warpers(params), params.temperature if params.temperature > 0 else 1.0
+        eos = torch.tensor(self.eos_token_ids, device=ids.device)
+        stops = not params.ignore_eos and len(self.eos_token_ids) > 0
+
+        rows = torch.arange(batch, device=ids.device)  # the original row of each row in the decode batch
+        finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        forward, cache = self._forward_fn(), self._new_cache()
+        logits = forward(ids, mask, positions, cache)
+        positions = positions[:, -1:]
+        length = steps
+        for t in range(steps):
+            next_tokens = (
+                logits.argmax(-1) if params.temperature == 0 else inverse_cdf_sample(warpers(None, logits))
+            )
+            running = ~finished
+            tokens[rows[running], t] = next_tokens[running]
+            if logprobs is not None:
+                picked = torch.log_softmax(logits / scale, -1).gather(-1, next_tokens[:, None]).squeeze(-1)
+                logprobs[rows[running], t] = picked[running]
+            if stops:
+                finished |= torch.isin(next_tokens, eos)
+                done = int(finished.sum())
+                if done == len(rows):
+                    length = t + 1
+                    break
+                if done >= max(1, COMPACT_FINISHED_SHARE * len(rows)):
+                    keep = (~finished).nonzero().squeeze(-1)
+                    cache.batch_select_indices(keep)
+                    rows, finished, mask = rows[keep], finished[keep], mask[keep]
+                    positions, next_tokens = positions[keep], next_tokens[keep]
+            if t + 1 < steps:
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+                positions = positions + 1
+                logits = forward(next_tokens[:, None], mask, positions, cache)
+        tokens = tokens[:, :length]
+        return tokens, None if logprobs is None else logprobs[:, :length]
 
     def _assemble(
         self,
