@@ -76,7 +76,7 @@ def decoding(repeats: int, device: Any) -> list[dict[str, Any]]:
 
     from flowrl.policy import encode_prompt
     from flowrl.rollout import HFRolloutEngine, SamplingParams
-    from flowrl.rollout.hf import left_pad
+    from flowrl.rollout.base import left_pad
 
     tokenizer = _common.build_tokenizer(_common.MODEL_SHAPES["small"]["vocab_size"])
     model = _common.build_model("small", tokenizer).to(device).eval()

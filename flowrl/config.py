@@ -39,13 +39,16 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # rollout engine; "hf" = transformers generate on the policy itself
+    engine: str = "hf"  # "hf": the project's decode loop on the policy itself; "vllm": flowrl[vllm], CUDA
     num_samples_per_prompt: int = 8  # n responses per prompt (a GRPO/FlowRL group)
     temperature: float = 1.0  # paper: 1.0 for math, 0.6 for code; log-probs use the same temperature
     top_p: float = 1.0
     top_k: int = 0  # 0 disables top-k
     max_new_tokens: int = 8192  # paper: 8192 response tokens
-    batch_size: int = 64  # sequences per generate call
+    batch_size: int = 64  # sequences per decode batch (hf engine); vLLM schedules its own
+    gpu_memory_utilization: float = 0.3  # vllm: its share of the GPU (weights + KV cache), the rest trains
+    vllm_dtype: str = "bfloat16"  # vllm: the dtype of its copy of the weights
+    enable_sleep_mode: bool = False  # vllm: free its KV cache and offload its weights during updates
 
 
 @dataclass
@@ -213,8 +216,14 @@ def validate(cfg: Config) -> None:
         raise ValueError("train.total_steps, train.epochs_per_rollout and train.log_every must be >= 1")
     if cfg.optim.schedule not in ("constant", "cosine"):
         raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {cfg.optim.schedule!r}")
-    if cfg.rollout.engine != "hf":
-        raise ValueError(f"rollout.engine={cfg.rollout.engine!r}: only 'hf' (transformers) is available")
+    if cfg.rollout.engine not in ("hf", "vllm"):
+        raise ValueError(f"rollout.engine={cfg.rollout.engine!r}: choose 'hf' (transformers) or 'vllm'")
+    if cfg.rollout.engine == "vllm" and t.device == "cpu":
+        raise ValueError("rollout.engine=vllm runs on a CUDA GPU; on CPU use rollout.engine=hf")
+    if not 0 < cfg.rollout.gpu_memory_utilization < 1:
+        raise ValueError(
+            f"rollout.gpu_memory_utilization must be in (0, 1), got {cfg.rollout.gpu_memory_utilization}"
+        )
     if cfg.rollout.temperature <= 0:
         raise ValueError("rollout.temperature must be > 0 for training (log-probs are divided by it)")
     if cfg.log_z.num_layers < 0:

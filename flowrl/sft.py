@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from flowrl.objectives.masked import masked_mean
 from flowrl.policy import Policy
-from flowrl.rollout.hf import left_pad
+from flowrl.rollout.base import left_pad
 
 
 def encode_pairs(tokenizer: Any, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:

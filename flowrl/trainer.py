@@ -68,7 +68,7 @@ from flowrl.partition import LogZHead, log_z_param_groups
 from flowrl.policy import Policy, encode_prompt, load_model, load_tokenizer
 from flowrl.rewards.base import RewardResult, load_callable
 from flowrl.rewards.registry import check_batch_usable, score_batch, status_counts
-from flowrl.rollout import HFRolloutEngine, RolloutBatch, SamplingParams
+from flowrl.rollout import HFRolloutEngine, RolloutBatch, RolloutEngine, SamplingParams
 
 
 @dataclass
@@ -268,13 +268,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(o.warmup_steps, cfg.train.total_steps, o.schedule)
         )
-        self.engine = HFRolloutEngine(
-            model,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            batch_size=cfg.rollout.batch_size,
-            show_progress=False,  # the trainer shows one bar over its generation chunks
-        )
+        self.engine = self._build_engine(model)
+        self._engine_stale = True  # its weights are synced before the first rollout (resume included)
         self.sampling = SamplingParams(
             n=cfg.rollout.num_samples_per_prompt,
             temperature=cfg.rollout.temperature,
@@ -330,6 +325,30 @@ class Trainer:
         )
 
     # -- pieces of one step ------------------------------------------------------------------------
+
+    def _build_engine(self, model: torch.nn.Module) -> RolloutEngine:
+        r, m = self.cfg.rollout, self.cfg.model
+        if r.engine == "vllm":
+            from flowrl.rollout.vllm import VLLMRolloutEngine  # vLLM is imported only when chosen
+
+            return VLLMRolloutEngine(
+                m.path,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                dtype=r.vllm_dtype,
+                gpu_memory_utilization=r.gpu_memory_utilization,
+                max_model_len=self.cfg.data.max_prompt_length + r.max_new_tokens,
+                seed=self.cfg.train.seed,
+                enable_sleep_mode=r.enable_sleep_mode,
+                trust_remote_code=m.trust_remote_code,
+            )
+        return HFRolloutEngine(
+            model,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            batch_size=r.batch_size,
+            show_progress=False,  # the trainer shows one bar over its generation chunks
+        )
 
     def _print(self, text: str) -> None:
         if self.dp.is_main:
@@ -605,7 +624,11 @@ class Trainer:
             # 1. rollout: every rank draws the step's prompts and samples its contiguous share
             first = dp.rank * self.prompts_per_rank
             indices = self.sampler.next(t.prompts_per_step)[first : first + self.prompts_per_rank]
+            if self._engine_stale:  # the policy changed since the engine last saw it
+                self.engine.sync_weights(self.policy.model)
+                self._engine_stale = False
             rollout = self._rollout(indices, first)
+            self.engine.release_memory()
             torch.manual_seed(derive_seed(t.seed, "update", self.step, dp.rank))  # dropout
             generated = time.perf_counter()
 
@@ -636,6 +659,7 @@ class Trainer:
             rows = valid.nonzero().squeeze(-1)
             metrics = self._update(rollout, rows, advantages, old_logprobs, ref_logprobs)
             self.scheduler.step()
+            self._engine_stale = True
 
             # 6. metrics, over every rank's sequences
             finite = step_rewards[step_valid]

@@ -29,3 +29,30 @@ def write_config(path: Path, items: list[str]) -> Path:
     """Save dotted ``key=value`` overrides as a YAML config file for ``flowrl train``."""
     OmegaConf.save(OmegaConf.from_dotlist(items), path)
     return path
+
+
+def trainer_overrides(model_dir: Path, data_file: Path, out: Path, **extra: object) -> list[str]:
+    """Dotted overrides for a two-step run on the tiny model (``extra`` adds or replaces keys)."""
+    base = {
+        "model.path": model_dir,
+        "data.train_files": f"[{data_file}]",
+        "data.max_prompt_length": 16,
+        "rollout.num_samples_per_prompt": 4,
+        "rollout.max_new_tokens": 6,
+        "train.prompts_per_step": 4,
+        "train.mini_batch_size": 8,
+        "train.micro_batch_size": 4,
+        "train.total_steps": 2,
+        "train.save_every": 0,
+        "train.sample_every": 1,
+        "train.progress": "false",
+        "train.tensorboard": "false",
+        "train.plot": "false",
+        "train.output_dir": out,
+        "optim.lr": 1e-2,
+        "optim.warmup_steps": 1,
+        "log_z.lr": 1e-1,
+        "reward.function": "flowrl.data.synthetic:reward",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -29,7 +29,7 @@ from flowrl.config import load_config
 from flowrl.data import synthetic
 from flowrl.logging import read_metrics
 from flowrl.trainer import PromptSampler, Trainer
-from tests.conftest import write_config
+from tests.conftest import trainer_overrides, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS_PER_RANK = 2
@@ -60,12 +60,8 @@ def fails_on_some_prompts_then_everywhere(response: str, example: Mapping[str, A
 
 
 def overrides(model_dir: Path, data_file: Path, out: Path, **extra: object) -> list[str]:
-    base = {
-        "model.path": model_dir,
-        "data.train_files": f"[{data_file}]",
-        "data.max_prompt_length": 16,
+    settings = {
         "rollout.num_samples_per_prompt": SAMPLES,
-        "rollout.max_new_tokens": 6,
         # 2 prompts per generation chunk: each rank's 2 prompts are one chunk a single process also makes
         "rollout.batch_size": 2 * SAMPLES,
         "train.prompts_per_step": 2 * PROMPTS_PER_RANK,
@@ -74,19 +70,10 @@ def overrides(model_dir: Path, data_file: Path, out: Path, **extra: object) -> l
         "train.micro_batch_size": 2,
         "train.save_every": 1,
         "train.keep_checkpoints": 3,
-        "train.sample_every": 1,
-        "train.progress": "false",
-        "train.tensorboard": "false",
-        "train.plot": "false",
-        "train.output_dir": out,
-        "optim.lr": 1e-2,
-        "optim.warmup_steps": 1,
-        "log_z.lr": 1e-1,
         "log_z.dropout": 0.0,  # dropout masks are drawn per rank (flowrl.trainer's docstring)
         "reward.function": "tests.test_distributed:digit_share",
     }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return trainer_overrides(model_dir, data_file, out, **{**settings, **extra})
 
 
 def free_port() -> int:

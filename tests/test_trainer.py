@@ -20,33 +20,8 @@ from flowrl.partition import LOG_Z_PREFIX
 from flowrl.policy import Policy, load_model, load_tokenizer
 from flowrl.rollout import HFRolloutEngine, SamplingParams
 from flowrl.trainer import Trainer
+from tests.conftest import trainer_overrides as overrides
 from tests.conftest import write_config
-
-
-def overrides(model_dir: Path, data_file: Path, out: Path, **extra: object) -> list[str]:
-    base = {
-        "model.path": model_dir,
-        "data.train_files": f"[{data_file}]",
-        "data.max_prompt_length": 16,
-        "rollout.num_samples_per_prompt": 4,
-        "rollout.max_new_tokens": 6,
-        "train.prompts_per_step": 4,
-        "train.mini_batch_size": 8,
-        "train.micro_batch_size": 4,
-        "train.total_steps": 2,
-        "train.save_every": 0,
-        "train.sample_every": 1,
-        "train.progress": "false",
-        "train.tensorboard": "false",
-        "train.plot": "false",
-        "train.output_dir": out,
-        "optim.lr": 1e-2,
-        "optim.warmup_steps": 1,
-        "log_z.lr": 1e-1,
-        "reward.function": "flowrl.data.synthetic:reward",
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
 
 
 def test_train_cli_two_steps_updates_every_parameter(

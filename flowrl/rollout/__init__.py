@@ -1,4 +1,5 @@
-"""Rollout engines behind one interface: :class:`RolloutEngine` (transformers first; vLLM can follow)."""
+"""Rollout engines behind one interface, :class:`RolloutEngine`: :class:`HFRolloutEngine` (transformers,
+on the policy itself) and, imported only when chosen, :class:`flowrl.rollout.vllm.VLLMRolloutEngine`."""
 
 from flowrl.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
 from flowrl.rollout.hf import HFRolloutEngine

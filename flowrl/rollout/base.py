@@ -72,3 +72,68 @@ class RolloutEngine(Protocol):
     def sync_weights(self, policy_model: nn.Module) -> None:
         """Make the engine sample from the policy's current weights (the log Z head is never sent)."""
         ...
+
+    def release_memory(self) -> None:
+        """Free what generation holds on the device while the trainer runs its update."""
+        ...
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """Left-pad token lists to ``(B, L)`` ids and mask."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, length - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, length - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def assemble(
+    expanded: list[list[int]],
+    chunks: list[tuple[Tensor, Tensor | None]],
+    params: SamplingParams,
+    *,
+    pad_token_id: int,
+    eos_token_ids: list[int],
+) -> RolloutBatch:
+    """A :class:`RolloutBatch` from an engine's output, in any number of chunks of consecutive rows.
+
+    Args:
+        expanded: the prompt of every row (a prompt repeated ``n`` times), as token lists.
+        chunks: per chunk of rows, (b, t) sampled tokens (anything after a row's end is ignored) and,
+            when ``params.return_logprobs``, (b, t) their log-probs.
+        params: the sampling parameters the rows were drawn with.
+        pad_token_id: the tokenizer's pad id.
+        eos_token_ids: the ids that end a response; a row's response runs up to and including the first.
+    """
+    device = chunks[0][0].device
+    prompt_ids, prompt_mask = left_pad(expanded, pad_token_id, device)
+    length = max(r.shape[1] for r, _ in chunks)
+    response_ids = torch.full((len(expanded), length), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(response_ids.shape, dtype=torch.float32, device=device)
+    row = 0
+    for response, lp in chunks:
+        response_ids[row : row + response.shape[0], : response.shape[1]] = response
+        if lp is not None:
+            logprobs[row : row + response.shape[0], : response.shape[1]] = lp
+        row += response.shape[0]
+    if params.ignore_eos:  # every row ran to max_new_tokens; all of it is response
+        response_mask = torch.ones_like(response_ids)
+        truncated = torch.ones(len(expanded), dtype=torch.bool, device=device)
+    else:
+        is_eos = torch.isin(response_ids, torch.tensor(eos_token_ids, dtype=torch.long, device=device))
+        # Keep tokens up to and including the first EOS; everything after it is padding.
+        eos_before = is_eos.long().cumsum(-1) - is_eos.long()
+        response_mask = (eos_before == 0).long()
+        truncated = ~is_eos.any(-1)
+        response_ids = response_ids.masked_fill(response_mask == 0, pad_token_id)
+    return RolloutBatch(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        truncated=truncated,
+        sampling_logprobs=logprobs * response_mask if params.return_logprobs else None,
+    )

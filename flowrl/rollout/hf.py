@@ -9,19 +9,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from flowrl.rollout.base import RolloutBatch, SamplingParams
-
-
-def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
-    """Left-pad token lists to ``(B, L)`` ids and mask."""
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if s:
-            ids[i, length - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[i, length - len(s) :] = 1
-    return ids.to(device), mask.to(device)
+from flowrl.rollout.base import RolloutBatch, SamplingParams, assemble, left_pad
 
 
 def _warpers(params: SamplingParams) -> Any:
@@ -103,6 +91,9 @@ class HFRolloutEngine:
     def sync_weights(self, policy_model: nn.Module) -> None:  # noqa: D102 - shares the module
         self.model = policy_model
 
+    def release_memory(self) -> None:  # noqa: D102 - the KV cache lives only inside `generate`
+        pass
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
         """Sample ``params.n`` responses per prompt; the n samples of a prompt are contiguous rows."""
@@ -120,7 +111,9 @@ class HFRolloutEngine:
                 chunks.append(self._decode(ids, mask, params))
         finally:
             self.model.train(was_training)
-        return self._assemble(expanded, chunks, params, device)
+        return assemble(
+            expanded, chunks, params, pad_token_id=self.pad_token_id, eos_token_ids=self.eos_token_ids
+        )
 
     def _forward_fn(self) -> Any:
         """``f(ids, mask, positions, cache) -> (b, V)`` float logits of the last position, the cache grown by
@@ -196,39 +189,3 @@ class HFRolloutEngine:
                 logits = forward(next_tokens[:, None], mask, positions, cache)
         tokens = tokens[:, :length]
         return tokens, None if logprobs is None else logprobs[:, :length]
-
-    def _assemble(
-        self,
-        expanded: list[list[int]],
-        chunks: list[tuple[Tensor, Tensor | None]],
-        params: SamplingParams,
-        device: torch.device,
-    ) -> RolloutBatch:
-        prompt_ids, prompt_mask = left_pad(expanded, self.pad_token_id, device)
-        length = max(r.shape[1] for r, _ in chunks)
-        response_ids = torch.full((len(expanded), length), self.pad_token_id, dtype=torch.long, device=device)
-        logprobs = torch.zeros(response_ids.shape, dtype=torch.float32, device=device)
-        row = 0
-        for response, lp in chunks:
-            response_ids[row : row + response.shape[0], : response.shape[1]] = response
-            if lp is not None:
-                logprobs[row : row + response.shape[0], : response.shape[1]] = lp
-            row += response.shape[0]
-        if params.ignore_eos:  # every row ran to max_new_tokens; all of it is response
-            response_mask = torch.ones_like(response_ids)
-            truncated = torch.ones(len(expanded), dtype=torch.bool, device=device)
-        else:
-            is_eos = torch.isin(response_ids, torch.tensor(self.eos_token_ids, device=device))
-            # Keep tokens up to and including the first EOS; everything after it is padding.
-            eos_before = is_eos.long().cumsum(-1) - is_eos.long()
-            response_mask = (eos_before == 0).long()
-            truncated = ~is_eos.any(-1)
-            response_ids = response_ids.masked_fill(response_mask == 0, self.pad_token_id)
-        return RolloutBatch(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            response_ids=response_ids,
-            response_mask=response_mask,
-            truncated=truncated,
-            sampling_logprobs=logprobs * response_mask if params.return_logprobs else None,
-        )
