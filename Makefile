@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 VERL_VENV := .venv-verl
 VERL_STAMP := $(VERL_VENV)/.installed
 
-.PHONY: setup demo toy test test-verl test-slow lint format clean
+.PHONY: setup demo toy test test-verl test-slow test-gpu lint format clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,10 @@ test-verl: $(VERL_STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+# On a CUDA machine (vLLM tests also need `pip install -e ".[vllm]"`); skipped where neither exists.
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -m gpu -rs
 
 lint: $(STAMP)
 	$(BIN)/ruff check flowrl tests benchmarks

@@ -326,37 +326,6 @@ def peak_memory(device: Any) -> dict[str, float]:
 # -- the project's trainer in a child process ------------------------------------------------------
 
 
-def register_grpo_without_reference() -> str:
-    """Add objective ``grpo_noref`` to :data:`flowrl.objectives.OBJECTIVES` (this process only).
-
-    GRPO as most users run it: ``kl_coef`` 0 and no reference model (TRL's default ``beta=0``, DAPO,
-    Dr. GRPO). The project's ``grpo`` declares ``uses_ref_logprobs=True``, so its trainer loads the
-    reference model and runs the reference forward on every step even at ``kl_coef=0``, where the loss
-    only logs a KL metric from it. This variant passes the current log-probs, detached, in place of the
-    reference ones (KL 0), so the trainer neither loads nor runs the reference model; the gradient is
-    exactly ``grpo``'s at ``kl_coef=0``.
-    """
-    import dataclasses
-
-    from flowrl.objectives import OBJECTIVES, grpo_loss
-
-    name = "grpo_noref"
-    if name in OBJECTIVES:
-        return name
-
-    def grpo_without_reference(
-        logprobs: Any, old_logprobs: Any, advantages: Any, response_mask: Any, **options: Any
-    ) -> Any:
-        if options.get("kl_coef", 0.0):
-            raise ValueError("grpo_noref has no reference policy: leave kl_coef at 0")
-        return grpo_loss(logprobs, old_logprobs, logprobs.detach(), advantages, response_mask, **options)
-
-    OBJECTIVES[name] = dataclasses.replace(
-        OBJECTIVES["grpo"], name=name, loss_fn=grpo_without_reference, uses_ref_logprobs=False
-    )
-    return name
-
-
 PERF_KEYS = (
     "perf/rollout_time_s",
     "perf/score_and_logprob_time_s",
@@ -381,7 +350,6 @@ def run_project_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     from flowrl.config import load_config
     from flowrl.trainer import Trainer
 
-    register_grpo_without_reference()
     cfg = load_config(None, spec["overrides"])
     rss_after_import = peak_rss_mib()
     trainer = Trainer(cfg)

@@ -14,7 +14,8 @@ same number of tokens (checked: the JSON records each side's mean completion len
 Contestants, each in its own process, ``--repeats`` times in mirrored order:
 
 * ``flowrl``: the project's trainer, FlowRL (log Z head, reference model and its forward every step);
-* ``grpo_noref``: the project's trainer, GRPO without a reference model (what TRL's GRPO runs);
+* ``grpo``: the project's trainer, GRPO at its default ``kl_coef`` 0: no reference model (what TRL's
+  GRPO runs at its default ``beta=0``);
 * ``trl_grpo``: ``trl.GRPOTrainer`` with its defaults for the loss (``beta=0``: no reference model);
 * ``trl_flowrl``: ``flowrl.integrations.trl.FlowRLTrainer`` (TRL's loop, FlowRL's loss, reference model),
   when it imports.
@@ -48,7 +49,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(shape="tiny", prompts=2, samples=2, max_new_tokens=4, micro_batch=4, steps=2, warmup=1,
                   dtype="float32"),
 }  # fmt: skip
-CONTESTANTS = ("flowrl", "grpo_noref", "trl_grpo", "trl_flowrl")
+CONTESTANTS = ("flowrl", "grpo", "trl_grpo", "trl_flowrl")
 GOALS = {"cpu": ("throughput_ratio", 2.0), "gpu": ("seconds_per_step", 3.0)}
 TRL_STEP_S_H200 = (11.6, 12.0)  # issue 7: TRL 1.16 on one H200, the gpu preset's workload
 

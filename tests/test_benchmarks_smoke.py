@@ -111,14 +111,15 @@ def run_script(script: str, *args: str, tmp_path: Path) -> dict:
 
 def test_flowrl_vs_grpo_smoke(tmp_path: Path) -> None:
     report = run_script(
-        "flowrl_vs_grpo", "--preset", "smoke", "--repeats", "1", "--methods", "flowrl,grpo_noref",
+        "flowrl_vs_grpo", "--preset", "smoke", "--repeats", "1", "--methods", "flowrl,grpo,grpo_kl",
         tmp_path=tmp_path,
     )  # fmt: skip
-    flowrl, grpo = report["summary"]["flowrl"], report["summary"]["grpo_noref"]
+    flowrl, grpo = report["summary"]["flowrl"], report["summary"]["grpo"]
     assert flowrl["reference_model"] and not grpo["reference_model"]
+    assert report["summary"]["grpo_kl"]["reference_model"]  # a KL to pi_ref: the same reference pass
     assert flowrl["response_length"] == grpo["response_length"] == 4  # forced to full length
     assert flowrl["median_s"]["step_wall_s"] > 0 and flowrl["peak_memory"]["peak_rss_mib"] > 0
-    assert "flowrl_vs_grpo_noref" in report["comparisons"]
+    assert {"flowrl_vs_grpo", "flowrl_vs_grpo_kl", "reference_pass_s"} <= set(report["comparisons"])
 
 
 @pytest.mark.slow
