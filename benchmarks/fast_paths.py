@@ -15,11 +15,12 @@
   once in backward and turned into their gradient in place; the default).
 
 * **decoding** (``HFRolloutEngine``'s own decode loop) against ``model.generate(do_sample=True)``, what
-  a transformers user runs, on the CPU preset's model (1.5M parameters, V 4k), 8 prompts x 4 samples,
-  up to 64 tokens: ``fixed`` runs every row to 64 tokens (``ignore_eos`` / ``min_new_tokens``);
+  a transformers user runs, and against ``generate`` with the inverse-CDF sampler as a logits processor
+  (the engine before the decode loop), on the CPU preset's model (1.5M parameters, V 4k), 8 prompts x
+  4 samples, up to 64 tokens: ``fixed`` runs every row to 64 tokens (``ignore_eos`` / ``min_new_tokens``);
   ``early_stops`` makes 128 of the 4,096 tokens end a response, so lengths are geometric (mean about
-  30) as they vary in real rollouts, and the loop drops finished rows from the batch while ``generate``
-  keeps decoding them.
+  26) as they vary in real rollouts, and the loop drops finished rows from the batch while ``generate``
+  keeps decoding them until the longest is done.
 
 Medians of ``--repeats`` timings; the shapes are the CPU preset's vocabulary (4k) and Qwen2.5's (152k).
 """
@@ -71,8 +72,26 @@ def previous_token_logprobs(hidden: Any, targets: Any, lm_head: Any, chunk_size:
 LOGPROB_VARIANTS = ("two_projections", "autograd", "fused")
 
 
+class _OneHotSampler:
+    """The previous engine's sampling inside ``generate``: a logits processor that draws the token by
+    inverse CDF and returns one-hot scores, ``generate`` then running greedily on them."""
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        from flowrl.rollout.hf import inverse_cdf_sample
+
+        drawn = inverse_cdf_sample(scores)[:, None]
+        return torch.full_like(scores, float("-inf")).scatter_(-1, drawn, 0.0)
+
+
+DECODERS = ("generate", "generate_inverse_cdf", "engine")
+
+
 def decoding(repeats: int, device: Any) -> list[dict[str, Any]]:
-    """``generate(do_sample=True)`` against ``HFRolloutEngine`` on the same prompts, both workloads."""
+    """``generate(do_sample=True)``, ``generate`` with the previous engine's inverse-CDF processor, and
+    ``HFRolloutEngine``'s decode loop, on the same prompts, both workloads."""
+    from transformers import LogitsProcessorList
 
     from flowrl.policy import encode_prompt
     from flowrl.rollout import HFRolloutEngine, SamplingParams
@@ -92,28 +111,35 @@ def decoding(repeats: int, device: Any) -> list[dict[str, Any]]:
         params = SamplingParams(n=samples, max_new_tokens=steps, ignore_eos=not stop_ids)
         lengths: dict[str, float] = {}
 
-        def with_generate(stop_ids: list[int] = stop_ids, lengths: dict[str, float] = lengths) -> None:
+        def run(decoder: str, stop_ids: list[int] = stop_ids, engine: Any = engine, params: Any = params,
+                lengths: dict[str, float] = lengths) -> None:  # fmt: skip
+            if decoder == "engine":
+                lengths["engine_mean"] = float(
+                    engine.generate(prompts, params).response_lengths.float().mean()
+                )
+                return
+            one_hot = decoder == "generate_inverse_cdf"
             out = model.generate(
-                ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=steps,
+                ids, attention_mask=mask, do_sample=not one_hot, **({} if one_hot else {"top_k": 0}),
+                max_new_tokens=steps,
                 min_new_tokens=0 if stop_ids else steps, eos_token_id=stop_ids or None,
                 pad_token_id=tokenizer.pad_token_id,
+                logits_processor=LogitsProcessorList([_OneHotSampler()] if one_hot else []),
             )  # fmt: skip
-            lengths["generate"] = out.shape[1] - ids.shape[1]
+            lengths["generate_batch_length"] = out.shape[1] - ids.shape[1]
 
-        def with_engine(
-            engine: Any = engine, params: Any = params, lengths: dict[str, float] = lengths
-        ) -> None:
-            lengths["engine_mean"] = float(engine.generate(prompts, params).response_lengths.float().mean())
-
-        before, after = median_time(with_generate, repeats), median_time(with_engine, repeats)
+        ms = {d: median_time(lambda d=d: run(d), repeats) * 1e3 for d in DECODERS}
         rows.append(
             {"workload": workload, "sequences": len(ids), "max_new_tokens": steps,
-             "generate_ms": before * 1e3, "engine_ms": after * 1e3, "speedup": before / after,
-             "engine_mean_length": lengths["engine_mean"], "generate_batch_length": lengths["generate"]}
+             **{f"{d}_ms": t for d, t in ms.items()},
+             "speedup_vs_generate": ms["generate"] / ms["engine"],
+             "speedup_vs_generate_inverse_cdf": ms["generate_inverse_cdf"] / ms["engine"],
+             "engine_mean_length": lengths["engine_mean"],
+             "generate_batch_length": lengths["generate_batch_length"]}
         )  # fmt: skip
         print(
-            f"decoding {workload}, {len(ids)} x up to {steps} tokens: generate {before * 1e3:.0f} ms -> "
-            f"engine {after * 1e3:.0f} ms ({before / after:.2f}x; mean length {lengths['engine_mean']:.1f})"
+            f"decoding {workload}, {len(ids)} x up to {steps} tokens (engine mean length "
+            f"{lengths['engine_mean']:.1f}): " + " -> ".join(f"{d} {t:.0f} ms" for d, t in ms.items())
         )
     return rows
 
