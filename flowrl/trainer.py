@@ -12,7 +12,8 @@ One RL step:
      skipped when the batch is used for exactly one optimizer step: then they equal the current ones);
   5. mini-batch AdamW steps with micro-batch gradient accumulation. Every micro-batch loss is divided
      by the mini-batch's unit count (``normalizer``), so the summed gradient is the mini-batch mean's,
-     whatever the micro-batch size;
+     whatever the micro-batch size; micro-batches are cut from length-sorted rows and trimmed to their
+     longest sequence, so little padding is computed;
   6. metrics: one console line, JSONL / TensorBoard / W&B, sample responses every ``sample_every``.
 
 Data parallelism (``torchrun --nproc_per_node K -m flowrl.cli train CONFIG.yaml``, see
@@ -165,6 +166,12 @@ def _micro(rollout: RolloutBatch, rows: Tensor) -> Micro:
     ids = torch.cat([rollout.prompt_ids[rows, first:], rollout.response_ids[rows, :width]], dim=1)
     mask = torch.cat([prompt_mask[:, first:], response_mask[:, :width]], dim=1)
     return Micro(ids, mask, prompt_mask.shape[1] - first, rows, width)
+
+
+def by_length(rows: Tensor, rollout: RolloutBatch) -> Tensor:
+    """``rows`` ordered by prompt + response tokens, longest first (ties keep their order)."""
+    lengths = rollout.prompt_mask[rows].sum(-1) + rollout.response_mask[rows].sum(-1)
+    return rows[torch.argsort(lengths, descending=True, stable=True)]
 
 
 def _pad_to(x: Tensor, width: int, value: float = 0) -> Tensor:
@@ -420,7 +427,12 @@ class Trainer:
         return nullcontext()
 
     def _micro_batches(self, rows: Tensor, rollout: RolloutBatch, size: int | None = None) -> Iterator[Micro]:
+        """``rows`` cut into micro-batches of ``size`` (default ``train.micro_batch_size``), grouped by
+        length: sorted by prompt + response tokens (longest first), so each micro-batch, trimmed to its
+        own longest sequence, carries little padding. Every loss is divided by its mini-batch's unit
+        count, so the grouping changes no gradient."""
         size = size or self.cfg.train.micro_batch_size
+        rows = by_length(rows, rollout)
         for start in range(0, len(rows), size):
             yield _micro(rollout, rows[start : start + size])
 
