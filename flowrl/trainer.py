@@ -7,9 +7,10 @@ One RL step:
   1. take ``prompts_per_step`` prompts, sample ``num_samples_per_prompt`` responses each;
   2. score them (the reward registry, or the config's ``module:function``); failed rewards are counted
      and their samples left out of the update; a step where every reward failed stops the run;
-  3. advantages with the objective's advantage function (group-normalized rewards for FlowRL and GRPO);
-  4. reference log-probs from the frozen copy and old log-probs, without gradient (old log-probs are
-     skipped when the batch is used for exactly one optimizer step: then they equal the current ones);
+  3. reference log-probs from the frozen copy, without gradient, in a second thread while step 2
+     scores; old log-probs too when the batch makes more than one optimizer step (for exactly one, they
+     equal the current ones and are skipped);
+  4. advantages with the objective's advantage function (group-normalized rewards for FlowRL and GRPO);
   5. mini-batch AdamW steps with micro-batch gradient accumulation. Every micro-batch loss is divided
      by the mini-batch's unit count (``normalizer``), so the summed gradient is the mini-batch mean's,
      whatever the micro-batch size; micro-batches are cut from length-sorted rows and trimmed to their
@@ -49,6 +50,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -644,21 +646,29 @@ class Trainer:
             torch.manual_seed(derive_seed(t.seed, "update", self.step, dp.rank))  # dropout
             generated = time.perf_counter()
 
-            # 2. rewards; failures are counted and left out, never scored 0
-            texts, results = self._score(rollout, indices)
+            # 2. rewards, failures counted and left out (never scored 0), while the reference forward runs
+            # beside them in a second thread: neither reads the other, the verifiers and sandboxes work in
+            # their own processes, and torch releases the GIL in its kernels. Scoring stays on this
+            # thread, where a custom reward may use signals.
+            with ThreadPoolExecutor(max_workers=1) as beside:
+                reference = None
+                if self.ref_model is not None:  # its entropy is never read
+                    reference = beside.submit(
+                        self._logprobs_no_grad, self.ref_policy, rollout, with_entropy=False
+                    )
+                texts, results = self._score(rollout, indices)
+                ref_logprobs = None if reference is None else reference.result()[0]
             rewards = torch.tensor([r.score for r in results], dtype=torch.float32, device=self.device)
             valid = torch.tensor([r.ok for r in results], device=self.device)
             step_rewards, step_valid = dp.gather(rewards), dp.gather(valid)
             if not bool(step_valid.any()):
                 check_batch_usable(results)  # no rank has a usable reward: every rank raises here
 
-            # 3-4. reference and old log-probs (no gradient), then advantages
+            # 3-4. old log-probs (no gradient) when the batch makes several optimizer steps, then advantages
             updates_per_rollout = math.ceil(int(step_valid.sum()) / t.mini_batch_size) * t.epochs_per_rollout
-            old_logprobs = entropy = ref_logprobs = None
+            old_logprobs = entropy = None
             if updates_per_rollout > 1 or obj.advantage_uses_ref_logprobs:  # REINFORCE++ KL needs both
                 old_logprobs, entropy = self._logprobs_no_grad(self.policy, rollout, with_entropy=True)
-            if self.ref_model is not None:  # its entropy is never read
-                ref_logprobs, _ = self._logprobs_no_grad(self.ref_policy, rollout, with_entropy=False)
             mask = rollout.response_mask.float()
             step_advantages = self._advantages(step_rewards, step_valid, mask, old_logprobs, ref_logprobs)
             num_local, offset = len(rewards), dp.rank * len(rewards)

@@ -60,7 +60,7 @@ def test_sampling_parameters_map_onto_vllm() -> None:
     params = SamplingParams(n=4, temperature=0.6, top_p=0.9, top_k=0, max_new_tokens=32, return_logprobs=True)
     kwargs = vllm_sampling_kwargs(params, [7, 9], seed=123)
     assert kwargs["n"] == 4 and kwargs["temperature"] == 0.6 and kwargs["top_p"] == 0.9
-    assert kwargs["top_k"] == -1  # the project's 0 (disabled) is vLLM's -1
+    assert kwargs["top_k"] == 0  # disabled, in both conventions
     assert kwargs["max_tokens"] == 32 and kwargs["stop_token_ids"] == [7, 9] and not kwargs["ignore_eos"]
     assert kwargs["logprobs"] == 0 and kwargs["seed"] == 123 and kwargs["detokenize"] is False
     fixed = vllm_sampling_kwargs(SamplingParams(top_k=5, ignore_eos=True), [7], seed=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,43 @@ def _cut_in_order(rows: torch.Tensor, rollout, size: int):
     from flowrl.trainer import _micro
 
     return [_micro(rollout, rows[i : i + size]) for i in range(0, len(rows), size)]
+
+
+REFERENCE_STARTED = threading.Event()
+REWARD_THREADS: list[tuple[str, bool]] = []
+
+
+def reward_waiting_for_the_reference(response: str, example: dict) -> float:
+    """Scores like the demo, but first waits for the reference pass to start: it can only start while
+    scoring is under way if the two run side by side."""
+    REWARD_THREADS.append((threading.current_thread().name, REFERENCE_STARTED.wait(timeout=30)))
+    return synthetic.reward(response, example).score
+
+
+def test_reference_pass_runs_beside_scoring(model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    settings = {
+        "reward.function": "tests.test_trainer:reward_waiting_for_the_reference",
+        "train.total_steps": 1,
+    }
+    cfg = load_config(None, overrides(model_dir, data_file, tmp_path, **settings))
+    trainer = Trainer(cfg)
+    assert trainer.ref_model is not None
+    passes: list[str] = []
+    no_grad = trainer._logprobs_no_grad
+
+    def recorded(policy, rollout, *, with_entropy):
+        if policy is trainer.ref_policy:
+            passes.append(threading.current_thread().name)
+            REFERENCE_STARTED.set()
+        return no_grad(policy, rollout, with_entropy=with_entropy)
+
+    REFERENCE_STARTED.clear()
+    REWARD_THREADS.clear()
+    trainer._logprobs_no_grad = recorded
+    trainer.fit()
+    main = threading.main_thread().name
+    assert passes and all(name != main for name in passes)  # the reference pass: a second thread
+    assert REWARD_THREADS and all(name == main and started for name, started in REWARD_THREADS)
 
 
 def test_stop_and_resume_equals_straight_run(model_dir: Path, data_file: Path, tmp_path: Path) -> None:

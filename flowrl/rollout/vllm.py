@@ -50,7 +50,7 @@ def vllm_sampling_kwargs(params: SamplingParams, eos_token_ids: list[int], seed:
         "n": params.n,
         "temperature": params.temperature,
         "top_p": params.top_p,
-        "top_k": params.top_k if params.top_k > 0 else -1,  # vLLM: -1 disables top-k
+        "top_k": params.top_k,  # 0 disables top-k in vLLM too (what TRL passes by default)
         "max_tokens": params.max_new_tokens,
         "ignore_eos": params.ignore_eos,
         "stop_token_ids": [] if params.ignore_eos else list(eos_token_ids),
