@@ -167,7 +167,8 @@ class HFRolloutEngine:
             next_tokens = (
                 logits.argmax(-1) if params.temperature == 0 else inverse_cdf_sample(warpers(None, logits))
             )
-            running = ~finished
+            # rows that finished but are still in the batch (until the next compaction) record nothing
+            running = ~finished if stops else slice(None)  # without stops: no boolean indexing (no sync)
             tokens[rows[running], t] = next_tokens[running]
             if logprobs is not None:
                 picked = torch.log_softmax(logits / scale, -1).gather(-1, next_tokens[:, None]).squeeze(-1)
