@@ -98,6 +98,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
     bf16: bool | None = None  # autocast to bfloat16; None: on for CUDA, off on CPU
+    # run the reference forward in a second thread while rewards are scored; None: on for CUDA, off on
+    # CPU (there torch already uses every core, and a second thread's OpenMP team competes with decoding)
+    overlap_reference: bool | None = None
     output_dir: str = "runs/flowrl"
     save_every: int = 50  # steps between checkpoints (and always at the end); 0 = only at the end
     keep_checkpoints: int = 2  # most recent checkpoints kept on disk

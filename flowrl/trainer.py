@@ -7,9 +7,9 @@ One RL step:
   1. take ``prompts_per_step`` prompts, sample ``num_samples_per_prompt`` responses each;
   2. score them (the reward registry, or the config's ``module:function``); failed rewards are counted
      and their samples left out of the update; a step where every reward failed stops the run;
-  3. reference log-probs from the frozen copy, without gradient, in a second thread while step 2
-     scores; old log-probs too when the batch makes more than one optimizer step (for exactly one, they
-     equal the current ones and are skipped);
+  3. reference log-probs from the frozen copy, without gradient (on a GPU in a second thread while
+     step 2 scores: ``train.overlap_reference``); old log-probs too when the batch makes more than one
+     optimizer step (for exactly one, they equal the current ones and are skipped);
   4. advantages with the objective's advantage function (group-normalized rewards for FlowRL and GRPO);
   5. mini-batch AdamW steps with micro-batch gradient accumulation. Every micro-batch loss is divided
      by the mini-batch's unit count (``normalizer``), so the summed gradient is the mini-batch mean's,
@@ -221,6 +221,8 @@ class Trainer:
         self.objective: Objective = OBJECTIVES[cfg.algorithm.name]
         self.device = self.dp.device
         self.bf16 = cfg.train.bf16 if cfg.train.bf16 is not None else self.device.type == "cuda"
+        overlap = cfg.train.overlap_reference
+        self.overlap_reference = overlap if overlap is not None else self.device.type == "cuda"
         self.run_dir = Path(cfg.train.output_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.train.seed)  # the same on every rank: the log Z head starts alike
@@ -630,8 +632,8 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Train until ``train.total_steps``; returns the run directory, metrics, policy and tokenizer."""
-        # One thread runs the reference pass beside scoring for the whole run: a new thread per step
-        # would start a new OpenMP team with cold kernel caches each time (about 30% slower on CPU).
+        # One thread runs the reference pass beside scoring (train.overlap_reference) for the whole run:
+        # a new thread per step would start a new OpenMP team with cold caches each time.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowrl-reference") as beside:
             self._beside = beside
             return self._fit()
@@ -654,19 +656,22 @@ class Trainer:
             torch.manual_seed(derive_seed(t.seed, "update", self.step, dp.rank))  # dropout
             generated = time.perf_counter()
 
-            # 2. rewards, failures counted and left out (never scored 0), while the reference forward runs
-            # beside them in a second thread: neither reads the other, the verifiers and sandboxes work in
-            # their own processes, and torch releases the GIL in its kernels. Scoring stays on this
-            # thread, where a custom reward may use signals.
-            reference = None
-            if self.ref_model is not None:  # its entropy is never read
+            # 2. rewards, failures counted and left out (never scored 0); on a GPU the reference forward
+            # runs beside them in a second thread: neither reads the other, the verifiers and sandboxes
+            # work in their own processes, and torch releases the GIL. Scoring stays on this thread,
+            # where a custom reward may use signals.
+            reference = ref_logprobs = None
+            if self.ref_model is not None and self.overlap_reference:
                 reference = self._beside.submit(
                     self._logprobs_no_grad, self.ref_policy, rollout, with_entropy=False
                 )
             try:
                 texts, results = self._score(rollout, indices)
             finally:  # a failed scoring waits for the pass, so no thread outlives the step
-                ref_logprobs = None if reference is None else reference.result()[0]
+                if reference is not None:
+                    ref_logprobs = reference.result()[0]
+            if self.ref_model is not None and reference is None:  # its entropy is never read
+                ref_logprobs, _ = self._logprobs_no_grad(self.ref_policy, rollout, with_entropy=False)
             rewards = torch.tensor([r.score for r in results], dtype=torch.float32, device=self.device)
             valid = torch.tensor([r.ok for r in results], device=self.device)
             step_rewards, step_valid = dp.gather(rewards), dp.gather(valid)

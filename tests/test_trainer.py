@@ -138,6 +138,7 @@ def test_micro_batches_are_grouped_by_length(model_dir: Path, data_file: Path, t
     from flowrl.rollout.base import RolloutBatch
 
     trainer = Trainer(load_config(None, overrides(model_dir, data_file, tmp_path)))
+    assert trainer.overlap_reference is False  # the CPU default (see test_reference_pass_runs_beside_scoring)
     torch.manual_seed(0)
     n, width = 12, 40
     lengths = torch.randint(1, width + 1, (n,))
@@ -187,6 +188,7 @@ def test_reference_pass_runs_beside_scoring(model_dir: Path, data_file: Path, tm
     settings = {
         "reward.function": "tests.test_trainer:reward_waiting_for_the_reference",
         "train.total_steps": 1,
+        "train.overlap_reference": True,  # the default on CUDA; off by default on CPU
     }
     cfg = load_config(None, overrides(model_dir, data_file, tmp_path, **settings))
     trainer = Trainer(cfg)
