@@ -28,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as exc:
+        if cfg.rollout.engine == "vllm":
+            from flowrl.rollout.vllm import import_vllm
+
+            import_vllm()  # before any model is loaded: a missing vLLM fails at once, naming the fix
+    except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"flowrl train: {exc}", file=sys.stderr)
         return 2
     result = train(cfg, resume=args.resume)

@@ -23,7 +23,7 @@ from flowrl.partition import LOG_Z_PREFIX, LogZHead
 from flowrl.policy import Policy, load_model, load_tokenizer
 from flowrl.rollout import HFRolloutEngine, SamplingParams
 from flowrl.rollout.vllm import INSTALL_HINT, completion_row, vllm_sampling_kwargs, weights_for_vllm
-from tests.conftest import trainer_overrides
+from tests.conftest import trainer_overrides, write_config
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm_gpu = pytest.mark.skipif(
@@ -54,6 +54,18 @@ def test_without_vllm_the_engine_says_how_to_get_it() -> None:
     with pytest.raises(ImportError, match=r"pip install 'flowrl\[vllm\]'") as err:
         VLLMRolloutEngine("unused", pad_token_id=0, eos_token_id=1)
     assert str(err.value) == INSTALL_HINT
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed here")
+def test_flowrl_train_without_vllm_stops_before_loading_anything(
+    model_dir: Path, data_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flowrl import cli
+
+    items = trainer_overrides(model_dir, data_file, tmp_path / "run", **{"rollout.engine": "vllm"})
+    assert cli.main(["train", str(write_config(tmp_path / "vllm.yaml", items))]) == 2
+    assert "pip install 'flowrl[vllm]'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # no run directory: nothing was started
 
 
 def test_sampling_parameters_map_onto_vllm() -> None:
