@@ -18,9 +18,9 @@
   a transformers user runs, and against ``generate`` with the inverse-CDF sampler as a logits processor
   (the engine before the decode loop), on the CPU preset's model (1.5M parameters, V 4k), 8 prompts x
   4 samples, up to 64 tokens: ``fixed`` runs every row to 64 tokens (``ignore_eos`` / ``min_new_tokens``);
-  ``early_stops`` makes 128 of the 4,096 tokens end a response, so lengths are geometric (mean about
-  26) as they vary in real rollouts, and the loop drops finished rows from the batch while ``generate``
-  keeps decoding them until the longest is done.
+  ``early_stops`` makes 128 of the 4,096 tokens end a response, so lengths are geometric (mean 24 to
+  28 in the runs made) as they vary in real rollouts, and the loop drops finished rows from the batch
+  while ``generate`` keeps decoding them until the longest is done.
 
 * **micro-batch padding** (``flowrl.trainer.by_length``): tokens the update computes (every micro-batch
   trimmed to its longest sequence) when micro-batches are cut from length-sorted rows, against cutting

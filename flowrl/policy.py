@@ -178,7 +178,8 @@ class _LinearLogprobs(torch.autograd.Function):
         entropy = _entropy_from(logits.sub_(log_norm[:, None])) if with_entropy else None
         ctx.save_for_backward(hidden, weight, bias, targets, log_norm)
         ctx.temperature = temperature
-        ctx.mark_non_differentiable(*([entropy] if entropy is not None else []))
+        if entropy is not None:
+            ctx.mark_non_differentiable(entropy)
         return picked, entropy
 
     @staticmethod
@@ -234,8 +235,10 @@ def token_logprobs(
     """
     out, ent = [], []
     use_fused = fused and type(lm_head) is nn.Linear
-    needs_grad = torch.is_grad_enabled() and (
-        hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters())
+    needs_grad = (
+        not use_fused
+        and torch.is_grad_enabled()
+        and (hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters()))
     )
     for start in range(0, hidden.shape[0], chunk_size):
         h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]

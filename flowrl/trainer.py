@@ -50,7 +50,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -174,6 +174,13 @@ def by_length(rows: Tensor, rollout: RolloutBatch) -> Tensor:
     """``rows`` ordered by prompt + response tokens, longest first (ties keep their order)."""
     lengths = rollout.prompt_mask[rows].sum(-1) + rollout.response_mask[rows].sum(-1)
     return rows[torch.argsort(lengths, descending=True, stable=True)]
+
+
+def _run_now(fn: Any, *args: Any, **kwargs: Any) -> Future:
+    """``fn(*args, **kwargs)`` run on this thread, as a finished future (the executor's interface)."""
+    future: Future = Future()
+    future.set_result(fn(*args, **kwargs))
+    return future
 
 
 def _pad_to(x: Tensor, width: int, value: float = 0) -> Tensor:
@@ -660,18 +667,14 @@ class Trainer:
             # runs beside them in a second thread: neither reads the other, the verifiers and sandboxes
             # work in their own processes, and torch releases the GIL. Scoring stays on this thread,
             # where a custom reward may use signals.
-            reference = ref_logprobs = None
-            if self.ref_model is not None and self.overlap_reference:
-                reference = self._beside.submit(
-                    self._logprobs_no_grad, self.ref_policy, rollout, with_entropy=False
-                )
+            reference = None
+            if self.ref_model is not None:  # its entropy is never read
+                run = self._beside.submit if self.overlap_reference else _run_now
+                reference = run(self._logprobs_no_grad, self.ref_policy, rollout, with_entropy=False)
             try:
                 texts, results = self._score(rollout, indices)
             finally:  # a failed scoring waits for the pass, so no thread outlives the step
-                if reference is not None:
-                    ref_logprobs = reference.result()[0]
-            if self.ref_model is not None and reference is None:  # its entropy is never read
-                ref_logprobs, _ = self._logprobs_no_grad(self.ref_policy, rollout, with_entropy=False)
+                ref_logprobs = None if reference is None else reference.result()[0]
             rewards = torch.tensor([r.score for r in results], dtype=torch.float32, device=self.device)
             valid = torch.tensor([r.ok for r in results], device=self.device)
             step_rewards, step_valid = dp.gather(rewards), dp.gather(valid)

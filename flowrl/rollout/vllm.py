@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowrl.partition import LOG_Z_PREFIX
+from flowrl.partition import is_log_z_param
 from flowrl.rollout.base import RolloutBatch, SamplingParams, assemble
 
 INSTALL_HINT = (
@@ -86,9 +86,8 @@ def weights_for_vllm(named_parameters: Iterable[tuple[str, Tensor]]) -> Iterator
     """The policy's parameters as vLLM's ``load_weights`` takes them: the log Z head never leaves the
     trainer (vLLM's model has no such module and would reject or, worse, misplace it)."""
     for name, tensor in named_parameters:
-        if name.startswith(LOG_Z_PREFIX) or f".{LOG_Z_PREFIX}" in name:
-            continue
-        yield name, tensor.detach()
+        if not is_log_z_param(name):
+            yield name, tensor.detach()
 
 
 class VLLMRolloutEngine:
