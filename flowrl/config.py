@@ -45,7 +45,7 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 disables top-k
     max_new_tokens: int = 8192  # paper: 8192 response tokens
-    batch_size: int = 64  # sequences per decode batch (hf engine); vLLM schedules its own
+    batch_size: int = 64  # hf engine: decode slots (continuous batching); vLLM schedules its own
     gpu_memory_utilization: float = 0.3  # vllm: its share of the GPU (weights + KV cache), the rest trains
     vllm_dtype: str = "bfloat16"  # vllm: the dtype of its copy of the weights
     enable_sleep_mode: bool = False  # vllm: free its KV cache and offload its weights during updates
@@ -227,6 +227,8 @@ def validate(cfg: Config) -> None:
         raise ValueError(
             f"rollout.gpu_memory_utilization must be in (0, 1), got {cfg.rollout.gpu_memory_utilization}"
         )
+    if cfg.rollout.batch_size < 1:
+        raise ValueError(f"rollout.batch_size (decode slots) must be >= 1, got {cfg.rollout.batch_size}")
     if cfg.rollout.temperature <= 0:
         raise ValueError("rollout.temperature must be > 0 for training (log-probs are divided by it)")
     if cfg.log_z.num_layers < 0:

@@ -23,12 +23,11 @@ Data parallelism (``torchrun --nproc_per_node K -m flowrl.cli train CONFIG.yaml`
 * Prompts: every rank draws the same ``prompts_per_step`` prompts (same sampler, same seed, so the
   data position in checkpoints is global) and takes a contiguous slice of ``prompts_per_step / K``
   (it must divide). All samples of a prompt live on one rank, so group statistics are local.
-* Random numbers: sampling is seeded per generation chunk by ``(seed, step, position in the step of
-  the chunk's first prompt)``, chunks being ``rollout.batch_size // num_samples_per_prompt`` prompts
-  aligned on the step's positions. When that chunk size divides the per-rank prompt count, a rank
-  generates exactly the chunks one process would, and the responses do not depend on K. The rest
-  (dropout) uses ``(seed, step, rank)``: with dropout, K processes draw different masks than one.
-  Every stream is re-seeded each step, so a resumed run equals a straight one.
+* Random numbers: each prompt's samples draw from streams keyed by ``(seed, step, position of the
+  prompt in the step)`` (the engine's counter-based per-sequence streams), so the responses depend on
+  neither K nor ``rollout.batch_size``. The rest (dropout) uses ``(seed, step, rank)``: with dropout, K
+  processes draw different masks than one. Every stream is re-seeded each step, so a resumed run
+  equals a straight one.
 * Advantages: the advantage function sees the whole step (its inputs are all-gathered), so batch
   statistics such as REINFORCE++'s whitening are global; each rank keeps its rows.
 * Mini-batches: one permutation of the step's valid sequences, the same on every rank (seeded by
@@ -187,29 +186,6 @@ def _pad_to(x: Tensor, width: int, value: float = 0) -> Tensor:
     return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
 
 
-def _concat_rollouts(batches: list[RolloutBatch], pad_token_id: int) -> RolloutBatch:
-    """One batch from several: prompts left-padded, responses right-padded to the widest."""
-    if len(batches) == 1:
-        return batches[0]
-    p = max(b.prompt_ids.shape[1] for b in batches)
-    t = max(b.response_ids.shape[1] for b in batches)
-
-    def left(x: Tensor, value: int) -> Tensor:
-        return torch.nn.functional.pad(x, (p - x.shape[1], 0), value=value)
-
-    logprobs = [b.sampling_logprobs for b in batches]
-    return RolloutBatch(
-        prompt_ids=torch.cat([left(b.prompt_ids, pad_token_id) for b in batches]),
-        prompt_mask=torch.cat([left(b.prompt_mask, 0) for b in batches]),
-        response_ids=torch.cat([_pad_to(b.response_ids, t, pad_token_id) for b in batches]),
-        response_mask=torch.cat([_pad_to(b.response_mask, t) for b in batches]),
-        truncated=torch.cat([b.truncated for b in batches]),
-        sampling_logprobs=None
-        if any(lp is None for lp in logprobs)
-        else torch.cat([_pad_to(lp, t) for lp in logprobs]),  # type: ignore[arg-type]
-    )
-
-
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -296,14 +272,6 @@ class Trainer:
             max_new_tokens=cfg.rollout.max_new_tokens,
         )
         self.reward_fn = load_callable(cfg.reward.function) if cfg.reward.function else None
-        per_chunk = max(1, cfg.rollout.batch_size // self.sampling.n)
-        if self.dp.enabled and self.prompts_per_rank % per_chunk:
-            self._print(
-                f"note: generation chunks of {per_chunk} prompts (rollout.batch_size // "
-                f"num_samples_per_prompt) do not divide the {self.prompts_per_rank} prompts per process, "
-                "so the sampled responses depend on the number of processes (see flowrl.trainer)"
-            )
-
         self.prompts = load_prompts(cfg.data.train_files, self.tokenizer, cfg.data.max_prompt_length)
         if self.prompts.skipped and self.dp.is_main:
             report = self.run_dir / "skipped_prompts.jsonl"
@@ -365,7 +333,7 @@ class Trainer:
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
             batch_size=r.batch_size,
-            show_progress=False,  # the trainer shows one bar over its generation chunks
+            show_progress=self.cfg.train.progress and self.dp.is_main,
         )
 
     def _print(self, text: str) -> None:
@@ -373,32 +341,15 @@ class Trainer:
             print(text, flush=True)
 
     def _rollout(self, indices: list[int], first: int) -> RolloutBatch:
-        """Sample this rank's responses to ``indices``, the prompts at positions ``first, first + 1, ...``.
-
-        Generation runs in chunks of ``rollout.batch_size // n`` prompts aligned on the step's positions,
-        each seeded by ``(seed, step, position of its first prompt)``: a chunk's responses are the same
-        whichever process generates it (see the module docstring).
-        """
-        per_chunk = max(1, self.cfg.rollout.batch_size // self.sampling.n)
-        pieces = []
-        bar = tqdm(
-            total=len(indices),
-            desc="rollout",
-            unit="prompt",
-            disable=not (self.cfg.train.progress and self.dp.is_main),
-            leave=False,
-        )
-        start = 0
-        while start < len(indices):
-            position = first + start
-            end = min(len(indices), start + per_chunk - position % per_chunk)
-            torch.manual_seed(derive_seed(self.cfg.train.seed, "rollout", self.step, position))
-            prompts = [self.prompts.prompt_ids[i] for i in indices[start:end]]
-            pieces.append(self.engine.generate(prompts, self.sampling))
-            bar.update(end - start)
-            start = end
-        bar.close()
-        return _concat_rollouts(pieces, self.tokenizer.pad_token_id)
+        """Sample this rank's responses to ``indices``, the prompts at positions ``first, first + 1, ...``
+        of the step, in one call: the engine keeps ``rollout.batch_size`` sequences decoding, prompts
+        taking the slots of finished ones. Each prompt's samples are seeded by ``(seed, step, its
+        position)``: the same whichever process generates them and whatever the batch size."""
+        prompts = [self.prompts.prompt_ids[i] for i in indices]
+        seeds = [
+            derive_seed(self.cfg.train.seed, "rollout", self.step, first + k) for k in range(len(indices))
+        ]
+        return self.engine.generate(prompts, self.sampling, seeds=seeds)
 
     def _advantages(
         self,

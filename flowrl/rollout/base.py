@@ -3,6 +3,7 @@ contiguous), P prompt tokens (left-padded), T response tokens (right-padded)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,8 +66,12 @@ class RolloutBatch:
 class RolloutEngine(Protocol):
     """What the trainer needs from a generation engine."""
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
-        """Sample ``params.n`` responses for each prompt (token ids, no padding)."""
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> RolloutBatch:
+        """Sample ``params.n`` responses for each prompt (token ids, no padding). ``seeds``, one per
+        prompt, make each prompt's samples a function of its seed alone; without them the engine draws
+        its randomness from torch's generator."""
         ...
 
     def sync_weights(self, policy_model: nn.Module) -> None:

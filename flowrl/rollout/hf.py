@@ -1,15 +1,53 @@
-"""Rollout on the policy's own transformers model (no weight copy to sync), with the project's decode loop."""
+"""Rollout on the policy's own transformers model (no weight copy to sync), with the project's decode loop:
+continuous batching over a fixed number of decode slots, and counter-based per-sequence random streams."""
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from flowrl.rollout.base import RolloutBatch, SamplingParams, assemble, left_pad
+
+# splitmix64's constants as signed 64-bit integers (torch has no uint64 arithmetic).
+_GOLDEN_GAMMA = -7046029254386353131  # 0x9E3779B97F4A7C15
+_MIX_1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_MIX_2 = -7723592293110705685  # 0x94D049BB133111EB
+
+
+def _shift_right(x: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 values (torch's ``>>`` is arithmetic: it copies the sign bit)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(x: Tensor) -> Tensor:
+    """splitmix64's output function on int64 tensors: products wrap modulo 2**64, shifts are logical."""
+    x = (x ^ _shift_right(x, 30)) * _MIX_1
+    x = (x ^ _shift_right(x, 27)) * _MIX_2
+    return x ^ _shift_right(x, 31)
+
+
+def stream_keys(prompt_seeds: Tensor, n: int) -> Tensor:
+    """(len(prompt_seeds) * n,) int64 keys: one random stream per sample, the n samples of a prompt
+    contiguous, each a function of its prompt's seed and its index among the n alone."""
+    samples = mix64(torch.arange(1, n + 1, dtype=torch.long, device=prompt_seeds.device) * _MIX_1)
+    return mix64(prompt_seeds.long()[:, None] ^ samples[None, :]).reshape(-1)
+
+
+def stream_uniforms(keys: Tensor, counters: Tensor) -> Tensor:
+    """The ``counters``-th number of each stream ``keys``: (b,) float64 uniform on [0, 1).
+
+    Counter-based (splitmix64 over ``key + (counter + 1) * gamma``), so a sequence's draws depend on its
+    key and its token index alone, never on which rows share its decode batch or when it joined it.
+    """
+    bits = mix64(keys + (counters + 1) * _GOLDEN_GAMMA)
+    return _shift_right(bits, 11).to(torch.float64) * 2.0**-53
 
 
 def _warpers(params: SamplingParams) -> Any:
@@ -26,14 +64,14 @@ def _warpers(params: SamplingParams) -> Any:
     return LogitsProcessorList(warpers)
 
 
-def inverse_cdf_sample(scores: Tensor) -> Tensor:
+def inverse_cdf_sample(scores: Tensor, uniforms: Tensor | None = None) -> Tensor:
     """Draw one token per row of ``scores`` (B, V) from ``softmax(scores)``: (B,) token ids.
 
-    Inverse transform sampling: one uniform number per row, located in the cumulative distribution. That
-    is the distribution ``torch.multinomial`` samples (what ``generate(do_sample=True)`` uses), but
-    multinomial draws an exponential variate for every vocabulary entry, B x V per token, which
-    dominates CPU decoding at realistic vocabulary sizes (about 45% of a decode step for a 4k
-    vocabulary, more at 150k).
+    Inverse transform sampling: one uniform number per row (``uniforms`` (B,) in [0, 1), or fresh ones
+    from torch's generator), located in the cumulative distribution. That is the distribution
+    ``torch.multinomial`` samples (what ``generate(do_sample=True)`` uses), but multinomial draws an
+    exponential variate for every vocabulary entry, B x V per token, which dominates CPU decoding at
+    realistic vocabulary sizes (about 45% of a decode step for a 4k vocabulary, more at 150k).
 
     The cumulative sum is in float64: in float32 its rounding (about 3e-8 per entry near 1) would move
     up to ~V x 3e-8 of probability mass between tail tokens, 0.5% at V = 150k.
@@ -41,36 +79,126 @@ def inverse_cdf_sample(scores: Tensor) -> Tensor:
     wide = torch.float32 if scores.device.type == "mps" else torch.float64  # MPS has no float64
     cdf = torch.softmax(scores.float(), dim=-1).to(wide).cumsum(-1)  # (B, V)
     total = cdf[:, -1:]  # about 1
-    u = torch.rand(total.shape, device=cdf.device, dtype=cdf.dtype) * total
+    if uniforms is None:
+        u = torch.rand(total.shape, device=cdf.device, dtype=cdf.dtype)
+    else:
+        u = uniforms.to(device=cdf.device, dtype=cdf.dtype)[:, None]
+    u = u * total
     # u < total strictly, so a token after the last one with probability mass is never returned.
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)  # the first position with cdf > u
 
 
-# A sequence that has finished stays in the decode batch (its new tokens discarded) until at least this
-# share of the batch has finished; then the finished rows leave the batch and the KV cache. Each
-# compaction copies the cache, so compacting on every finish would cost O(batch) copies; this way the
-# batch shrinks geometrically, a few dozen copies at most, and no step decodes many dead rows.
+# A sequence that has finished by EOS stays in the decode batch (its new tokens land after its end and
+# are discarded) until at least this share of the batch has finished; then the finished rows leave the
+# batch and the KV cache, and waiting prompts take their slots once this share of the slots is free.
+# Each compaction or admission copies the cache, so doing it on every finish would cost O(batch) copies;
+# this way there are a few dozen at most, and no step decodes many dead rows.
 COMPACT_FINISHED_SHARE = 0.25
 
 
+def _full_attention_layers(cache: Any) -> list[Any] | None:
+    """The cache's layers when every one is a plain full-attention ``DynamicLayer`` (keys and values
+    (b, heads, L, d), one position per column), which rows can join and leave; None otherwise (sliding
+    windows, linear attention, older transformers), and the engine then decodes batch after batch."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return None
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
+        return None
+    return list(layers)
+
+
+def _left_pad_columns(x: Tensor, width: int) -> Tensor:
+    """``x`` (..., L, d) or (b, L) padded on the left of its sequence axis to ``width`` columns."""
+    if x.dim() == 2:
+        return F.pad(x, (width - x.shape[1], 0))
+    return F.pad(x, (0, 0, width - x.shape[-2], 0))
+
+
+@dataclass
+class _Slots:
+    """The sequences being decoded: each row's original index, tokens produced so far, whether it has
+    produced EOS, its attention mask and last position, the shared KV cache and the next-token logits."""
+
+    rows: Tensor  # (b,) original row indices
+    produced: Tensor  # (b,) tokens sampled so far, on the device
+    produced_host: Tensor  # (b,) the same on the CPU: decisions about lengths need no device sync
+    eos_seen: Tensor  # (b,) bool
+    mask: Tensor  # (b, L) 1 on real cached positions; L is the cache length
+    positions: Tensor  # (b, 1) position id of each row's last token
+    cache: Any
+    logits: Tensor  # (b, V) float logits for each row's next token
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def select(self, keep: Tensor) -> _Slots | None:
+        """Only the rows ``keep`` (host indices into the batch); None when it is empty. Columns that are
+        padding in every remaining row are cut from the left of the mask and the cache."""
+        if len(keep) == 0:
+            return None
+        idx = keep.to(self.rows.device)
+        self.cache.batch_select_indices(idx)
+        mask = self.mask[idx]
+        lead = int(mask.any(0).long().argmax())  # first column that some row still attends to
+        layers = _full_attention_layers(self.cache) if lead else None
+        if layers is not None:
+            for layer in layers:
+                layer.keys, layer.values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
+            mask = mask[:, lead:]
+        return _Slots(
+            self.rows[idx], self.produced[idx], self.produced_host[keep], self.eos_seen[idx], mask,
+            self.positions[idx], self.cache, self.logits[idx],
+        )  # fmt: skip
+
+    def join(self, other: _Slots) -> _Slots:
+        """These rows and ``other``'s in one batch: both caches left-padded to the longer one."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        mine, theirs = _full_attention_layers(self.cache), _full_attention_layers(other.cache)
+        assert mine is not None and theirs is not None and len(mine) == len(theirs)
+        for a, b in zip(mine, theirs, strict=True):
+            a.keys = torch.cat([_left_pad_columns(a.keys, width), _left_pad_columns(b.keys, width)])
+            a.values = torch.cat([_left_pad_columns(a.values, width), _left_pad_columns(b.values, width)])
+        return _Slots(
+            torch.cat([self.rows, other.rows]),
+            torch.cat([self.produced, other.produced]),
+            torch.cat([self.produced_host, other.produced_host]),
+            torch.cat([self.eos_seen, other.eos_seen]),
+            torch.cat([_left_pad_columns(self.mask, width), _left_pad_columns(other.mask, width)]),
+            torch.cat([self.positions, other.positions]),
+            self.cache,
+            torch.cat([self.logits, other.logits]),
+        )
+
+
 class HFRolloutEngine:
-    """Batched sampling on the policy's own transformers model: left-padded prefill, then one token per
-    step through the model's KV cache, with temperature / top-p / top-k and EOS handling.
+    """Batched sampling on the policy's own transformers model, with continuous batching: up to
+    ``batch_size`` sequences decode together, one token per step through the model's KV cache, and
+    waiting prompts are prefilled into the slots that finished sequences free, so the batch stays full
+    while any prompt waits (a batch-at-a-time loop would decode ever fewer rows until its longest one
+    ends). Temperature / top-p / top-k and EOS handling as in ``generate``.
 
     The decode loop is the project's, not ``generate``'s: it asks the model for the last position's
     logits only, samples with :func:`inverse_cdf_sample` after transformers' warpers, records the sampled
     token's log-prob as it goes (no (B, T, V) logits kept), and drops finished sequences from the batch
     and the cache (see :data:`COMPACT_FINISHED_SHARE`), so a step decodes only what is still running.
-    A model's saved ``generation_config`` never applies: the trainer's log-probs assume exactly the
-    :class:`SamplingParams` given.
+    Every sequence draws from its own counter-based random stream (:func:`stream_uniforms`), keyed by its
+    prompt's seed and its sample index: its response does not depend on ``batch_size``, on the other
+    prompts in the call, or on when it got a slot. A model's saved ``generation_config`` never applies:
+    the trainer's log-probs assume exactly the :class:`SamplingParams` given.
+
+    Models whose cache is not plain full attention (sliding windows, linear attention) cannot take new
+    rows mid-decode; they decode ``batch_size`` sequences at a time, with the same responses.
 
     Args:
         model: the policy's causal LM (shared with the trainer, so ``sync_weights`` is a no-op).
         pad_token_id: the tokenizer's pad id.
         eos_token_id: the id (or ids) that end a response.
-        batch_size: sequences per decode batch (prompts x n); bounds generation memory.
-        show_progress: a progress bar over decode batches.
+        batch_size: decode slots (sequences decoded together); bounds generation memory.
+        show_progress: a progress bar over finished sequences.
     """
 
     def __init__(
@@ -82,6 +210,8 @@ class HFRolloutEngine:
         batch_size: int = 64,
         show_progress: bool = True,
     ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size (decode slots) must be >= 1, got {batch_size}")
         self.model = model
         self.pad_token_id = pad_token_id
         self.eos_token_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
@@ -95,24 +225,38 @@ class HFRolloutEngine:
         pass
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
-        """Sample ``params.n`` responses per prompt; the n samples of a prompt are contiguous rows."""
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> RolloutBatch:
+        """Sample ``params.n`` responses per prompt; the n samples of a prompt are contiguous rows.
+
+        ``seeds`` (one int per prompt) keys the samples' random streams; without them the keys are drawn
+        from torch's generator, so ``torch.manual_seed`` makes a call repeatable.
+        """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one per prompt")
         device = next(self.model.parameters()).device
         expanded = [p for p in prompts for _ in range(params.n)]
+        prompt_seeds = (
+            torch.tensor([s & (2**63 - 1) for s in seeds], dtype=torch.long)
+            if seeds is not None
+            else torch.randint(0, 2**62, (len(prompts),))
+        )
+        keys = stream_keys(prompt_seeds, params.n).to(device)
         was_training = self.model.training
         self.model.eval()
-        chunks = []
-        starts = range(0, len(expanded), self.batch_size)
         try:
-            for start in tqdm(starts, desc="rollout", disable=not self.show_progress, leave=False):
-                ids, mask = left_pad(expanded[start : start + self.batch_size], self.pad_token_id, device)
-                chunks.append(self._decode(ids, mask, params))
+            tokens, logprobs = self._decode(expanded, keys, params)
         finally:
             self.model.train(was_training)
         return assemble(
-            expanded, chunks, params, pad_token_id=self.pad_token_id, eos_token_ids=self.eos_token_ids
+            expanded,
+            [(tokens, logprobs)],
+            params,
+            pad_token_id=self.pad_token_id,
+            eos_token_ids=self.eos_token_ids,
         )
 
     def _forward_fn(self) -> Any:
@@ -146,47 +290,93 @@ class HFRolloutEngine:
         except TypeError:  # transformers releases before the config argument
             return DynamicCache()
 
-    def _decode(self, ids: Tensor, mask: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor | None]:
-        """Sample up to ``max_new_tokens`` for each left-padded row: (b, T) tokens (pad after the end)
-        and, when asked for, (b, T) log-probs of the sampled tokens at the sampling temperature."""
-        batch, steps = ids.shape[0], params.max_new_tokens
-        tokens = ids.new_full((batch, steps), self.pad_token_id)
-        logprobs = torch.zeros(batch, steps, device=ids.device) if params.return_logprobs else None
-        warpers, scale = _warpers(params), params.temperature if params.temperature > 0 else 1.0
-        eos = torch.tensor(self.eos_token_ids, device=ids.device)
-        stops = not params.ignore_eos and len(self.eos_token_ids) > 0
-
-        rows = torch.arange(batch, device=ids.device)  # the original row of each row in the decode batch
-        finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+    def _prefill(self, prompts: list[list[int]], first: int, forward: Any, device: torch.device) -> _Slots:
+        """Rows ``first, first + 1, ...`` for ``prompts``: the prompts through the model, left-padded."""
+        ids, mask = left_pad(prompts, self.pad_token_id, device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        forward, cache = self._forward_fn(), self._new_cache()
+        cache = self._new_cache()
         logits = forward(ids, mask, positions, cache)
-        positions = positions[:, -1:]
-        length = steps
-        for t in range(steps):
-            next_tokens = (
-                logits.argmax(-1) if params.temperature == 0 else inverse_cdf_sample(warpers(None, logits))
+        b = len(prompts)
+        return _Slots(
+            rows=torch.arange(first, first + b, device=device),
+            produced=torch.zeros(b, dtype=torch.long, device=device),
+            produced_host=torch.zeros(b, dtype=torch.long),
+            eos_seen=torch.zeros(b, dtype=torch.bool, device=device),
+            mask=mask,
+            positions=positions[:, -1:],
+            cache=cache,
+            logits=logits,
+        )
+
+    def _decode(
+        self, prompts: list[list[int]], keys: Tensor, params: SamplingParams
+    ) -> tuple[Tensor, Tensor | None]:
+        """Sample up to ``max_new_tokens`` for every prompt (one row each, ``keys`` its random stream):
+        (N, T) tokens (anything after a row's end is ignored) and, when asked for, (N, T) log-probs of the
+        sampled tokens at the sampling temperature."""
+        device, total, steps = keys.device, len(prompts), params.max_new_tokens
+        tokens = torch.full((total, steps), self.pad_token_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros(total, steps, device=device) if params.return_logprobs else None
+        warpers, scale = _warpers(params), params.temperature if params.temperature > 0 else 1.0
+        eos = torch.tensor(self.eos_token_ids, device=device)
+        stops = not params.ignore_eos and len(self.eos_token_ids) > 0
+        threshold = max(1, int(COMPACT_FINISHED_SHARE * self.batch_size))
+        forward = self._forward_fn()
+        bar = tqdm(total=total, desc="rollout", unit="seq", disable=not self.show_progress, leave=False)
+
+        slots: _Slots | None = None
+        waiting = 0  # the next row to admit
+        while True:
+            free = self.batch_size - (len(slots) if slots is not None else 0)
+            admit = waiting < total and (
+                slots is None or (free >= threshold and _full_attention_layers(slots.cache) is not None)
             )
-            # rows that finished but are still in the batch (until the next compaction) record nothing
-            running = ~finished if stops else slice(None)  # without stops: no boolean indexing (no sync)
-            tokens[rows[running], t] = next_tokens[running]
+            if admit:
+                take = min(free, total - waiting)
+                new = self._prefill(prompts[waiting : waiting + take], waiting, forward, device)
+                slots = new if slots is None else slots.join(new)
+                waiting += take
+            if slots is None:
+                break
+
+            logits = slots.logits
+            if params.temperature == 0:
+                next_tokens = logits.argmax(-1)
+            else:
+                uniforms = stream_uniforms(keys[slots.rows], slots.produced)
+                next_tokens = inverse_cdf_sample(warpers(None, logits), uniforms)
+            # A row past its EOS writes after its end (assemble discards it); a row never writes past T.
+            tokens[slots.rows, slots.produced] = next_tokens
             if logprobs is not None:
                 picked = torch.log_softmax(logits / scale, -1).gather(-1, next_tokens[:, None]).squeeze(-1)
-                logprobs[rows[running], t] = picked[running]
+                logprobs[slots.rows, slots.produced] = picked
+            slots.produced += 1
+            slots.produced_host += 1
+            at_length = slots.produced_host >= steps
             if stops:
-                finished |= torch.isin(next_tokens, eos)
-                done = int(finished.sum())
-                if done == len(rows):
-                    length = t + 1
-                    break
-                if done >= max(1, COMPACT_FINISHED_SHARE * len(rows)):
-                    keep = (~finished).nonzero().squeeze(-1)
-                    cache.batch_select_indices(keep)
-                    rows, finished, mask = rows[keep], finished[keep], mask[keep]
-                    positions, next_tokens = positions[keep], next_tokens[keep]
-            if t + 1 < steps:
-                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-                positions = positions + 1
-                logits = forward(next_tokens[:, None], mask, positions, cache)
-        tokens = tokens[:, :length]
-        return tokens, None if logprobs is None else logprobs[:, :length]
+                slots.eos_seen |= torch.isin(next_tokens, eos)
+                finished = slots.eos_seen.cpu() | at_length  # the one device sync of a step
+            else:
+                finished = at_length
+            done = int(finished.sum())
+            # Rows at max_new_tokens must leave now; rows past EOS once enough of the batch has finished.
+            if bool(at_length.any()) or done >= max(1, COMPACT_FINISHED_SHARE * len(slots)):
+                bar.update(done)
+                keep = (~finished).nonzero().squeeze(-1)
+                next_tokens = next_tokens[keep.to(device)]
+                slots = slots.select(keep)
+            if slots is None:
+                continue
+            slots.mask = torch.cat([slots.mask, slots.mask.new_ones(len(slots), 1)], dim=1)
+            slots.positions = slots.positions + 1
+            slots.logits = forward(next_tokens[:, None], slots.mask, slots.positions, slots.cache)
+        bar.close()
+        width = _longest_response(tokens, eos, steps) if stops else steps
+        return tokens[:, :width], None if logprobs is None else logprobs[:, :width]
+
+
+def _longest_response(tokens: Tensor, eos: Tensor, steps: int) -> int:
+    """The longest response in ``tokens`` (N, T): up to and including a row's first EOS, else all T."""
+    is_eos = torch.isin(tokens, eos)
+    lengths = torch.where(is_eos.any(-1), is_eos.long().argmax(-1) + 1, steps)
+    return int(lengths.max())

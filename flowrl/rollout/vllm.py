@@ -10,8 +10,9 @@ The arrangement is TRL's "colocate" mode (``trl.generation.vllm_generation``, TR
 weights loaded through ``llm_engine.model_executor.driver_worker.model_runner.model.load_weights``.
 
 Sampling follows :class:`~flowrl.rollout.base.SamplingParams`: temperature, top-p, top-k, ``ignore_eos``,
-the tokenizer's EOS ids as stop tokens, and a per-request seed drawn from torch's generator, so the
-trainer's seeding (``(seed, step, prompt position)``) makes vLLM rollouts repeatable too. Log-probs, when
+the tokenizer's EOS ids as stop tokens, and a per-request seed: the prompt's own when the caller gives
+them (the trainer's ``(seed, step, prompt position)``), else drawn from torch's generator, so vLLM
+rollouts are repeatable too (vLLM's streams are its own: not the HF engine's responses). Log-probs, when
 asked for, are vLLM's ``processed_logprobs``: after temperature, and after top-k / top-p truncation when
 those are set (the HF engine's are before truncation). The trainer recomputes log-probs itself and never
 reads these.
@@ -20,7 +21,7 @@ reads these.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -173,13 +174,22 @@ class VLLMRolloutEngine:
             self.llm.sleep(level=1)
             self._asleep = True
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
-        """Sample ``params.n`` responses per prompt; the n samples of a prompt are contiguous rows."""
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> RolloutBatch:
+        """Sample ``params.n`` responses per prompt; the n samples of a prompt are contiguous rows.
+        ``seeds`` (one per prompt) seed the requests; without them they come from torch's generator."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one per prompt")
         self._wake()
-        seed = int(torch.randint(0, 2**31 - 1, ()))  # from torch's generator, which the trainer seeds
-        sampling = self._vllm.SamplingParams(**vllm_sampling_kwargs(params, self.eos_token_ids, seed))
+        if seeds is None:
+            seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+        sampling = [
+            self._vllm.SamplingParams(**vllm_sampling_kwargs(params, self.eos_token_ids, s % (2**31 - 1)))
+            for s in seeds
+        ]
         outputs = self.llm.generate(
             [{"prompt_token_ids": p} for p in prompts], sampling_params=sampling, use_tqdm=False
         )
