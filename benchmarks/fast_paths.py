@@ -22,6 +22,12 @@
   28 in the runs made) as they vary in real rollouts, and the loop drops finished rows from the batch
   while ``generate`` keeps decoding them until the longest is done.
 
+* **continuous batching** (``HFRolloutEngine(batch_size=...)`` given every prompt at once): 64 prompts
+  x 4 samples on 32 decode slots, the ``early_stops`` workload. Before: batch after batch, one
+  ``generate`` call per 8 prompts (what the trainer did), each running until its longest row ends. After:
+  one call; waiting sequences take the slots of finished ones. Per-sequence random streams make both
+  produce the same responses (checked), so only the scheduling differs.
+
 * **micro-batch padding** (``flowrl.trainer.by_length``): tokens the update computes (every micro-batch
   trimmed to its longest sequence) when micro-batches are cut from length-sorted rows, against cutting
   them in the mini-batch's shuffled order, for 256 sequences of RL-like lengths (prompts 50-300 tokens,
@@ -181,6 +187,58 @@ def decoding(repeats: int, device: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def continuous_batching(repeats: int, device: Any) -> dict[str, Any]:
+    """Batch-at-a-time against continuous batching on the same seeds (see the module docstring)."""
+    import torch
+
+    from flowrl.policy import encode_prompt
+    from flowrl.rollout import HFRolloutEngine, SamplingParams
+
+    tokenizer = _common.build_tokenizer(_common.MODEL_SHAPES["small"]["vocab_size"])
+    model = _common.build_model("small", tokenizer).to(device).eval()
+    prompts = [encode_prompt(tokenizer, r["prompt"]) for r in _common.prompt_rows(64)]
+    seeds, samples, slots, per_call = list(range(len(prompts))), 4, 32, 8
+    engine = HFRolloutEngine(
+        model, pad_token_id=tokenizer.pad_token_id, eos_token_id=list(range(1000, 1128)), batch_size=slots,
+        show_progress=False,
+    )  # fmt: skip
+    params = SamplingParams(n=samples, max_new_tokens=64)
+    out: dict[str, Any] = {}
+
+    def batch_at_a_time() -> None:
+        out["before"] = [
+            engine.generate(prompts[i : i + per_call], params, seeds=seeds[i : i + per_call])
+            for i in range(0, len(prompts), per_call)
+        ]
+
+    def continuous() -> None:
+        out["after"] = engine.generate(prompts, params, seeds=seeds)
+
+    before, after = median_time(batch_at_a_time, repeats), median_time(continuous, repeats)
+    lengths = out["after"].response_lengths
+    same = all(
+        torch.equal(
+            b.response_ids,
+            out["after"].response_ids[
+                i * per_call * samples : (i + 1) * per_call * samples, : b.response_ids.shape[1]
+            ],
+        )
+        for i, b in enumerate(out["before"])
+    )
+    if not same:
+        raise AssertionError("batch-at-a-time and continuous batching sampled different responses")
+    tokens = int(lengths.sum())
+    print(
+        f"continuous batching, {len(lengths)} sequences on {slots} slots (mean length "
+        f"{float(lengths.float().mean()):.1f} of up to 64, same responses): batch after batch "
+        f"{before * 1e3:.0f} ms -> continuous {after * 1e3:.0f} ms ({before / after:.2f}x; "
+        f"{tokens / before:,.0f} -> {tokens / after:,.0f} tokens/s)"
+    )
+    return {"sequences": len(lengths), "slots": slots, "prompts_per_call_before": per_call,
+            "mean_length": float(lengths.float().mean()), "tokens": tokens, "before_ms": before * 1e3,
+            "after_ms": after * 1e3, "speedup": before / after, "same_responses": same}  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -247,6 +305,7 @@ def main() -> int:
                 + f" (fused vs autograd {ms['autograd'] / ms['fused']:.2f}x)"
             )
     results["decoding"] = decoding(args.repeats, device)
+    results["continuous_batching"] = continuous_batching(args.repeats, device)
     results["micro_batch_padding"] = micro_batch_padding()
     _common.print_load(env)
     _common.finish(env, {"benchmark": "fast_paths", "device": args.device, **results}, args.json)

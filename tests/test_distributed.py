@@ -1,7 +1,7 @@
 """Data-parallel training under a real ``torchrun --nproc_per_node 2`` (CPU, gloo) against one process.
 
 The trainer is built so that K processes compute what one process computes (see flowrl.trainer's
-docstring): the same responses (generation seeded per chunk of prompts), the same mini-batches, the
+docstring): the same responses (each prompt's samples seeded by its position), the same mini-batches, the
 gradient of the global mini-batch mean. So a 2-process run must match a 1-process run up to float
 rounding, a resumed 2-process run must match both, and only rank 0 logs and saves.
 """
@@ -62,8 +62,9 @@ def fails_on_some_prompts_then_everywhere(response: str, example: Mapping[str, A
 def overrides(model_dir: Path, data_file: Path, out: Path, **extra: object) -> list[str]:
     settings = {
         "rollout.num_samples_per_prompt": SAMPLES,
-        # 2 prompts per generation chunk: each rank's 2 prompts are one chunk a single process also makes
-        "rollout.batch_size": 2 * SAMPLES,
+        # 3 decode slots, aligned with nothing: rows join mid-decode differently in 1 and 2 processes,
+        # and the responses are still the same (per-prompt seeds, per-sequence streams)
+        "rollout.batch_size": 3,
         "train.prompts_per_step": 2 * PROMPTS_PER_RANK,
         # 4 mini-batches of 4 of the 16 sequences: random, uneven shares per rank (sometimes none)
         "train.mini_batch_size": 4,

@@ -41,12 +41,14 @@ def stream_keys(prompt_seeds: Tensor, n: int) -> Tensor:
 
 
 def stream_uniforms(keys: Tensor, counters: Tensor) -> Tensor:
-    """The ``counters``-th number of each stream ``keys``: (b,) float64 uniform on [0, 1).
+    """The ``counters``-th number of each stream ``keys``: (b,) float64 uniform on [0, 1) (53 random bits).
 
     Counter-based (splitmix64 over ``key + (counter + 1) * gamma``), so a sequence's draws depend on its
     key and its token index alone, never on which rows share its decode batch or when it joined it.
     """
     bits = mix64(keys + (counters + 1) * _GOLDEN_GAMMA)
+    if keys.device.type == "mps":  # no float64 there: 24 random bits, exact in float32
+        return _shift_right(bits, 40).to(torch.float32) * 2.0**-24
     return _shift_right(bits, 11).to(torch.float64) * 2.0**-53
 
 
