@@ -26,7 +26,8 @@
   x 4 samples on 32 decode slots, the ``early_stops`` workload. Before: batch after batch, one
   ``generate`` call per 8 prompts (what the trainer did), each running until its longest row ends. After:
   one call; waiting sequences take the slots of finished ones. Per-sequence random streams make both
-  produce the same responses (checked), so only the scheduling differs.
+  produce the same responses (checked), so only the scheduling differs. Also counted: model forwards
+  (prefills and decode steps), which is what a decode step costs on a memory-bound GPU, whatever its rows.
 
 * **micro-batch padding** (``flowrl.trainer.by_length``): tokens the update computes (every micro-batch
   trimmed to its longest sequence) when micro-batches are cut from length-sorted rows, against cutting
@@ -204,6 +205,24 @@ def continuous_batching(repeats: int, device: Any) -> dict[str, Any]:
     )  # fmt: skip
     params = SamplingParams(n=samples, max_new_tokens=64)
     out: dict[str, Any] = {}
+    forwards = {"calls": 0}  # model forwards (prefills + decode steps): what a memory-bound GPU pays for
+    build_forward = engine._forward_fn
+
+    def counting_forward() -> Any:
+        forward = build_forward()
+
+        def counted(*args: Any) -> Any:
+            forwards["calls"] += 1
+            return forward(*args)
+
+        return counted
+
+    engine._forward_fn = counting_forward  # type: ignore[method-assign]
+
+    def count(fn: Any) -> int:
+        forwards["calls"] = 0
+        fn()
+        return forwards["calls"]
 
     def batch_at_a_time() -> None:
         out["before"] = [
@@ -215,6 +234,7 @@ def continuous_batching(repeats: int, device: Any) -> dict[str, Any]:
         out["after"] = engine.generate(prompts, params, seeds=seeds)
 
     before, after = median_time(batch_at_a_time, repeats), median_time(continuous, repeats)
+    calls_before, calls_after = count(batch_at_a_time), count(continuous)
     lengths = out["after"].response_lengths
     same = all(
         torch.equal(
@@ -232,11 +252,13 @@ def continuous_batching(repeats: int, device: Any) -> dict[str, Any]:
         f"continuous batching, {len(lengths)} sequences on {slots} slots (mean length "
         f"{float(lengths.float().mean()):.1f} of up to 64, same responses): batch after batch "
         f"{before * 1e3:.0f} ms -> continuous {after * 1e3:.0f} ms ({before / after:.2f}x; "
-        f"{tokens / before:,.0f} -> {tokens / after:,.0f} tokens/s)"
+        f"{tokens / before:,.0f} -> {tokens / after:,.0f} tokens/s); model forwards {calls_before} -> "
+        f"{calls_after}"
     )
     return {"sequences": len(lengths), "slots": slots, "prompts_per_call_before": per_call,
             "mean_length": float(lengths.float().mean()), "tokens": tokens, "before_ms": before * 1e3,
-            "after_ms": after * 1e3, "speedup": before / after, "same_responses": same}  # fmt: skip
+            "after_ms": after * 1e3, "speedup": before / after, "forwards_before": calls_before,
+            "forwards_after": calls_after, "same_responses": same}  # fmt: skip
 
 
 def main() -> int:
