@@ -307,6 +307,8 @@ def test_unknown_config_key_is_named_with_the_closest(tmp_path: Path) -> None:
         load_config(None, ["model.path=x", "data.train_files=[a.jsonl]", "algorithm.loss.betta=3"])
     with pytest.raises(ValueError, match="not one of"):
         load_config(None, ["model.path=x", "data.train_files=[a.jsonl]", "algorithm.name=ppo2"])
+    with pytest.raises(ValueError, match=r"rollout.batch_size \(decode slots\) must be >= 1"):
+        load_config(None, ["model.path=x", "data.train_files=[a.jsonl]", "rollout.batch_size=0"])
 
 
 def test_cli_reports_bad_config_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
