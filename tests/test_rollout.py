@@ -62,9 +62,22 @@ def test_greedy_decoding_equals_generate_with_early_stops(
     engine = HFRolloutEngine(
         model, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, batch_size=slots, show_progress=False
     )
+    forwards = []
+    build = engine._forward_fn
+
+    def counting_forward():
+        forward = build()
+        return lambda *args: forwards.append(1) or forward(*args)
+
+    monkeypatch.setattr(engine, "_forward_fn", counting_forward)
     batch = engine.generate(
         prompts, SamplingParams(temperature=0.0, max_new_tokens=steps, return_logprobs=True)
     )
+    # no decode step is spent once every row has finished: a prefill, then one step per further token
+    if slots == 1:
+        assert len(forwards) == sum(len(w) for w in want)
+    elif slots >= len(prompts):
+        assert len(forwards) == max(lengths)
     for i, expected in enumerate(want):
         got = batch.response_ids[i][batch.response_mask[i].bool()].tolist()
         assert got == expected

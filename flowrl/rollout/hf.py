@@ -361,8 +361,13 @@ class HFRolloutEngine:
             else:
                 finished = at_length
             done = int(finished.sum())
-            # Rows at max_new_tokens must leave now; rows past EOS once enough of the batch has finished.
-            if bool(at_length.any()) or done >= max(1, COMPACT_FINISHED_SHARE * len(slots)):
+            # Rows at max_new_tokens must leave now; rows past EOS once enough of the batch has finished
+            # (or all of it).
+            if (
+                bool(at_length.any())
+                or done == len(slots)
+                or done >= max(1, COMPACT_FINISHED_SHARE * len(slots))
+            ):
                 bar.update(done)
                 keep = (~finished).nonzero().squeeze(-1)
                 next_tokens = next_tokens[keep.to(device)]
