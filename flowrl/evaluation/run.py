@@ -13,8 +13,9 @@ Three phases, each its own function and each leaving files the next one starts f
    appended to ``generations/<model>/<benchmark>.jsonl`` (one line per problem) after every batch. A
    rerun skips the problems already there, so an interrupted eval continues where it stopped; the
    sampling settings are saved beside them (``settings.json``) and a rerun with other settings is
-   refused rather than mixed in. Every batch is seeded from ``--seed`` and its first problem's index,
-   so a resumed run draws the same samples as an uninterrupted one.
+   refused rather than mixed in. Every problem's samples are seeded from ``--seed`` and its index (the
+   engine keeps a random stream per sequence), so a resumed run, or one with another ``--batch-size``,
+   draws the same samples as an uninterrupted one.
 2. score (:func:`score_benchmark`): the reward registry (by ``data_source``) or ``--reward``, written to
    ``scores/<model>/<benchmark>.jsonl``, also resumable. ``--rescore`` redoes this phase and the
    report from the saved generations without loading any model.
@@ -348,11 +349,9 @@ class ModelSampler:
             self._parts = (tokenizer, engine, Policy(model))
         return self._parts
 
-    def sample(self, rows: Sequence[Mapping[str, Any]], *, seed: int) -> list[dict[str, Any]]:
+    def sample(self, rows: Sequence[Mapping[str, Any]], *, seeds: Sequence[int]) -> list[dict[str, Any]]:
         """One record per row, with n of each: ``responses``, ``response_tokens``, ``truncated``,
-        ``token_entropy``."""
-        import torch
-
+        ``token_entropy``; ``seeds``, one per row, key its samples."""
         from flowrl.policy import encode_prompt
         from flowrl.rollout import SamplingParams
 
@@ -365,8 +364,7 @@ class ModelSampler:
             top_k=cfg.top_k,
             max_new_tokens=cfg.max_new_tokens,
         )
-        torch.manual_seed(seed)
-        batch = engine.generate([encode_prompt(tokenizer, r["prompt"]) for r in rows], params)
+        batch = engine.generate([encode_prompt(tokenizer, r["prompt"]) for r in rows], params, seeds=seeds)
         texts = tokenizer.batch_decode(
             [ids[m.bool()] for ids, m in zip(batch.response_ids, batch.response_mask, strict=True)],
             skip_special_tokens=True,
@@ -430,14 +428,17 @@ def generate_benchmark(
     """
     from tqdm.auto import tqdm
 
+    from flowrl.distributed import derive_seed
+
     done = {r["index"]: r for r in read_jsonl(path)}
     _check_saved(done.values(), bench, path)
     pending = [i for i in range(len(bench.rows)) if i not in done]
     per_call = max(1, batch_size // n)
     chunks = [pending[s : s + per_call] for s in range(0, len(pending), per_call)]
     for chunk in tqdm(chunks, desc=f"generate {bench.name}", leave=False, disable=not chunks):
-        # Seeded by the first problem of the batch: a resumed run draws what an uninterrupted one would.
-        sampled = sampler.sample([bench.rows[i] for i in chunk], seed=seed * 1_000_003 + chunk[0])
+        # Seeded per problem: a resumed run, or one in other batches, draws what an uninterrupted one would.
+        seeds = [derive_seed(seed, "eval", i) for i in chunk]
+        sampled = sampler.sample([bench.rows[i] for i in chunk], seeds=seeds)
         records = [
             {"index": i, "prompt_hash": prompt_hash(bench.rows[i]), **s}
             for i, s in zip(chunk, sampled, strict=True)

@@ -161,11 +161,11 @@ def test_resume_after_interruption_skips_done_problems(
     sampled: list[int] = []
     original = eval_run.ModelSampler.sample
 
-    def interrupted(self: eval_run.ModelSampler, rows: Any, *, seed: int) -> Any:
+    def interrupted(self: eval_run.ModelSampler, rows: Any, *, seeds: Any) -> Any:
         if sampled:
             raise KeyboardInterrupt  # killed during the second generate call
         sampled.append(len(rows))
-        return original(self, rows, seed=seed)
+        return original(self, rows, seeds=seeds)
 
     out = tmp_path / "resumed"
     monkeypatch.setattr(eval_run.ModelSampler, "sample", interrupted)
@@ -178,14 +178,14 @@ def test_resume_after_interruption_skips_done_problems(
 
     counted: list[int] = []
 
-    def counting(self: eval_run.ModelSampler, rows: Any, *, seed: int) -> Any:
+    def counting(self: eval_run.ModelSampler, rows: Any, *, seeds: Any) -> Any:
         counted.append(len(rows))
-        return original(self, rows, seed=seed)
+        return original(self, rows, seeds=seeds)
 
     monkeypatch.setattr(eval_run.ModelSampler, "sample", counting)
     assert eval_run.main(argv([str(models[0])], data[:1], out)) == 0
     assert sum(counted) == 6 - 2, "only the problems not saved before the interruption are generated"
-    # seeded per batch: the resumed run holds exactly what an uninterrupted run draws
+    # seeded per problem: the resumed run holds exactly what an uninterrupted run draws
     assert read_jsonl(gen_file) == read_jsonl(straight / "generations" / "alpha" / f"{SOURCE_A}.jsonl")
     a = json.loads((out / "results.json").read_text())["models"]["alpha"]["benchmarks"]
     b = json.loads((straight / "results.json").read_text())["models"]["alpha"]["benchmarks"]
@@ -194,6 +194,20 @@ def test_resume_after_interruption_skips_done_problems(
     counted.clear()  # a finished eval run again generates nothing and loads no model
     monkeypatch.setattr(eval_run.ModelSampler, "_load", lambda self: pytest.fail("model loaded"))
     assert eval_run.main(argv([str(models[0])], data[:1], out)) == 0 and counted == []
+
+
+def test_samples_do_not_depend_on_the_batch_size(
+    models: tuple[Path, Path], data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    runs = {}
+    for problems_per_call in (1, 4):
+        out = tmp_path / f"per_call_{problems_per_call}"
+        args = argv([str(models[0])], data[:1], out)
+        args[args.index("--batch-size") + 1] = str(problems_per_call * N)
+        assert eval_run.main(args) == 0
+        runs[problems_per_call] = read_jsonl(out / "generations" / "alpha" / f"{SOURCE_A}.jsonl")
+    assert runs[1] == runs[4]
+    assert len({tuple(r["responses"]) for r in runs[1]}) > 1
 
 
 def test_rescore_uses_saved_generations_only(
