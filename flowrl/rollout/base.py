@@ -97,33 +97,26 @@ def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str
 
 def assemble(
     expanded: list[list[int]],
-    chunks: list[tuple[Tensor, Tensor | None]],
+    tokens: Tensor,
+    logprobs: Tensor | None,
     params: SamplingParams,
     *,
     pad_token_id: int,
     eos_token_ids: list[int],
 ) -> RolloutBatch:
-    """A :class:`RolloutBatch` from an engine's output, in any number of chunks of consecutive rows.
+    """A :class:`RolloutBatch` from an engine's output.
 
     Args:
         expanded: the prompt of every row (a prompt repeated ``n`` times), as token lists.
-        chunks: per chunk of rows, (b, t) sampled tokens (anything after a row's end is ignored) and,
-            when ``params.return_logprobs``, (b, t) their log-probs.
+        tokens: (N, t) sampled tokens; anything after a row's end is ignored.
+        logprobs: when ``params.return_logprobs``, (N, t) their log-probs; else None.
         params: the sampling parameters the rows were drawn with.
         pad_token_id: the tokenizer's pad id.
         eos_token_ids: the ids that end a response; a row's response runs up to and including the first.
     """
-    device = chunks[0][0].device
+    device = tokens.device
     prompt_ids, prompt_mask = left_pad(expanded, pad_token_id, device)
-    length = max(r.shape[1] for r, _ in chunks)
-    response_ids = torch.full((len(expanded), length), pad_token_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros(response_ids.shape, dtype=torch.float32, device=device)
-    row = 0
-    for response, lp in chunks:
-        response_ids[row : row + response.shape[0], : response.shape[1]] = response
-        if lp is not None:
-            logprobs[row : row + response.shape[0], : response.shape[1]] = lp
-        row += response.shape[0]
+    response_ids = tokens.long()
     if params.ignore_eos:  # every row ran to max_new_tokens; all of it is response
         response_mask = torch.ones_like(response_ids)
         truncated = torch.ones(len(expanded), dtype=torch.bool, device=device)
@@ -140,5 +133,5 @@ def assemble(
         response_ids=response_ids,
         response_mask=response_mask,
         truncated=truncated,
-        sampling_logprobs=logprobs * response_mask if params.return_logprobs else None,
+        sampling_logprobs=logprobs.float() * response_mask if logprobs is not None else None,
     )

@@ -255,7 +255,8 @@ class HFRolloutEngine:
             self.model.train(was_training)
         return assemble(
             expanded,
-            [(tokens, logprobs)],
+            tokens,
+            logprobs,
             params,
             pad_token_id=self.pad_token_id,
             eos_token_ids=self.eos_token_ids,
@@ -328,14 +329,13 @@ class HFRolloutEngine:
 
         slots: _Slots | None = None
         waiting = 0  # the next row to admit
+        joinable = False  # whether this model's cache takes rows mid-decode (known after the first prefill)
         while True:
             free = self.batch_size - (len(slots) if slots is not None else 0)
-            admit = waiting < total and (
-                slots is None or (free >= threshold and _full_attention_layers(slots.cache) is not None)
-            )
-            if admit:
+            if waiting < total and (slots is None or (joinable and free >= threshold)):
                 take = min(free, total - waiting)
                 new = self._prefill(prompts[waiting : waiting + take], waiting, forward, device)
+                joinable = _full_attention_layers(new.cache) is not None
                 slots = new if slots is None else slots.join(new)
                 waiting += take
             if slots is None:

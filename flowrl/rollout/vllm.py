@@ -212,7 +212,11 @@ class VLLMRolloutEngine:
             if logprobs is not None and values is not None:
                 logprobs[i, : len(values)] = torch.tensor(values)
         expanded = [p for p in prompts for _ in range(params.n)]
-        chunk = (tokens.to(device), None if logprobs is None else logprobs.to(device))
         return assemble(
-            expanded, [chunk], params, pad_token_id=self.pad_token_id, eos_token_ids=self.eos_token_ids
+            expanded,
+            tokens.to(device),
+            None if logprobs is None else logprobs.to(device),
+            params,
+            pad_token_id=self.pad_token_id,
+            eos_token_ids=self.eos_token_ids,
         )
