@@ -237,7 +237,8 @@ def closest(points: list[dict[str, float]], accuracy: float) -> dict[str, float]
     return min(points, key=lambda p: abs(p["accuracy"] - accuracy))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``flowrl demo``, built without running anything."""
     parser = argparse.ArgumentParser(prog="flowrl demo", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--compare", action="store_true", help="also train GRPO with the same budget and seeds"
@@ -250,7 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--sft-steps", type=int, default=400)
     parser.add_argument("--json", help="write every number to this file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from flowrl.trainer import train
 

@@ -192,7 +192,8 @@ def export_checkpoint(
     return info
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``flowrl export``, built without running anything."""
     parser = argparse.ArgumentParser(
         prog="flowrl export",
         description="Export a training checkpoint to a Hugging Face model directory (the log Z head "
@@ -202,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", help="a run directory (train.output_dir) or a checkpoints/step_N directory")
     parser.add_argument("output_dir", help="the model directory to write")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous export at OUTPUT_DIR")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         info = export_checkpoint(args.source, args.output_dir, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as exc:

@@ -428,7 +428,8 @@ def _name_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``flowrl toy``, built without running anything."""
     defaults = ToyConfig()
     parser = argparse.ArgumentParser(
         prog="flowrl toy",
@@ -476,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         0 on success, 2 on bad arguments (with a message naming the fix on stderr).
     """
-    parser = _parser()
+    parser = build_parser()
     try:
         args = parser.parse_args(argv)
         try:

@@ -48,6 +48,7 @@ Sources of the layouts: the dataset cards on the Hugging Face hub named in each 
 from __future__ import annotations
 
 import base64
+import difflib
 import io
 import json
 import math
@@ -779,3 +780,69 @@ DATASETS: dict[str, DatasetSpec] = {
         ),
     ]
 }
+
+# Other names people use for the same datasets: the hub names, the benchmark's year spelled out, verl's
+# and other projects' spellings. ``flowrl data prepare`` resolves them (case, ``-`` and ``_`` do not
+# matter, and a dataset's hub id works too) to the canonical name, the key of :data:`DATASETS`, which is
+# what the docs use and what is written as ``data_source``.
+DATASET_ALIASES: dict[str, tuple[str, ...]] = {
+    "math_dapo": ("dapo_math", "dapo", "dapo-math-17k"),
+    "math": ("hendrycks_math", "competition_math"),
+    "gsm8k": (),
+    "deepscaler": ("deepscaler-preview",),
+    "aime24": ("aime2024", "aime_2024"),
+    "aime25": ("aime2025", "aime_2025"),
+    "amc23": ("amc2023", "amc_2023"),
+    "math500": ("math-500",),
+    "minerva": ("minerva_math", "minervamath"),
+    "olympiadbench": ("olympiad_bench",),
+    "deepcoder": ("deepcoder-preview",),
+    "taco": (),
+    "apps": (),
+    "livecodebench": ("lcb", "code_generation_lite"),
+    "humanevalplus": ("humaneval_plus", "humaneval+"),
+}
+
+
+def _normalize_name(name: str) -> str:
+    return name.strip().lower().replace("-", "_").replace(" ", "_")
+
+
+def _name_lookup() -> dict[str, str]:
+    if set(DATASET_ALIASES) != set(DATASETS):
+        raise AssertionError("DATASET_ALIASES must have one entry per dataset of DATASETS")
+    lookup: dict[str, str] = {}
+    for canonical, spec in DATASETS.items():
+        for name in (canonical, spec.hub_id, *DATASET_ALIASES[canonical]):
+            key = _normalize_name(name)
+            if lookup.setdefault(key, canonical) != canonical:
+                raise AssertionError(f"dataset name {name!r} means both {lookup[key]} and {canonical}")
+    return lookup
+
+
+_NAME_LOOKUP = _name_lookup()
+
+
+def resolve_dataset_name(name: str) -> str:
+    """The canonical dataset name (a key of :data:`DATASETS`) for a name or one of its aliases.
+
+    Raises:
+        ValueError: an unknown name; the message lists every name with its aliases and the closest one.
+    """
+    canonical = _NAME_LOOKUP.get(_normalize_name(name))
+    if canonical is not None:
+        return canonical
+    close = difflib.get_close_matches(_normalize_name(name), list(_NAME_LOOKUP), n=1, cutoff=0.6)
+    hint = f" (did you mean {_NAME_LOOKUP[close[0]]!r}?)" if close else ""
+    raise ValueError(
+        f"unknown dataset {name!r}{hint}. Known datasets (aliases in parentheses; a dataset's hub id works "
+        f"too): {dataset_names_text()} (see `flowrl data list`)"
+    )
+
+
+def dataset_names_text(sep: str = ", ") -> str:
+    """Every canonical dataset name with its aliases: ``math_dapo (dapo_math, dapo, dapo-math-17k), ...``."""
+    return sep.join(
+        name + (f" ({', '.join(DATASET_ALIASES[name])})" if DATASET_ALIASES[name] else "")
+        for name in DATASETS
+    )

@@ -25,7 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flowrl.data.converters import DATASETS, DatasetSpec, SkipRow, limit_tests, row_identifier
+from flowrl.data.converters import (
+    DATASET_ALIASES,
+    DATASETS,
+    DatasetSpec,
+    SkipRow,
+    dataset_names_text,
+    limit_tests,
+    resolve_dataset_name,
+    row_identifier,
+)
 from flowrl.data.schema import write_rows
 from flowrl.data.templates import TEMPLATES, check_template, render_prompt
 
@@ -192,7 +201,8 @@ def convert_records(
     """Convert ``(source, record)`` pairs of dataset ``name`` into rows of verl's schema.
 
     Args:
-        name: a key of :data:`flowrl.data.converters.DATASETS` (also the rows' ``data_source``).
+        name: a key of :data:`flowrl.data.converters.DATASETS` or one of its aliases; the rows'
+            ``data_source`` is the canonical name (the key).
         records: the published records, each with the file (or hub source) it came from; the
             columns are checked on the first record of every source.
         template: prompt template (default: the dataset's, see ``flowrl data list``).
@@ -281,11 +291,8 @@ def convert_records(
 
 
 def get_spec(name: str) -> DatasetSpec:
-    if name not in DATASETS:
-        raise ValueError(
-            f"unknown dataset {name!r}; choose one of {sorted(DATASETS)} (see `flowrl data list`)"
-        )
-    return DATASETS[name]
+    """The dataset named ``name`` or one of its aliases (``dapo_math`` is ``math_dapo``)."""
+    return DATASETS[resolve_dataset_name(name)]
 
 
 def write_report(result: PrepareResult, path: str | Path) -> Path:
@@ -318,9 +325,9 @@ def prepare_dataset(
     """Read a published dataset, convert it, and write the rows and the report.
 
     Args:
-        name: dataset name (``flowrl data list``).
+        name: dataset name or alias (``flowrl data list``).
         input: a file, a directory, or ``hub:ORG/NAME``.
-        output: ``.parquet`` or ``.jsonl``; default ``data/<name>_<split>.parquet``.
+        output: ``.parquet`` or ``.jsonl``; default ``data/<canonical name>_<split>.parquet``.
         report: the skip report; default ``<output without suffix>.report.jsonl``.
         config, hub_split: hub inputs only: configuration(s) (comma-separated) and split to load;
             default the dataset's (``flowrl data list``).
@@ -345,7 +352,7 @@ def prepare_dataset(
         name, records, template=template, split=split, limit=limit, dedupe=dedupe, max_tests=max_tests
     )
     split = split or spec.default_split
-    output = Path(output) if output is not None else Path("data") / f"{name}_{split}.parquet"
+    output = Path(output) if output is not None else Path("data") / f"{spec.name}_{split}.parquet"
     report = Path(report) if report is not None else output.with_name(output.stem + ".report.jsonl")
     write_report(result, report)
     if not result.rows:
@@ -365,26 +372,36 @@ def list_datasets() -> str:
     """The text of ``flowrl data list``."""
     lines = []
     for spec in DATASETS.values():
+        aliases = DATASET_ALIASES[spec.name]
         lines += [
             f"{spec.name:<14} {spec.title} [{spec.ability}, {spec.purpose}] from {spec.hub_id}"
             + (f" (configs {spec.hub_config})" if spec.hub_config else ""),
             f"{'':<14} columns: {spec.expected_columns()}   template: {spec.default_template}   "
             f"split: {spec.default_split}   dedupe: {'on' if spec.dedupe else 'off'}",
             f"{'':<14} {spec.layout}",
+            *([f"{'':<14} aliases: {', '.join(aliases)}"] if aliases else []),
             "",
         ]
     lines.append("templates: " + "; ".join(f"{k} ({v})" for k, v in TEMPLATES.items()))
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``flowrl data`` (``list`` and ``prepare``), built without running anything."""
     parser = argparse.ArgumentParser(
         prog="flowrl data", description="Prepare public datasets in verl's schema."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the datasets, their expected columns and defaults")
-    p = sub.add_parser("prepare", help="convert a dataset to verl's parquet schema")
-    p.add_argument("name", help="dataset name (see `flowrl data list`)")
+    p = sub.add_parser(
+        "prepare",
+        help="convert a dataset to verl's parquet schema",
+        description="Convert a public dataset to verl's parquet schema.",
+        epilog="datasets, with their aliases in parentheses (a dataset's hub id works too; case, '-' and\n"
+        "'_' do not matter; rows get the first name as data_source):\n  " + dataset_names_text(sep="\n  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("name", help="dataset name or alias (listed below; `flowrl data list` for details)")
     p.add_argument("--input", required=True, help="a file, a directory, or hub:ORG/NAME")
     p.add_argument("--output", help="output .parquet or .jsonl (default data/NAME_SPLIT.parquet)")
     p.add_argument("--template", choices=sorted(TEMPLATES), help="prompt template (default: the dataset's)")
@@ -408,7 +425,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``flowrl data``; ``argv`` starts with ``prepare`` or ``list``."""
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "list":
         print(list_datasets())
         return 0
@@ -430,8 +447,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flowrl data prepare: error: {exc}", file=sys.stderr)
         return 1
     summary = result.summary()
+    name = resolve_dataset_name(args.name)
     print(
-        f"{args.name}: read {summary['read']} rows, wrote {summary['written']} to {output}; "
+        f"{name}: read {summary['read']} rows, wrote {summary['written']} to {output}; "
         f"skipped {summary['skipped']}; duplicates removed {summary['duplicates_removed']}"
         + (f" ({summary['conflicting_duplicates']} with a different answer)" if result.conflicts else "")
     )

@@ -786,7 +786,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 # Command line
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``flowrl eval``, built without running anything."""
     d = EvalConfig
     p = argparse.ArgumentParser(
         prog="flowrl eval",
@@ -831,7 +832,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = EvalConfig(
             models=args.model,

@@ -16,9 +16,18 @@ from pathlib import Path
 import pytest
 
 from flowrl.data import prepare
-from flowrl.data.converters import DAPO_PREFIX, DAPO_SUFFIX, DATASETS, load_code_tests
+from flowrl.data.converters import (
+    DAPO_PREFIX,
+    DAPO_SUFFIX,
+    DATASET_ALIASES,
+    DATASETS,
+    load_code_tests,
+    resolve_dataset_name,
+)
 from flowrl.data.prepare import convert_records, main, prepare_dataset
 from flowrl.data.schema import read_rows
+from flowrl.rewards.math import math_reward
+from flowrl.rewards.registry import get_reward_fn
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -262,8 +271,63 @@ def test_wrong_layout_names_expected_and_found_columns(tmp_path):
 def test_template_must_fit_the_ability():
     with pytest.raises(ValueError, match="--template with one of \\['code', 'raw'\\]"):
         convert_records("apps", [], template="boxed")
-    with pytest.raises(ValueError, match="unknown dataset 'aime2024'"):
-        convert_records("aime2024", [])
+    with pytest.raises(ValueError, match="unknown dataset 'aime2026'"):
+        convert_records("aime2026", [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Names: one canonical name per dataset, common aliases resolved to it
+
+
+def test_aliases_resolve_to_the_canonical_name():
+    for spelling in (
+        "math_dapo",
+        "dapo_math",
+        "DAPO",
+        "dapo-math-17k",
+        "DAPO_Math_17k",
+        "BytedTsinghua-SIA/DAPO-Math-17k",
+    ):
+        assert resolve_dataset_name(spelling) == "math_dapo"
+    assert resolve_dataset_name("aime2024") == resolve_dataset_name("AIME_2024") == "aime24"
+    assert (
+        resolve_dataset_name("MATH-500") == "math500"
+        and resolve_dataset_name("HumanEval+") == "humanevalplus"
+    )
+    assert resolve_dataset_name("lcb") == "livecodebench"
+    for name in DATASETS:  # every canonical name resolves to itself, every alias to its dataset
+        assert resolve_dataset_name(name) == name
+        assert all(resolve_dataset_name(alias) == name for alias in DATASET_ALIASES[name])
+
+
+def test_an_alias_writes_the_canonical_data_source_which_the_math_reward_scores(tmp_path, monkeypatch):
+    rows, _, _ = run(tmp_path, "dapo_math", "dapo_math_17k.parquet")
+    assert {r["data_source"] for r in rows} == {"math_dapo"}
+    assert get_reward_fn("math_dapo") is math_reward
+    # the default output file is named after the canonical name too
+    monkeypatch.chdir(tmp_path)
+    _, out, _ = prepare_dataset("dapo-math-17k", FIXTURES / "dapo_math_17k.parquet")
+    assert out == Path("data/math_dapo_train.parquet") and out.exists()
+
+
+def test_unknown_name_lists_names_and_aliases(capsys):
+    with pytest.raises(ValueError) as info:
+        resolve_dataset_name("dapo_maths")
+    message = str(info.value)
+    assert "did you mean 'math_dapo'?" in message
+    assert "math_dapo (dapo_math, dapo, dapo-math-17k)" in message and "humanevalplus" in message
+    assert main(["prepare", "nope", "--input", "x.parquet"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown dataset 'nope'" in err and "aime24 (aime2024, aime_2024)" in err
+
+
+def test_prepare_help_lists_names_and_aliases(capsys):
+    with pytest.raises(SystemExit):
+        main(["prepare", "--help"])
+    out = capsys.readouterr().out
+    for name in DATASETS:
+        line = next(line for line in out.splitlines() if line.strip().split(" ")[0] == name)
+        assert all(alias in line for alias in DATASET_ALIASES[name])
 
 
 def test_all_rows_bad_is_an_error(tmp_path):
