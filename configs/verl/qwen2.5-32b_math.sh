@@ -8,16 +8,16 @@
 # NOT RUN: written against verl 0.9.1's config schema (checked on CPU by tests/integrations/test_verl.py);
 # no GPU run of it has been made (docs/verl.md).
 #
-# Data: flowrl data prepare dapo_math --input <DAPO-Math-17k parquet> --template dapo \
-#           --output "$DATA_DIR/dapo_math.parquet"
+# Data: flowrl data prepare math_dapo --input <DAPO-Math-17k parquet> --template dapo \
+#           --output "$DATA_DIR/math_dapo.parquet"
 # Usage: MODEL_PATH=... DATA_DIR=... bash configs/verl/qwen2.5-32b_math.sh [KEY=VALUE ...]
 set -euo pipefail
 MODEL_PATH=${MODEL_PATH:-Qwen/Qwen2.5-32B}
 DATA_DIR=${DATA_DIR:-data}
 
 exec "${PYTHON:-python3}" -m flowrl.integrations.verl.main \
-    data.train_files="$DATA_DIR/dapo_math.parquet" \
-    data.val_files="$DATA_DIR/dapo_math.parquet" \
+    data.train_files="$DATA_DIR/math_dapo.parquet" \
+    data.val_files="$DATA_DIR/math_dapo.parquet" \
     data.train_batch_size=512 \
     data.max_prompt_length=2048 \
     data.max_response_length=8192 \
