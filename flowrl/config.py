@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,7 +145,12 @@ def _unknown_key_error(exc: Exception, source: str) -> ValueError:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Merge defaults, a YAML file and ``key=value`` overrides into a validated :class:`Config`."""
+    """Merge defaults, a YAML file and ``key=value`` overrides into a validated :class:`Config`.
+
+    Switching objectives on the command line (``algorithm.name=grpo`` on a FlowRL preset) drops the
+    preset's ``algorithm.loss`` / ``algorithm.advantage`` options that the new objective does not take,
+    with a note on stderr naming each one (see :func:`drop_options_of_other_objective`).
+    """
     merged = OmegaConf.structured(Config)
     sources: list[tuple[str, DictConfig]] = []
     if path is not None:
@@ -166,13 +173,85 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if missing:
         raise ValueError(f"missing required config value(s) {missing}; set them in the YAML or as key=value")
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    if path is not None:
+        file_conf, cli_conf = sources[0][1], (sources[1][1] if overrides else OmegaConf.create())
+        file_objective = OmegaConf.select(file_conf, "algorithm.name", default=AlgorithmConfig.name)
+        explicit = {
+            section: set(_keys(OmegaConf.select(cli_conf, f"algorithm.{section}", default=None)))
+            for section in _OBJECTIVE_OPTIONS
+        }
+        notes = drop_options_of_other_objective(cfg, str(file_objective), explicit, str(path))
+    else:
+        notes = []
     validate(cfg)
+    if notes and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        for note in notes:
+            print(note, file=sys.stderr)
     return cfg
 
 
-def _check_kwargs(fn: Any, kwargs: dict[str, Any], where: str, reserved: set[str]) -> None:
+# The option sections of an objective: (config section, the function whose keyword-only arguments they
+# are, the arguments the trainer passes itself).
+_OBJECTIVE_OPTIONS = {
+    "loss": ("loss_fn", {"normalizer"}),
+    "advantage": ("advantage_fn", {"num_samples_per_prompt", "valid"}),
+}
+
+
+def _keys(conf: Any) -> list[str]:
+    return [str(k) for k in conf.keys()] if isinstance(conf, DictConfig) else []
+
+
+def _allowed_kwargs(fn: Any, reserved: set[str]) -> list[str]:
     params = inspect.signature(fn).parameters
-    allowed = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in reserved]
+    return [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in reserved]
+
+
+def drop_options_of_other_objective(
+    cfg: Config, file_objective: str, explicit: dict[str, set[str]], source: str
+) -> list[str]:
+    """Drop the config file's objective options that the chosen objective does not take; return notes.
+
+    The rule: an option under ``algorithm.loss`` / ``algorithm.advantage`` is dropped when (1) it comes
+    from the config file, not from a command-line override, (2) the objective was switched, i.e.
+    ``algorithm.name`` differs from the file's (or the default's when the file names none), (3) the
+    file's objective takes the option and (4) the chosen one does not. Everything else is left to
+    :func:`validate`, so a misspelled option still fails with "unknown option ... did you mean", whether
+    it is given on the command line or in the file, and an option given on the command line for the
+    chosen objective is never dropped.
+
+    Args:
+        cfg: the merged config; its ``algorithm.loss`` / ``algorithm.advantage`` are edited in place.
+        file_objective: the ``algorithm.name`` the config file's options were written for.
+        explicit: per section (``"loss"``, ``"advantage"``), the option names given on the command line.
+        source: the config file, named in the notes.
+
+    Returns:
+        One note per dropped option, e.g. ``note: algorithm.name=grpo does not take algorithm.loss.beta
+        (from configs/x.yaml); dropped``.
+    """
+    from flowrl.objectives import OBJECTIVES
+
+    name = cfg.algorithm.name
+    if name == file_objective or name not in OBJECTIVES or file_objective not in OBJECTIVES:
+        return []
+    notes = []
+    for section, (fn_attr, reserved) in _OBJECTIVE_OPTIONS.items():
+        options: dict[str, Any] = getattr(cfg.algorithm, section)
+        taken = _allowed_kwargs(getattr(OBJECTIVES[name], fn_attr), reserved)
+        written_for = _allowed_kwargs(getattr(OBJECTIVES[file_objective], fn_attr), reserved)
+        for key in list(options):
+            if key not in taken and key in written_for and key not in explicit.get(section, set()):
+                del options[key]
+                notes.append(
+                    f"note: algorithm.name={name} does not take algorithm.{section}.{key} "
+                    f"(from {source}, written for {file_objective}); dropped"
+                )
+    return notes
+
+
+def _check_kwargs(fn: Any, kwargs: dict[str, Any], where: str, reserved: set[str]) -> None:
+    allowed = _allowed_kwargs(fn, reserved)
     for key in kwargs:
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)
