@@ -5,11 +5,14 @@ Layout of one checkpoint (``<output_dir>/checkpoints/step_000010/``)::
     model/                   save_pretrained: config, safetensors weights, tokenizer (no log Z head)
     log_z_head.safetensors   the head, keys prefixed with flowrl.partition.LOG_Z_PREFIX
     trainer_state.pt         optimizer, scheduler, RNG states, data position, step
-    COMPLETE                 written last
+    COMPLETE                 written last: JSON manifest of every file above (size and SHA-256)
 
 Everything is written into a hidden temporary directory that is renamed into place at the end, and a
 checkpoint counts only with its ``COMPLETE`` marker, so a kill during a save never leaves a checkpoint
-that looks valid but is not.
+that looks valid but is not. What can still go wrong after the save (a full disk truncating a file, an
+interrupted copy, a file edited by hand) is caught by the manifest: :func:`verify_checkpoint` checks
+every listed file's size and checksum, and :func:`latest_intact_checkpoint` (resume, export, eval)
+skips a damaged checkpoint for the newest intact one, warning with the damaged file's name.
 
 Under torchrun only rank 0 saves (every rank holds the same weights, optimizer state and data
 position); the RNG states are rank 0's. The trainer re-seeds its random streams every step from
@@ -18,10 +21,13 @@ position); the RNG states are rank 0's. The trainer re-seeds its random streams 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,16 @@ MODEL_DIR = "model"
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 CHECKPOINTS_DIR = "checkpoints"  # under a run's train.output_dir
+MANIFEST_VERSION = 1
+_HASH_CHUNK = 8 << 20  # bytes read at a time when checksumming
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint whose files do not match its manifest; ``problems`` names each bad file."""
+
+    def __init__(self, checkpoint: Path, problems: list[str], *, hint: str = "") -> None:
+        self.checkpoint, self.problems = checkpoint, problems
+        super().__init__(f"damaged checkpoint {checkpoint}: {'; '.join(problems)}{hint}")
 
 
 def save_log_z_head(head: nn.Module | None, path: str | Path) -> None:
@@ -102,8 +118,9 @@ def save_checkpoint(
     tokenizer.save_pretrained(tmp / MODEL_DIR)
     save_log_z_head(head, tmp / HEAD_FILE)
     torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
+    manifest = {"version": MANIFEST_VERSION, "step": step, "files": _describe_files(tmp)}
     with open(tmp / COMPLETE_MARKER, "w") as f:
-        f.write(f"{step}\n")
+        f.write(json.dumps(manifest, indent=1) + "\n")
         f.flush()
         os.fsync(f.fileno())
     if final.exists():  # re-saving a step after a resume
@@ -112,6 +129,97 @@ def save_checkpoint(
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
     return final
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _describe_files(checkpoint: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"size": bytes, "sha256": hex}}`` of every file under ``checkpoint``."""
+    files = sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
+    return {
+        p.relative_to(checkpoint).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files
+    }
+
+
+def read_manifest(checkpoint: str | Path) -> dict[str, Any] | None:
+    """The checkpoint's manifest, or None for a checkpoint saved before manifests (marker = the step)."""
+    text = (Path(checkpoint) / COMPLETE_MARKER).read_text()
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError:
+        manifest = None
+    if isinstance(manifest, dict) and "files" in manifest:
+        return manifest
+    if text.strip().isdigit():  # the marker of older versions: no file list to check against
+        return None
+    raise CheckpointCorruptError(Path(checkpoint), [f"{COMPLETE_MARKER} is not a valid manifest"])
+
+
+def verify_checkpoint(checkpoint: str | Path, *, checksums: bool = True) -> list[str]:
+    """Problems with a checkpoint's files against its manifest (empty: intact).
+
+    Every file the manifest lists must exist with its recorded size and, with ``checksums``, its
+    SHA-256. A checkpoint without a ``COMPLETE`` marker is reported as interrupted; one saved before
+    manifests is only checked for its required files.
+    """
+    ckpt = Path(checkpoint)
+    if not (ckpt / COMPLETE_MARKER).is_file():
+        return [f"no {COMPLETE_MARKER} marker (its save was interrupted)"]
+    try:
+        manifest = read_manifest(ckpt)
+    except CheckpointCorruptError as exc:
+        return exc.problems
+    if manifest is None:
+        required = [MODEL_DIR, HEAD_FILE, STATE_FILE]
+        return [f"{name} is missing" for name in required if not (ckpt / name).exists()]
+    problems = []
+    for name, want in manifest["files"].items():
+        path = ckpt / name
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif path.stat().st_size != want["size"]:
+            problems.append(f"{path} has {path.stat().st_size} bytes, {want['size']} were saved")
+        elif checksums and _sha256(path) != want["sha256"]:
+            problems.append(f"{path} does not match its saved checksum")
+    return problems
+
+
+def latest_intact_checkpoint(root: str | Path, *, warn: bool = True) -> Path | None:
+    """The newest complete checkpoint under ``root`` whose files match their manifest.
+
+    Damaged ones are skipped with a warning on stderr naming the bad files. None when there are no
+    complete checkpoints at all.
+
+    Raises:
+        CheckpointCorruptError: there are complete checkpoints but none is intact (the message names
+            every damaged file).
+    """
+    found = list_checkpoints(root)
+    damaged: list[str] = []
+    for checkpoint in reversed(found):
+        problems = verify_checkpoint(checkpoint)
+        if not problems:
+            if damaged and warn:
+                print(
+                    f"warning: skipping damaged checkpoint(s): {'; '.join(damaged)}; using {checkpoint}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return checkpoint
+        damaged += problems
+    if damaged:
+        raise CheckpointCorruptError(
+            Path(root),
+            damaged,
+            hint="; no intact checkpoint is left (restore the files, or start again with --overwrite)",
+        )
+    return None
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -129,8 +237,16 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
-    """The trainer state of a checkpoint (call :func:`set_rng_state` on its ``rng`` when resuming)."""
-    return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False)
+    """The trainer state of a checkpoint (call :func:`set_rng_state` on its ``rng`` when resuming).
+
+    Raises:
+        CheckpointCorruptError: the file cannot be read (truncated, not a torch file).
+    """
+    path = Path(checkpoint) / STATE_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointCorruptError(Path(checkpoint), [f"{path} cannot be read ({exc})"]) from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,10 +270,14 @@ def is_training_output(path: str | Path) -> bool:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The complete checkpoint a path names: itself, or the newest complete one of a run directory.
+    """The intact checkpoint a path names: itself, or the newest intact one of a run directory.
+
+    A run directory whose newest checkpoints are damaged falls back to the newest intact one, with a
+    warning naming the damaged files.
 
     Raises:
         FileNotFoundError: the path does not exist.
+        CheckpointCorruptError: the named checkpoint, or every checkpoint of the run, is damaged.
         ValueError: an incomplete checkpoint, a run without a complete checkpoint, or a directory that
             is neither (the message says what to pass instead).
     """
@@ -168,18 +288,28 @@ def resolve_checkpoint(path: str | Path) -> Path:
             "checkpoints/step_N directories"
         )
     if is_checkpoint_dir(p):
-        if not (p / COMPLETE_MARKER).is_file() or not (p / MODEL_DIR).is_dir():
-            complete = [c.name for c in list_checkpoints(p.parent)]
-            hint = (
-                f"complete checkpoints beside it: {complete}; pass one of them or the run directory"
-                if complete
-                else "no complete checkpoint beside it; resume the run (flowrl train CONFIG --resume)"
-            )
-            raise ValueError(
-                f"{p} is an incomplete checkpoint (no {COMPLETE_MARKER} marker or no {MODEL_DIR}/): its save "
-                f"was interrupted, so its files cannot be trusted; {hint}"
-            )
-        return p
+        if (p / COMPLETE_MARKER).is_file() and (p / MODEL_DIR).is_dir():
+            problems = verify_checkpoint(p)
+            if problems:
+                intact = [c.name for c in list_checkpoints(p.parent) if c != p and not verify_checkpoint(c)]
+                hint = (
+                    f"; intact checkpoints beside it: {intact}, or pass the run directory to take the "
+                    "newest intact one"
+                    if intact
+                    else "; no intact checkpoint beside it"
+                )
+                raise CheckpointCorruptError(p, problems, hint=hint)
+            return p
+        complete = [c.name for c in list_checkpoints(p.parent)]
+        hint = (
+            f"complete checkpoints beside it: {complete}; pass one of them or the run directory"
+            if complete
+            else "no complete checkpoint beside it; resume the run (flowrl train CONFIG --resume)"
+        )
+        raise ValueError(
+            f"{p} is an incomplete checkpoint (no {COMPLETE_MARKER} marker or no {MODEL_DIR}/): its save "
+            f"was interrupted, so its files cannot be trusted; {hint}"
+        )
     root = p if p.name == CHECKPOINTS_DIR else p / CHECKPOINTS_DIR
     if not root.is_dir():
         if (p / "config.json").is_file():
@@ -191,7 +321,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
             f"{p} is neither a training run directory (with {CHECKPOINTS_DIR}/) nor a checkpoint "
             f"(step_N/ with {MODEL_DIR}/ and {COMPLETE_MARKER}); pass the run's train.output_dir"
         )
-    latest = latest_checkpoint(root)
+    latest = latest_intact_checkpoint(root)
     if latest is None:
         found = sorted(c.name for c in root.iterdir())
         raise ValueError(

@@ -7,6 +7,7 @@ imports the module lazily so that ``flowrl toy`` does not pay for transformers.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"flowrl: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    # As `python -m` does: modules in the current directory import (reward.function=myreward:score).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)
 

@@ -185,6 +185,14 @@ class DataParallel:
         for p in params:
             torch.distributed.broadcast(p.data, src=0)
 
+    def gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's picklable ``obj``, in rank order (``[obj]`` for one process)."""
+        if not self.enabled:
+            return [obj]
+        parts: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(parts, obj)
+        return parts
+
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (picklable objects)."""
         if not self.enabled:

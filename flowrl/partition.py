@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from flowrl.objectives.masked import masked_mean
+from flowrl.streams import mix64, stream_uniforms
 
 LOG_Z_PREFIX = "log_z_head."
 """Parameter-name prefix of the head: the attribute name under which it is attached or saved."""
@@ -69,11 +70,15 @@ class LogZHead(nn.Module):
             blocks.append(nn.Linear(hidden_size, 1))
         self.layers = nn.Sequential(*blocks)
 
-    def forward(self, pooled: Tensor) -> Tensor:
+    def forward(self, pooled: Tensor, *, dropout_keys: Tensor | None = None) -> Tensor:
         """log Z for each row.
 
         Args:
             pooled: (N, H) pooled prompt states, in any floating dtype (cast to the head's).
+            dropout_keys: (N,) int64 keys of counter-based random streams (:mod:`flowrl.streams`), one
+                per row: in training, each row's dropout masks are drawn from its own stream, so they do
+                not depend on which rows share the batch or the process (K data-parallel processes draw
+                what one draws). None: masks from torch's global generator (``nn.Dropout``).
 
         Returns:
             (N,) float32 log Z.
@@ -86,7 +91,20 @@ class LogZHead(nn.Module):
         if self.num_layers == 0:
             return torch.zeros(pooled.shape[0], dtype=torch.float32, device=pooled.device)
         head_dtype = next(self.parameters()).dtype
-        return self.layers(pooled.to(head_dtype)).squeeze(-1).float()
+        x = pooled.to(head_dtype)
+        if dropout_keys is None or not self.training:
+            return self.layers(x).squeeze(-1).float()
+        if dropout_keys.shape != (x.shape[0],):
+            raise ValueError(f"dropout_keys must be (N,) = ({x.shape[0]},), got {tuple(dropout_keys.shape)}")
+        columns = torch.arange(self.hidden_size, device=x.device)
+        for index, layer in enumerate(self.layers):
+            if isinstance(layer, nn.Dropout) and layer.p > 0:
+                keys = mix64(dropout_keys.to(x.device) + index)[:, None]  # a stream per row and layer
+                keep = stream_uniforms(keys, columns[None, :]) >= layer.p  # (N, H)
+                x = x * keep.to(x.dtype) / (1 - layer.p)
+            else:
+                x = layer(x)
+        return x.squeeze(-1).float()
 
 
 def pool_prompt_states(

@@ -294,6 +294,7 @@ class Policy(nn.Module):
         with_entropy: bool = False,
         detach_log_z_input: bool = False,
         exclude_last_prompt_token: bool = False,
+        log_z_dropout_keys: Tensor | None = None,
     ) -> PolicyOutput:
         """Response log-probs (and log Z, entropy) for ``[prompt | response]`` sequences.
 
@@ -306,6 +307,8 @@ class Policy(nn.Module):
             with_entropy: also return per-token entropy (detached).
             detach_log_z_input: stop the gradient from log Z into the backbone.
             exclude_last_prompt_token: reproduce the reference code's pooling off-by-one.
+            log_z_dropout_keys: (B,) int64 random-stream keys of the rows, for the head's dropout masks
+                (see :meth:`LogZHead.forward`); None: torch's generator.
         """
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self.model.base_model(
@@ -338,5 +341,5 @@ class Policy(nn.Module):
             pooled = pool_prompt_states(
                 prompt_states, attention_mask[:, :prompt_length], exclude_last_token=exclude_last_prompt_token
             )
-            log_z = self.log_z_head(pooled)
+            log_z = self.log_z_head(pooled, dropout_keys=log_z_dropout_keys)
         return PolicyOutput(logprobs=logprobs, log_z=log_z, entropy=entropy)

@@ -46,8 +46,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -60,17 +62,20 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flowrl import checkpoint as ckpt
-from flowrl import distributed
+from flowrl import distributed, preflight
 from flowrl.config import Config, to_yaml
-from flowrl.data.schema import read_rows
 from flowrl.distributed import derive_seed
 from flowrl.logging import MetricsLogger, plot_metrics, read_metrics
 from flowrl.objectives import OBJECTIVES, Objective
+from flowrl.objectives.masked import masked_mean
 from flowrl.partition import LogZHead, log_z_param_groups
 from flowrl.policy import Policy, encode_prompt, load_model, load_tokenizer
-from flowrl.rewards.base import RewardResult, load_callable
+from flowrl.preflight import InputError
+from flowrl.rewards.base import RewardResult, RewardStatus
 from flowrl.rewards.registry import check_batch_usable, score_batch, status_counts
 from flowrl.rollout import HFRolloutEngine, RolloutBatch, RolloutEngine, SamplingParams
+from flowrl.stopping import StopRequested
+from flowrl.streams import stream_keys
 
 
 @dataclass
@@ -82,25 +87,31 @@ class PromptSet:
     skipped: list[dict[str, Any]] = field(default_factory=list)
 
 
-def load_prompts(files: list[str], tokenizer: Any, max_prompt_length: int) -> PromptSet:
-    """Read verl-schema files, tokenize the prompts, skip (and record) those over ``max_prompt_length``."""
+def load_prompts(
+    rows: list[dict[str, Any]], files: list[str], tokenizer: Any, max_prompt_length: int
+) -> PromptSet:
+    """Tokenize the prompts of ``rows`` (read from ``files``, one entry per row); skip (and record)
+    those over ``max_prompt_length``."""
     examples, prompt_ids, skipped = [], [], []
-    for path in files:
-        for i, row in enumerate(read_rows(path)):
-            ids = encode_prompt(tokenizer, row["prompt"])
-            if len(ids) > max_prompt_length:
-                skipped.append({"file": str(path), "row": i, "tokens": len(ids), "reason": "prompt too long"})
-                continue
-            examples.append(row)
-            prompt_ids.append(ids)
+    position: dict[str, int] = defaultdict(int)  # row number within its file
+    for row, path in zip(rows, files, strict=True):
+        i = position[path]
+        position[path] += 1
+        ids = encode_prompt(tokenizer, row["prompt"])
+        if len(ids) > max_prompt_length:
+            skipped.append({"file": path, "row": i, "tokens": len(ids), "reason": "prompt too long"})
+            continue
+        examples.append(row)
+        prompt_ids.append(ids)
     if not examples:
         why = (
             f" (all {len(skipped)} prompts exceed data.max_prompt_length={max_prompt_length})"
             if skipped
             else ""
         )
-        raise ValueError(
-            f"no training prompts in {files}{why}; check data.train_files / data.max_prompt_length"
+        raise InputError(
+            f"no training prompts in {sorted(set(files))}{why}; "
+            "check data.train_files / data.max_prompt_length"
         )
     return PromptSet(examples, prompt_ids, skipped)
 
@@ -192,25 +203,29 @@ class TrainResult:
     metrics: list[dict[str, float]]
     policy: Policy
     tokenizer: Any
+    stopped_by: int | None = None  # the signal that stopped the run early (its checkpoint is written)
 
 
 class Trainer:
     """Holds the run's parts; :meth:`fit` is the loop. Build it with a :class:`~flowrl.config.Config`."""
 
-    def __init__(self, cfg: Config, *, resume: bool = False) -> None:
+    def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False) -> None:
         self.dp = distributed.setup(cfg.train.device)
         self.prompts_per_rank = self.dp.split(cfg.train.prompts_per_step, "train.prompts_per_step")
         self.cfg = cfg
         self.objective: Objective = OBJECTIVES[cfg.algorithm.name]
+        self.run_dir = Path(cfg.train.output_dir)
+        # Everything checkable without weights, before any load; nothing is written until it all passed.
+        checked = preflight.check_run(cfg, resume=resume, overwrite=overwrite)
         self.device = self.dp.device
         self.bf16 = cfg.train.bf16 if cfg.train.bf16 is not None else self.device.type == "cuda"
         overlap = cfg.train.overlap_reference
         self.overlap_reference = overlap if overlap is not None else self.device.type == "cuda"
-        self.run_dir = Path(cfg.train.output_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.train.seed)  # the same on every rank: the log Z head starts alike
 
-        resume_from = ckpt.latest_checkpoint(self.run_dir / ckpt.CHECKPOINTS_DIR) if resume else None
+        resume_from = None
+        if resume and self.dp.is_main:
+            resume_from = ckpt.latest_intact_checkpoint(self.run_dir / ckpt.CHECKPOINTS_DIR)
         resume_from = self.dp.broadcast_object(resume_from)  # every rank resumes from rank 0's choice
         if resume and resume_from is None:
             self._print(
@@ -221,11 +236,11 @@ class Trainer:
             f"flowrl train | {cfg.algorithm.name} | device {self.device}{processes} | run dir {self.run_dir}"
         )
         self._print(to_yaml(cfg))
-        if self.dp.is_main:
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
 
         m = cfg.model
         self.tokenizer = load_tokenizer(m.path, trust_remote_code=m.trust_remote_code)
+        self.prompts = load_prompts(checked.rows, checked.files, self.tokenizer, cfg.data.max_prompt_length)
+        self.reward_fn = checked.reward_fn
         policy_path = str(resume_from / ckpt.MODEL_DIR) if resume_from else m.path
         load = dict(dtype=m.dtype, device=self.device, attn_implementation=m.attn_implementation)
         model = load_model(policy_path, trust_remote_code=m.trust_remote_code, **load)
@@ -271,16 +286,6 @@ class Trainer:
             top_k=cfg.rollout.top_k,
             max_new_tokens=cfg.rollout.max_new_tokens,
         )
-        self.reward_fn = load_callable(cfg.reward.function) if cfg.reward.function else None
-        self.prompts = load_prompts(cfg.data.train_files, self.tokenizer, cfg.data.max_prompt_length)
-        if self.prompts.skipped and self.dp.is_main:
-            report = self.run_dir / "skipped_prompts.jsonl"
-            report.write_text("".join(json.dumps(s) + "\n" for s in self.prompts.skipped))
-            skipped, total = len(self.prompts.skipped), len(self.prompts.skipped) + len(self.prompts.examples)
-            self._print(
-                f"skipped {skipped} of {total} prompts longer than "
-                f"data.max_prompt_length={cfg.data.max_prompt_length} (listed in {report})"
-            )
         self.sampler = PromptSampler(
             len(self.prompts.examples), seed=cfg.train.seed, shuffle=cfg.data.shuffle
         )
@@ -295,7 +300,18 @@ class Trainer:
             ckpt.set_rng_state(state["rng"])
             self.step = state["step"]
             self._print(f"resumed from {resume_from} at step {self.step}")
+        self.saved_step = self.step  # the step of the newest checkpoint on disk
         self.dp.broadcast_parameters(self.policy.parameters())
+
+        # Everything loaded: only now does the run directory change (an earlier run is replaced here).
+        if self.dp.is_main:
+            if overwrite:
+                removed = preflight.clear_run(self.run_dir)
+                if removed:
+                    print(f"--overwrite: removed {', '.join(removed)} from {self.run_dir}", flush=True)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            self._report_skipped()
         self.logger = (
             MetricsLogger(
                 self.run_dir,
@@ -305,9 +321,23 @@ class Trainer:
                 config=asdict(cfg),
                 append=resume_from is not None,
                 resume_step=self.step,
+                progress=cfg.train.progress,
             )
             if self.dp.is_main
             else None
+        )
+        self.dp.barrier()  # the run directory exists for every rank
+
+    def _report_skipped(self) -> None:
+        if not self.prompts.skipped:
+            return
+        report = self.run_dir / "skipped_prompts.jsonl"
+        report.write_text("".join(json.dumps(s) + "\n" for s in self.prompts.skipped))
+        skipped, total = len(self.prompts.skipped), len(self.prompts.skipped) + len(self.prompts.examples)
+        print(
+            f"skipped {skipped} of {total} prompts longer than "
+            f"data.max_prompt_length={self.cfg.data.max_prompt_length} (listed in {report})",
+            flush=True,
         )
 
     # -- pieces of one step ------------------------------------------------------------------------
@@ -333,12 +363,13 @@ class Trainer:
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
             batch_size=r.batch_size,
-            show_progress=self.cfg.train.progress and self.dp.is_main,
+            show_progress=self.cfg.train.progress and self.dp.is_main and sys.stderr.isatty(),
         )
 
     def _print(self, text: str) -> None:
-        if self.dp.is_main:
-            print(text, flush=True)
+        if self.dp.is_main:  # through tqdm, so a progress bar on the terminal is not torn
+            tqdm.write(text, file=sys.stdout)
+            sys.stdout.flush()
 
     def _rollout(self, indices: list[int], first: int) -> RolloutBatch:
         """Sample this rank's responses to ``indices``, the prompts at positions ``first, first + 1, ...``
@@ -465,17 +496,26 @@ class Trainer:
         mine = torch.zeros(num_local, dtype=torch.bool, device=self.device)
         mine[rows.to(self.device)] = True
         step_rows = self.dp.gather(mine).nonzero().squeeze(-1)  # positions in the step's sequences
-        # Per-sequence sums over this rank's sequences; summed over the ranks at the end.
-        sums: dict[str, float] = defaultdict(float)
-        grad_norm_sum = 0.0
+        # Per-sequence sums over this rank's sequences, kept as detached tensors (no device sync per
+        # micro-batch); read once at the end and summed over the ranks.
+        zero = torch.zeros((), device=self.device)
+        sums: dict[str, Tensor] = defaultdict(lambda: zero)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        head = self.policy.log_z_head
+        head_params = [] if head is None else [p for p in head.parameters() if p.requires_grad]
         num_minibatches = math.ceil(len(step_rows) / t.mini_batch_size) * t.epochs_per_rollout
         bar = tqdm(
-            total=num_minibatches, desc="update", disable=not (t.progress and self.dp.is_main), leave=False
+            total=num_minibatches,
+            desc="update",
+            disable=not (t.progress and self.dp.is_main and sys.stderr.isatty()),
+            leave=False,
         )
         for epoch in range(t.epochs_per_rollout):
             shuffle = torch.Generator().manual_seed(derive_seed(t.seed, "minibatch", self.step, epoch))
             order = step_rows[torch.randperm(len(step_rows), generator=shuffle).to(self.device)]
+            # the head's dropout: a stream per sequence, keyed by its position in the step (any K)
+            base = torch.tensor([derive_seed(t.seed, "log_z_dropout", self.step, epoch)], device=self.device)
+            dropout_keys = stream_keys(base, num_local * self.dp.world_size)[offset : offset + num_local]
             for start in range(0, len(order), t.mini_batch_size):
                 mini = order[start : start + t.mini_batch_size]
                 local = mini[(mini >= offset) & (mini < offset + num_local)] - offset
@@ -484,7 +524,7 @@ class Trainer:
                     float(obj.count_units(rollout.response_mask[local].float(), **loss_kwargs))
                 )
                 self.optimizer.zero_grad(set_to_none=True)
-                mini_loss = 0.0
+                mini_loss = zero
                 for mb in self._micro_batches(local, rollout):
                     with self._autocast():
                         out = self.policy(
@@ -496,6 +536,7 @@ class Trainer:
                             with_entropy=old_logprobs is None,
                             detach_log_z_input=self.cfg.log_z.detach_input,
                             exclude_last_prompt_token=self.cfg.log_z.exclude_last_prompt_token,
+                            log_z_dropout_keys=dropout_keys[mb.rows] if obj.uses_log_z else None,
                         )
                     w = mb.response_width
                     tensors: dict[str, Tensor] = {
@@ -508,38 +549,49 @@ class Trainer:
                         else advantages[mb.rows, :w],
                         "response_mask": rollout.response_mask[mb.rows, :w].float(),
                     }
-                    if obj.uses_ref_logprobs:
-                        # no reference model (GRPO at kl_coef 0): the KL term it would feed is 0 anyway
-                        tensors["ref_logprobs"] = (
-                            tensors["old_logprobs"] if ref_logprobs is None else ref_logprobs[mb.rows, :w]
-                        )
+                    if obj.uses_ref_logprobs:  # None without a reference model (GRPO at kl_coef 0)
+                        tensors["ref_logprobs"] = None if ref_logprobs is None else ref_logprobs[mb.rows, :w]
                     if obj.uses_log_z:
                         tensors["log_z"] = out.log_z
                     loss, metrics = obj.loss_fn(**tensors, **loss_kwargs, normalizer=normalizer)
                     loss.backward()
-                    mini_loss += float(loss.detach())
+                    mini_loss = mini_loss + loss.detach()
                     m = len(mb.rows)
                     for key, value in metrics.items():
-                        sums[key] += float(value) * m
+                        sums[key] = sums[key] + value.detach().float() * m
                     if out.entropy is not None:
-                        sums["entropy_sum"] += float((out.entropy * tensors["response_mask"]).sum())
-                        sums["entropy_tokens"] += float(tensors["response_mask"].sum())
+                        mask = tensors["response_mask"]
+                        sums["entropy_sum"] = sums["entropy_sum"] + (out.entropy.detach() * mask).sum()
+                        sums["entropy_tokens"] = sums["entropy_tokens"] + mask.sum()
                 self.dp.all_reduce_grads(params)
+                if head_params:  # before clipping: how hard the loss pulls on the head itself
+                    grads = [p.grad for p in head_params if p.grad is not None]
+                    if grads:
+                        head_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+                        sums["log_z_grad_norm"] = sums["log_z_grad_norm"] + head_norm * len(mini)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
                 self.optimizer.step()
                 # Every metric is a mean over sequences: weight each mini-batch by its size. This rank's
                 # mini_loss is its part of the mini-batch loss, so the sum over ranks is the whole.
-                sums["loss"] += mini_loss * len(mini)
-                grad_norm_sum += float(grad_norm) * len(mini)  # the same on every rank
+                sums["loss"] = sums["loss"] + mini_loss * len(mini)
+                sums["grad_norm"] = sums["grad_norm"] + grad_norm.detach() * len(mini)  # alike on every rank
                 bar.update(1)
         bar.close()
-        sums = self.dp.sum_dict(sums)
+        keys = list(sums)
+        values = torch.stack([sums[k].float() for k in keys]).tolist() if keys else []  # the one sync
+        totals = dict(zip(keys, values, strict=True))
+        # quantities every rank holds alike (not summed): the gradient norms after the all-reduce
+        alike = {k: totals.pop(k) for k in ("grad_norm", "log_z_grad_norm") if k in totals}
+        totals = self.dp.sum_dict(totals)
         count = len(step_rows) * t.epochs_per_rollout
-        entropy_sum, entropy_tokens = sums.pop("entropy_sum", None), sums.pop("entropy_tokens", None)
-        out_metrics = {k: v / count for k, v in sums.items()}
+        entropy_sum, entropy_tokens = totals.pop("entropy_sum", None), totals.pop("entropy_tokens", None)
+        out_metrics = {k: v / count for k, v in totals.items()}
+        out_metrics["actor/loss"] = out_metrics.pop("loss")
         if entropy_sum is not None:
-            out_metrics["rollout/entropy"] = entropy_sum / max(entropy_tokens, 1.0)
-        out_metrics["optim/grad_norm"] = grad_norm_sum / count
+            out_metrics["actor/entropy"] = entropy_sum / max(entropy_tokens, 1.0)
+        out_metrics["optim/grad_norm"] = alike["grad_norm"] / count
+        if "log_z_grad_norm" in alike:
+            out_metrics["flowrl/log_z_grad_norm"] = alike["log_z_grad_norm"] / count
         out_metrics["optim/num_minibatches"] = float(num_minibatches)
         return out_metrics
 
@@ -565,7 +617,7 @@ class Trainer:
                     f"  [{record['status']} {record['reward']:+.2f}] {record['prompt'][:80]!r} -> "
                     f"{record['response'][:160]!r}"
                 )
-        print(f"samples at step {step}:\n" + "\n".join(lines), flush=True)
+        self._print(f"samples at step {step}:\n" + "\n".join(lines))
 
     def _save(self) -> None:
         """Rank 0 writes the checkpoint (every rank holds the same weights and state); the rest wait."""
@@ -583,25 +635,96 @@ class Trainer:
                 },
                 keep=self.cfg.train.keep_checkpoints,
             )
-            print(f"checkpoint: {path}", flush=True)
+            self._print(f"checkpoint: {path}")
+        self.saved_step = self.step
         self.dp.barrier()
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop: every rank calls this at the same points, so all stop
+        at the same step."""
+        return self.dp.sum(float(self._stop.requested)) > 0
+
+    def _reward_metrics(
+        self, results: list[RewardResult], indices: list[int], rewards: Tensor, valid: Tensor
+    ) -> dict[str, float]:
+        """Reward statistics over every rank's samples: mean, spread, range, accuracy (share of scored
+        samples marked correct), status counts, and mean and accuracy per ``data_source``."""
+        dp = self.dp
+        correct = torch.tensor([r.status is RewardStatus.CORRECT for r in results], device=self.device)
+        n = self.sampling.n
+        ids = [self._source_ids[str(self.prompts.examples[i].get("data_source"))] for i in indices]
+        source = torch.tensor(ids, device=self.device).repeat_interleave(n)
+        rewards, valid, correct, source = (dp.gather(x) for x in (rewards, valid, correct, source))
+        scored = rewards[valid]
+        out = {
+            "reward/mean": float(scored.mean()),
+            "reward/std": float(scored.std()) if len(scored) > 1 else 0.0,
+            "reward/min": float(scored.min()),
+            "reward/max": float(scored.max()),
+            "reward/accuracy": float(correct[valid].float().mean()),
+            "reward/failed": float((~valid).sum()),
+            **dp.sum_dict(status_counts(results)),
+        }
+        if len(self._source_ids) > 1:
+            for name, k in self._source_ids.items():
+                mine = valid & (source == k)
+                if mine.any():
+                    out[f"reward/by_source/{name}/mean"] = float(rewards[mine].mean())
+                    out[f"reward/by_source/{name}/accuracy"] = float(correct[mine].float().mean())
+        return out
+
+    def _report_failures(self, results: list[RewardResult], indices: list[int]) -> None:
+        """Failed rewards counted by reason: one console line and ``reward_failures.jsonl``."""
+        n = self.sampling.n
+        mine = [
+            (r.status.value, r.detail[:300], str(self.prompts.examples[indices[j // n]].get("data_source")))
+            for j, r in enumerate(results)
+            if not r.ok
+        ]
+        every = [f for part in self.dp.gather_object(mine) for f in part]
+        if not every or not self.dp.is_main:
+            return
+        counts = Counter(every)
+        with (self.run_dir / "reward_failures.jsonl").open("a") as f:
+            for (status, reason, source), count in counts.most_common():
+                record = {"step": self.step, "status": status, "data_source": source, "reason": reason}
+                f.write(json.dumps({**record, "count": count}) + "\n")
+        top = "; ".join(f"{c}x {st} ({src}): {why[:120]!r}" for (st, why, src), c in counts.most_common(3))
+        self._print(
+            f"step {self.step}: {len(every)} rewards failed, left out of the update: {top} "
+            f"(all reasons in {self.run_dir / 'reward_failures.jsonl'})"
+        )
+
+    def _abandon_step(self, sampler_state: dict[str, int]) -> bool:
+        """Undo the start of a step that applied nothing (the prompts go back to the sampler)."""
+        self.step -= 1
+        self.sampler.load_state_dict(sampler_state)
+        return True
 
     # -- the loop ----------------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
-        """Train until ``train.total_steps``; returns the run directory, metrics, policy and tokenizer."""
+        """Train until ``train.total_steps`` or a stop signal; returns the run directory, metrics, policy
+        and tokenizer (``stopped_by``: the signal that stopped the run, after its checkpoint was written)."""
         # One thread runs the reference pass beside scoring (train.overlap_reference) for the whole run:
         # a new thread per step would start a new OpenMP team with cold caches each time.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowrl-reference") as beside:
-            self._beside = beside
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowrl-reference") as beside,
+            StopRequested() as stop,
+        ):
+            self._beside, self._stop = beside, stop
             return self._fit()
 
     def _fit(self) -> TrainResult:
         cfg, obj, dp = self.cfg, self.objective, self.dp
         t = cfg.train
+        sources = sorted({str(e.get("data_source")) for e in self.prompts.examples})
+        self._source_ids = {name: k for k, name in enumerate(sources)}
+        stopped = False
         while self.step < t.total_steps:
             self.step += 1
             started = time.perf_counter()
+            sampler_state = self.sampler.state_dict()
 
             # 1. rollout: every rank draws the step's prompts and samples its contiguous share
             first = dp.rank * self.prompts_per_rank
@@ -613,6 +736,9 @@ class Trainer:
             self.engine.release_memory()
             torch.manual_seed(derive_seed(t.seed, "update", self.step, dp.rank))  # dropout
             generated = time.perf_counter()
+            if self._stop_agreed():  # nothing of this step is applied yet: abandon it
+                stopped = self._abandon_step(sampler_state)
+                break
 
             # 2. rewards, failures counted and left out (never scored 0); on a GPU the reference forward
             # runs beside them in a second thread: neither reads the other, the verifiers and sandboxes
@@ -626,6 +752,10 @@ class Trainer:
                 texts, results = self._score(rollout, indices)
             finally:  # a failed scoring waits for the pass, so no thread outlives the step
                 ref_logprobs = None if reference is None else reference.result()[0]
+            if self._stop_agreed():  # a Ctrl-C may have reached the scorers too: abandon the step
+                stopped = self._abandon_step(sampler_state)
+                break
+            self._report_failures(results, indices)
             rewards = torch.tensor([r.score for r in results], dtype=torch.float32, device=self.device)
             valid = torch.tensor([r.ok for r in results], device=self.device)
             step_rewards, step_valid = dp.gather(rewards), dp.gather(valid)
@@ -645,38 +775,38 @@ class Trainer:
                 advantages = advantages[:, : mask.shape[1]]
             scored = time.perf_counter()
 
-            # 5. update on the sequences whose reward was computed
+            # 5. update on the sequences whose reward was computed (a stop signal now waits for it)
             rows = valid.nonzero().squeeze(-1)
             metrics = self._update(rollout, rows, advantages, old_logprobs, ref_logprobs)
             self.scheduler.step()
             self._engine_stale = True
 
             # 6. metrics, over every rank's sequences
-            finite = step_rewards[step_valid]
             lengths = dp.gather(rollout.response_lengths.float())
-            metrics.update(dp.sum_dict(status_counts(results)))
+            metrics.update(self._reward_metrics(results, indices, rewards, valid))
+            if step_advantages.dim() == 1:
+                advantage_abs = float(step_advantages[step_valid].abs().mean())
+            else:  # per-token advantages: the mean over response tokens
+                step_mask = dp.gather(mask)[step_valid]
+                advantage_abs = float(masked_mean(step_advantages[step_valid].abs(), step_mask))
+            now = time.perf_counter()
             metrics.update(
                 {
-                    "reward/mean": float(finite.mean()),
-                    "reward/std": float(finite.std()) if len(finite) > 1 else 0.0,
-                    "reward/failed": float((~step_valid).sum()),
-                    "reward/advantage_mean": float(step_advantages[step_valid].mean())
-                    if step_advantages.dim() == 1
-                    else 0.0,
+                    "actor/advantage_abs": advantage_abs,
                     "rollout/response_length": float(lengths.mean()),
                     "rollout/response_length_max": float(lengths.max()),
                     "rollout/truncation_rate": float(dp.gather(rollout.truncated).float().mean()),
                     "optim/lr": self.optimizer.param_groups[0]["lr"],
                     "perf/rollout_time_s": generated - started,
                     "perf/score_and_logprob_time_s": scored - generated,
-                    "perf/update_time_s": time.perf_counter() - scored,
-                    "perf/step_time_s": time.perf_counter() - started,
-                    "perf/tokens_per_s": float(lengths.sum()) / (time.perf_counter() - started),
+                    "perf/update_time_s": now - scored,
+                    "perf/step_time_s": now - started,
+                    "perf/tokens_per_s": float(lengths.sum()) / (now - started),
                 }
             )
             if entropy is not None:
                 totals = dp.sum_dict({"entropy": float((entropy * mask).sum()), "tokens": float(mask.sum())})
-                metrics["rollout/entropy"] = totals["entropy"] / max(totals["tokens"], 1.0)
+                metrics["actor/entropy"] = totals["entropy"] / max(totals["tokens"], 1.0)
             if self.logger is not None:
                 console = self.step % max(t.log_every, 1) == 0 or self.step == t.total_steps
                 self.logger.log(self.step, metrics, console=console)
@@ -684,23 +814,37 @@ class Trainer:
                 self._show_samples(self.step, indices, texts, results)
             if (t.save_every and self.step % t.save_every == 0) or self.step == t.total_steps:
                 self._save()
+            if self._stop_agreed():
+                stopped = True
+                break
+        stopped_by = None
+        if stopped:
+            stopped_by = self._stop.signum or signal.SIGTERM  # the signal reached another rank only
+            if self.step > self.saved_step:
+                self._save()
         if self.logger is not None:
             self.logger.close()
         if t.plot and dp.is_main:
             plot = plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "training.png")
-            print(f"plot: {plot}")
+            self._print(f"plot: {plot}")
         dp.barrier()  # rank 0 has written metrics.jsonl
         path = self.run_dir / "metrics.jsonl"
         metrics_rows = read_metrics(path) if path.exists() else []  # other ranks: needs a shared disk
-        return TrainResult(self.run_dir, metrics_rows, self.policy, self.tokenizer)
+        return TrainResult(self.run_dir, metrics_rows, self.policy, self.tokenizer, stopped_by)
 
 
-def train(cfg: Config, *, resume: bool = False) -> TrainResult:
-    """Build a :class:`Trainer` from ``cfg`` and run it to ``train.total_steps``.
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Build a :class:`Trainer` from ``cfg`` and :func:`run` it.
 
-    Under torchrun it leaves the process group it joined when the run ends.
+    Raises:
+        flowrl.preflight.InputError: ``cfg`` cannot work (found before any weights load); also when
+            ``train.output_dir`` holds an earlier run and neither ``resume`` nor ``overwrite`` is set.
     """
-    trainer = Trainer(cfg, resume=resume)
+    return run(Trainer(cfg, resume=resume, overwrite=overwrite))
+
+
+def run(trainer: Trainer) -> TrainResult:
+    """Train to ``train.total_steps`` (or a stop signal); under torchrun, leave the process group after."""
     try:
         result = trainer.fit()
         # leave together: a rank tearing down gloo while another still talks to it can abort the process

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPTS_PER_RANK = 2
 SAMPLES = 4
 TORCHRUN_TIMEOUT_S = 120  # a deadlock shows up as this timeout, not as a hung test session
-COMPARED = ("loss", "reward/mean", "reward/std", "optim/grad_norm", "rollout/response_length")
+COMPARED = ("actor/loss", "reward/mean", "reward/std", "optim/grad_norm", "rollout/response_length")
 
 
 def digit_share(response: str, example: Mapping[str, Any]) -> float:

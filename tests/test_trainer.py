@@ -34,7 +34,7 @@ def test_train_cli_two_steps_updates_every_parameter(
     assert cli.main(["train", str(config)]) == 0
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
-    assert all(math.isfinite(r["loss"]) and math.isfinite(r["flowrl/log_z"]) for r in rows)
+    assert all(math.isfinite(r["actor/loss"]) and math.isfinite(r["flowrl/log_z"]) for r in rows)
     assert (tmp_path / "run" / "training.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "run" / "config.yaml").exists() and (tmp_path / "run" / "samples.jsonl").exists()
 
@@ -128,7 +128,7 @@ def test_update_does_not_depend_on_micro_batch_size(
         # one mini-batch: the gradients left after the step are the accumulated mini-batch gradient
         grads = torch.cat([p.grad.flatten() for p in trainer.policy.parameters() if p.grad is not None])
         assert grads.abs().sum() > 0
-        results.append((metrics["loss"], grads))
+        results.append((metrics["actor/loss"], grads))
     for loss, grads in results[1:]:
         assert loss == pytest.approx(results[0][0], rel=1e-5, abs=1e-7)
         torch.testing.assert_close(grads, results[0][1], atol=1e-6, rtol=1e-4)
@@ -226,7 +226,7 @@ def test_stop_and_resume_equals_straight_run(model_dir: Path, data_file: Path, t
     a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(resumed / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b, strict=True):
-        for key in ("loss", "reward/mean", "flowrl/log_z", "rollout/response_length", "optim/grad_norm"):
+        for key in ("actor/loss", "reward/mean", "flowrl/log_z", "rollout/response_length", "optim/grad_norm"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), (ra["step"], key)
 
 
@@ -253,7 +253,7 @@ def test_failed_rewards_are_counted_and_left_out(model_dir: Path, data_file: Pat
     result = Trainer(cfg).fit()
     row = result.metrics[0]
     assert row["reward/failed"] > 0 and row["reward/status_error"] == row["reward/failed"]
-    assert math.isfinite(row["loss"])
+    assert math.isfinite(row["actor/loss"])
 
 
 def test_all_rewards_failing_stops_the_run(model_dir: Path, data_file: Path, tmp_path: Path) -> None:
@@ -282,14 +282,16 @@ def test_long_prompts_are_skipped_and_reported(model_dir: Path, tmp_path: Path) 
 
 def test_empty_dataset_is_refused(model_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(ValueError, match="no training prompts"):
+    with pytest.raises(ValueError, match="holds no rows"):
         Trainer(load_config(None, overrides(model_dir, tmp_path / "empty.jsonl", tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_model_directory_names_the_fix(data_file: Path, tmp_path: Path) -> None:
     cfg = load_config(None, overrides(tmp_path / "nope", data_file, tmp_path / "run"))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist"):
         Trainer(cfg)
+    assert not (tmp_path / "run").exists()
 
 
 def test_tokenizer_without_pad_token_gets_eos(model_dir: Path, tmp_path: Path) -> None:
@@ -339,4 +341,4 @@ def test_grpo_loads_the_reference_only_for_its_kl(
     items = overrides(model_dir, data_file, tmp_path / "run", **{"algorithm.name": algorithm})
     trainer = Trainer(load_config(None, [*items, f"algorithm.loss.kl_coef={kl_coef}"]))
     assert (trainer.ref_model is not None) == loaded
-    assert math.isfinite(trainer.fit().metrics[-1]["loss"])
+    assert math.isfinite(trainer.fit().metrics[-1]["actor/loss"])
