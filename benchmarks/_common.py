@@ -352,7 +352,7 @@ def run_project_trainer(spec: dict[str, Any]) -> dict[str, Any]:
 
     cfg = load_config(None, spec["overrides"])
     rss_after_import = peak_rss_mib()
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, overwrite=True)  # a benchmark run always starts afresh
     # The fixed workload: every response is max_new_tokens long (HFRolloutEngine's ignore_eos).
     trainer.sampling = dataclasses.replace(trainer.sampling, ignore_eos=True)
     stamps: list[float] = []
