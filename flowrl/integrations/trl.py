@@ -40,7 +40,12 @@ Where this departs from the project's own trainer (``flowrl.trainer``):
 * the reduction is a mean over each process's micro-batch divided by the gradient-accumulation steps;
   with the fixed ``per_device_train_batch_size`` of TRL and DDP's gradient average this is the mean
   over the global batch of the optimizer step (``flowrl_sequence_weighting="length"`` divides by
-  TRL's global token count instead).
+  TRL's global token count instead);
+* the metrics: the objective's keep the project's names (``flowrl/*``, ``actor/ppo_kl``,
+  ``actor/ref_kl``) and the policy's token entropy is ``actor/entropy``, as in the project's trainer;
+  what the Trainer and ``GRPOTrainer`` log themselves keeps their names (``loss`` is the project's
+  ``actor/loss``, ``grad_norm`` its ``optim/grad_norm``, ``learning_rate`` its ``optim/lr``; ``reward``,
+  ``completions/*``, ...). docs/metrics.md has the table.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ from flowrl.objectives.flowrl import (
     REFERENCES,
     SEQUENCE_WEIGHTINGS,
 )
+from flowrl.objectives.masked import masked_mean
 from flowrl.partition import DROPOUT, LOG_Z_PREFIX, NUM_LAYERS, LogZHead, is_log_z_param, pool_prompt_states
 from flowrl.rewards.base import RewardFn, RewardStatus
 from flowrl.rewards.registry import score_batch
@@ -468,12 +474,14 @@ class FlowRLTrainer(GRPOTrainer):
             normalizer=normalizer,
             **self._flowrl_kwargs,
         )
+        # The objective's metrics keep their names (docs/metrics.md), as in the project's trainer; TRL logs
+        # them as they are (with "eval_" in front in evaluation).
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / accumulation
-            metrics["aux_loss"] = outputs.aux_loss.detach()
+            metrics["aux_loss"] = outputs.aux_loss.detach()  # TRL's name: the project has no MoE loss
         if outputs.entropy is not None:
             entropy = outputs.entropy[:, -num_completion_tokens:].detach()
-            metrics["entropy"] = (entropy * response_mask).sum() / response_mask.sum().clamp(min=1)
+            metrics["actor/entropy"] = masked_mean(entropy, response_mask)
         # One gather for all metrics: each is this micro-batch's mean, averaged over processes.
         names = sorted(metrics)
         stacked = torch.stack([metrics[n].float().reshape(()) for n in names])

@@ -14,7 +14,10 @@ provide. The trainer calls::
     loss, metrics = objective.loss_fn(logprobs=..., old_logprobs=..., advantages=..., response_mask=...,
                                       [ref_logprobs=...,] [log_z=...,] normalizer=normalizer, **loss_kwargs)
 
-and the micro-batch losses add up to the loss of the whole mini-batch.
+and the micro-batch losses add up to the loss of the whole mini-batch. ``metrics`` holds detached
+scalars named as in docs/metrics.md: the shared ``actor/`` names (``actor/ppo_kl``, ``actor/ref_kl``,
+``actor/pg_loss``, ...) mean the same quantity in every objective, ``flowrl/`` ones are FlowRL's own. A
+metric is only reported for what was computed: no ``actor/ref_kl`` without reference log-probs.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from flowrl.objectives.flowrl import (
     REFERENCES,
     SEQUENCE_WEIGHTINGS,
     flowrl_loss,
+    importance_weight_clipped,
     sequence_importance_weight,
 )
 from flowrl.objectives.grpo import dr_grpo_loss, grpo_loss
@@ -45,6 +49,8 @@ from flowrl.objectives.masked import (
     LOSS_AGG_MODES,
     aggregate_loss,
     count_units,
+    kl_k3,
+    masked_kl_k3,
     masked_mean,
     masked_sum,
     masked_whiten,
@@ -73,7 +79,8 @@ class Objective:
     uses_log_z: bool
     """``loss_fn`` takes ``log_z`` (N,): the trainer needs a partition head."""
     uses_ref_logprobs: bool
-    """``loss_fn`` takes ``ref_logprobs`` (N, T)."""
+    """``loss_fn`` takes ``ref_logprobs`` (N, T) (see ``ref_logprobs_only_for_kl`` for when it may be
+    None)."""
     needs_values: bool
     """Needs a critic (PPO); the LM trainer has none and refuses the objective."""
     count_units: Callable[..., float]
@@ -84,8 +91,10 @@ class Objective:
     """``advantage_fn`` reads ``ref_logprobs`` (REINFORCE++ puts the KL into the reward), so the trainer
     must compute them even when ``uses_ref_logprobs`` is False."""
     ref_logprobs_only_for_kl: bool = False
-    """``loss_fn`` reads ``ref_logprobs`` only for its ``kl_coef``-weighted KL term (GRPO): at
-    ``kl_coef=0`` the trainer may pass any stand-in and skip the reference model."""
+    """``loss_fn`` reads ``ref_logprobs`` only for its ``kl_coef``-weighted KL term and the
+    ``actor/kl_loss`` / ``actor/ref_kl`` metrics (GRPO, Dr. GRPO): at ``kl_coef=0`` the trainer skips the
+    reference model and passes ``ref_logprobs=None`` (never a stand-in, whose KL would be logged as if
+    real), and those metrics are left out. With ``kl_coef != 0``, None raises a ValueError."""
 
 
 def _default(fn: Callable[..., Any], argument: str) -> Any:
@@ -245,7 +254,10 @@ __all__ = [
     "gae",
     "group_normalized_rewards",
     "grpo_loss",
+    "importance_weight_clipped",
+    "kl_k3",
     "kl_penalty",
+    "masked_kl_k3",
     "masked_mean",
     "masked_sum",
     "masked_whiten",

@@ -14,12 +14,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flowrl.objectives.masked import apply_mask, check_batch_shapes, masked_mean, masked_sum, masked_whiten
+from flowrl.objectives.masked import (
+    apply_mask,
+    check_batch_shapes,
+    kl_k3,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+)
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 """Schulman's per-token estimators of KL(pi || pi_ref) from tokens sampled from pi ("Approximating KL
 Divergence", 2020). With the log-ratio ``d = log pi - log pi_ref``: k1 = d, k2 = d^2 / 2,
-k3 = exp(-d) - 1 + d."""
+k3 = exp(-d) - 1 + d (:func:`flowrl.objectives.masked.kl_k3`, the one copy of it)."""
 
 KL_COEF = 0.001
 """Weight of the per-token KL penalty in REINFORCE++'s reward (verl's default ``kl_ctrl.kl_coef``)."""
@@ -107,7 +114,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str) -> Tensor:
     if kind == "k2":
         return 0.5 * log_ratio.square()
     if kind == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
+        return kl_k3(logprobs, ref_logprobs)
     raise ValueError(f"unknown kl estimator {kind!r}; use one of {', '.join(KL_ESTIMATORS)}")
 
 

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from flowrl.objectives.masked import (
     check_batch_shapes,
+    masked_kl_k3,
     masked_mean,
     masked_sum,
     mean_over_sequences,
@@ -53,6 +54,22 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {name} {value!r}; use one of {', '.join(choices)}")
 
 
+def _log_weight_bounds(
+    mode: str, max_importance_weight: float, clip_eps: float
+) -> tuple[float | None, float | None]:
+    """The interval ``(low, high)`` that ``mode`` clamps ``log_w`` to; None for an open side."""
+    _check_choice("importance_weight", mode, IMPORTANCE_WEIGHT_MODES)
+    if mode == "clamp":
+        if not max_importance_weight > 0:
+            raise ValueError(f"max_importance_weight must be positive, got {max_importance_weight}")
+        return None, math.log(max_importance_weight)
+    if mode == "clip":
+        if not 0 < clip_eps < 1:
+            raise ValueError(f"clip_eps must be in (0, 1) for importance_weight='clip', got {clip_eps}")
+        return math.log1p(-clip_eps), math.log1p(clip_eps)
+    return None, None
+
+
 def sequence_importance_weight(
     log_w: Tensor,
     mode: str,
@@ -73,19 +90,42 @@ def sequence_importance_weight(
     Returns:
         (N,) weights without gradient history.
     """
-    _check_choice("importance_weight", mode, IMPORTANCE_WEIGHT_MODES)
+    low, high = _log_weight_bounds(mode, max_importance_weight, clip_eps)
     log_w = log_w.detach()
-    if mode == "clamp":
-        if not max_importance_weight > 0:
-            raise ValueError(f"max_importance_weight must be positive, got {max_importance_weight}")
-        return torch.exp(torch.clamp(log_w, max=math.log(max_importance_weight)))
-    if mode == "clip":
-        if not 0 < clip_eps < 1:
-            raise ValueError(f"clip_eps must be in (0, 1) for importance_weight='clip', got {clip_eps}")
-        return torch.exp(torch.clamp(log_w, min=math.log1p(-clip_eps), max=math.log1p(clip_eps)))
-    if mode == "none":
-        return torch.exp(log_w)
-    return torch.ones_like(log_w)
+    if mode == "on_policy":
+        return torch.ones_like(log_w)
+    return torch.exp(torch.clamp(log_w, min=low, max=high) if mode != "none" else log_w)
+
+
+def importance_weight_clipped(
+    log_w: Tensor,
+    mode: str,
+    *,
+    max_importance_weight: float = MAX_IMPORTANCE_WEIGHT,
+    clip_eps: float = CLIP_EPS,
+) -> Tensor:
+    """Which sequences' weight the ``"clamp"`` cap or the ``"clip"`` interval changed.
+
+    ``log_w`` strictly outside the mode's bounds (a weight exactly at the cap is unchanged). ``"none"``
+    bounds nothing and ``"on_policy"`` ignores ``log_w`` altogether, so both give all False.
+
+    Args:
+        log_w: (N,) ``sum_t (logprobs - old_logprobs)`` over each response's tokens.
+        mode: one of :data:`IMPORTANCE_WEIGHT_MODES`.
+        max_importance_weight: the cap of ``"clamp"``.
+        clip_eps: the interval half-width of ``"clip"``.
+
+    Returns:
+        (N,) bool.
+    """
+    low, high = _log_weight_bounds(mode, max_importance_weight, clip_eps)
+    log_w = log_w.detach()
+    clipped = torch.zeros_like(log_w, dtype=torch.bool)
+    if low is not None:
+        clipped |= log_w < low
+    if high is not None:
+        clipped |= log_w > high
+    return clipped
 
 
 def _mean_exp(log_w: Tensor) -> Tensor:
@@ -144,14 +184,18 @@ def flowrl_loss(
             length): the mini-batch's unit count, so micro-batch losses add up to the mini-batch loss.
 
     Returns:
-        ``(loss, metrics)``: a scalar loss and detached scalar metrics, means over sequences unless
-        noted: ``flowrl/ell``, ``flowrl/ell_old``, ``flowrl/ell_ref`` (always of ``ref_logprobs``),
-        ``flowrl/log_z``, ``flowrl/r_hat`` (of ``advantages``), ``flowrl/residual`` (delta),
-        ``flowrl/residual_abs``, ``flowrl/loss``, ``flowrl/importance_weight_raw``
+        ``(loss, metrics)``: a scalar loss and detached scalar metrics (docs/metrics.md), means over
+        sequences unless noted: ``flowrl/ell``, ``flowrl/ell_old``, ``flowrl/ell_ref`` (always of
+        ``ref_logprobs``), ``flowrl/log_z``, ``flowrl/r_hat_abs`` (mean ``|advantages|``),
+        ``flowrl/residual`` (delta), ``flowrl/residual_abs``, ``flowrl/importance_weight_raw``
         (mean exp(log_w), saturating instead of overflowing), ``flowrl/importance_weight`` (mean w),
-        ``flowrl/ppo_kl`` and ``flowrl/ref_kl`` (masked means over all tokens of ``old - new`` and
-        ``ref - new``). Metrics describe this batch alone, whatever the ``normalizer`` (``flowrl/loss``
-        is the loss without it), so micro-batch metrics average, weighted by their sizes.
+        ``flowrl/importance_weight_clipped_frac`` (share of sequences whose weight the clamp or clip
+        changed, see :func:`importance_weight_clipped`), and, per token over all real tokens, the k3
+        estimates (:func:`~flowrl.objectives.masked.masked_kl_k3`, >= 0) ``actor/ppo_kl`` (KL of the
+        current policy from the sampling one) and ``actor/ref_kl`` (from the reference). Metrics
+        describe this batch alone, whatever the ``normalizer``, so micro-batch metrics average,
+        weighted by their sizes. The loss itself is not among them: it is what the caller
+        backpropagates and logs (``actor/loss`` in the trainer).
     """
     _check_choice("reference", reference, REFERENCES)
     _check_choice("sequence_weighting", sequence_weighting, SEQUENCE_WEIGHTINGS)
@@ -166,26 +210,27 @@ def flowrl_loss(
     residual = log_z + ell - beta * advantages - (ell_ref if reference == "ref" else ell_old)
 
     log_w = masked_sum(logprobs.detach() - old_logprobs, response_mask, dim=-1)
-    weight = sequence_importance_weight(
-        log_w, importance_weight, max_importance_weight=max_importance_weight, clip_eps=clip_eps
-    )
+    bounds = dict(max_importance_weight=max_importance_weight, clip_eps=clip_eps)
+    weight = sequence_importance_weight(log_w, importance_weight, **bounds)
+    clipped = importance_weight_clipped(log_w, importance_weight, **bounds)
     terms = weight * residual.square()
     lengths = sequence_lengths(response_mask) if sequence_weighting == "length" else None
     loss = mean_over_sequences(terms, normalizer=normalizer, weights=lengths)
-    own_loss = loss if normalizer is None else mean_over_sequences(terms, weights=lengths)
 
     metrics = {
         "flowrl/ell": ell.mean(),
         "flowrl/ell_old": ell_old.mean(),
         "flowrl/ell_ref": ell_ref.mean(),
         "flowrl/log_z": log_z.mean(),
-        "flowrl/r_hat": advantages.mean(),
+        # Not the mean of r_hat: group normalization makes it 0 in every group by construction, so it
+        # would say nothing. Its magnitude does: 0 when every group's rewards are equal (no signal).
+        "flowrl/r_hat_abs": advantages.abs().mean(),
         "flowrl/residual": residual.mean(),
         "flowrl/residual_abs": residual.abs().mean(),
-        "flowrl/loss": own_loss,
         "flowrl/importance_weight_raw": _mean_exp(log_w),
         "flowrl/importance_weight": weight.mean(),
-        "flowrl/ppo_kl": masked_mean(old_logprobs - logprobs, response_mask),
-        "flowrl/ref_kl": masked_mean(ref_logprobs - logprobs, response_mask),
+        "flowrl/importance_weight_clipped_frac": clipped.to(weight.dtype).mean(),
+        "actor/ppo_kl": masked_kl_k3(logprobs, old_logprobs, response_mask),
+        "actor/ref_kl": masked_kl_k3(logprobs, ref_logprobs, response_mask),
     }
     return loss, {name: value.detach() for name, value in metrics.items()}

@@ -8,7 +8,9 @@ Shape legend:
 Both are PPO's clipped surrogate with a group-normalized outcome advantage per sequence
 (:func:`~flowrl.objectives.advantages.group_normalized_rewards`), plus GRPO's optional KL loss to the
 reference policy. Dr. GRPO drops the std division in the advantage and the per-sequence length
-normalization in the aggregation ("seq-mean-token-sum-norm").
+normalization in the aggregation ("seq-mean-token-sum-norm"). Without the KL loss (``kl_coef=0``) the
+reference policy plays no part: pass ``ref_logprobs=None`` and skip computing them; no reference
+metric is reported then.
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ from functools import partial
 from torch import Tensor
 
 from flowrl.objectives.advantages import kl_penalty
-from flowrl.objectives.masked import aggregate_loss, apply_mask, check_batch_shapes, masked_mean
+from flowrl.objectives.masked import aggregate_loss, apply_mask, check_batch_shapes, masked_kl_k3
 from flowrl.objectives.ppo import CLIP_EPS, clipped_surrogate
 
 
 def grpo_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
-    ref_logprobs: Tensor,
+    ref_logprobs: Tensor | None,
     advantages: Tensor,
     response_mask: Tensor,
     *,
@@ -47,7 +49,8 @@ def grpo_loss(
     Args:
         logprobs: (N, T) log-probs of the current policy (differentiated).
         old_logprobs: (N, T) log-probs of the sampling policy.
-        ref_logprobs: (N, T) log-probs of the reference policy.
+        ref_logprobs: (N, T) log-probs of the reference policy, or None when there is none, which
+            ``kl_coef=0`` requires (the KL loss needs them).
         advantages: (N,) group-normalized rewards, one per sequence.
         response_mask: (N, T), 1 on real response tokens.
         clip_eps: ratio clip range.
@@ -59,15 +62,24 @@ def grpo_loss(
         max_response_length: divisor of ``seq-mean-token-sum-norm``; defaults to T.
 
     Returns:
-        ``(loss, metrics)``: the surrogate's metrics plus ``actor/kl_loss`` (the aggregated KL term before
-        ``kl_coef``, without the ``normalizer``) and ``actor/ref_kl`` (masked mean of
-        ``ref_logprobs - logprobs``), all detached.
+        ``(loss, metrics)``: the surrogate's metrics (``actor/pg_loss``, ``actor/clip_frac``,
+        ``actor/ppo_kl``, ``actor/ratio``) plus, only when ``ref_logprobs`` is given, ``actor/kl_loss``
+        (the aggregated ``kl_estimator`` term before ``kl_coef``, without the ``normalizer``) and
+        ``actor/ref_kl`` (KL of the current policy from the reference per token, the k3 estimate of
+        :func:`~flowrl.objectives.masked.masked_kl_k3`, >= 0), all detached.
+
+    Raises:
+        ValueError: ``ref_logprobs`` is None while ``kl_coef`` is not 0.
     """
-    check_batch_shapes(
-        response_mask,
-        per_token={"logprobs": logprobs, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs},
-        per_sequence={"advantages": advantages},
-    )
+    if ref_logprobs is None and kl_coef != 0:
+        raise ValueError(
+            f"kl_coef={kl_coef} needs ref_logprobs (the KL loss is to the reference policy), got None: "
+            "compute the reference model's log-probs, or set kl_coef=0"
+        )
+    per_token = {"logprobs": logprobs, "old_logprobs": old_logprobs}
+    if ref_logprobs is not None:
+        per_token["ref_logprobs"] = ref_logprobs
+    check_batch_shapes(response_mask, per_token=per_token, per_sequence={"advantages": advantages})
     loss, metrics = clipped_surrogate(
         logprobs,
         old_logprobs,
@@ -79,6 +91,8 @@ def grpo_loss(
         normalizer=normalizer,
         max_response_length=max_response_length,
     )
+    if ref_logprobs is None:
+        return loss, metrics  # no reference policy: nothing to report about a KL to it
     # Masked inputs keep padding out of k3's exp and its gradient.
     kl = kl_penalty(
         apply_mask(logprobs, response_mask), apply_mask(ref_logprobs, response_mask), kl_estimator
@@ -89,14 +103,14 @@ def grpo_loss(
     if kl_coef != 0:
         loss = loss + kl_coef * aggregate(kl, normalizer=normalizer)
     metrics["actor/kl_loss"] = aggregate(kl.detach())
-    metrics["actor/ref_kl"] = masked_mean(ref_logprobs - logprobs, response_mask).detach()
+    metrics["actor/ref_kl"] = masked_kl_k3(logprobs, ref_logprobs, response_mask)
     return loss, metrics
 
 
 def dr_grpo_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
-    ref_logprobs: Tensor,
+    ref_logprobs: Tensor | None,
     advantages: Tensor,
     response_mask: Tensor,
     *,
@@ -111,7 +125,8 @@ def dr_grpo_loss(
     """Dr. GRPO's loss (2503.20783): :func:`grpo_loss` with token sums divided by a constant length.
 
     Pair it with mean-centred, unscaled advantages (``group_normalized_rewards(..., scale_by_std=False)``).
-    Arguments and returns are those of :func:`grpo_loss`; only the default ``loss_agg_mode`` differs.
+    Arguments, returns and the ``ref_logprobs=None`` rule (only with ``kl_coef=0``) are those of
+    :func:`grpo_loss`; only the default ``loss_agg_mode`` differs.
     Pass ``max_response_length`` (the generation budget) so the divisor does not depend on padding.
     """
     return grpo_loss(

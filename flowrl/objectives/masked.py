@@ -89,6 +89,58 @@ def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return masked_sum(values, mask, dim) / _count(values, mask, dim)
 
 
+def kl_k3(logprobs: Tensor, other_logprobs: Tensor) -> Tensor:
+    """Per-token k3 estimate of KL(pi || pi_q), where ``logprobs`` are pi's and ``other_logprobs`` pi_q's.
+
+    With ``p = logprobs`` and ``q = other_logprobs``, ``k3 = exp(q - p) - (q - p) - 1``: the estimator
+    "k3" of J. Schulman, "Approximating KL Divergence" (2020, http://joschu.net/blog/kl-approx.html).
+    It is nonnegative (``e^x >= 1 + x``), 0 exactly where the log-probs are equal, and unbiased on tokens
+    sampled from pi: ``E_pi[k3] = E_pi[r] - 1 - E_pi[log r] = KL(pi || pi_q)`` with ``r = pi_q / pi``,
+    since ``E_pi[r] = 1`` (in floating point, ``k3 ~ (q - p)^2 / 2`` rounds to 0 for differences
+    below about the square root of the dtype's resolution). The one copy of the formula: GRPO's KL
+    loss and REINFORCE++'s KL penalty (``advantages.kl_penalty(..., "k3")``) and the ``actor/ppo_kl``
+    / ``actor/ref_kl`` metrics (:func:`masked_kl_k3`) all call it.
+
+    Not under ``no_grad`` (GRPO's KL loss differentiates it) and not masked: pass masked inputs, or use
+    :func:`masked_kl_k3`, when padded positions may hold large values.
+
+    Args:
+        logprobs: (N, T) log pi of the sampled tokens.
+        other_logprobs: (N, T) log pi_q of the same tokens (old/rollout or reference policy).
+
+    Returns:
+        (N, T) per-token estimates, >= 0.
+    """
+    if other_logprobs.shape != logprobs.shape:
+        raise ValueError(
+            f"the two log-prob tensors have shapes {tuple(logprobs.shape)} and "
+            f"{tuple(other_logprobs.shape)}; they must match"
+        )
+    log_ratio = other_logprobs - logprobs
+    return torch.expm1(log_ratio) - log_ratio
+
+
+def masked_kl_k3(logprobs: Tensor, other_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """KL(pi || pi_q) per token: the masked mean of :func:`kl_k3` over the real tokens, detached.
+
+    The ``actor/ppo_kl`` (pi_q: the old/rollout policy) and ``actor/ref_kl`` (pi_q: the reference policy)
+    metrics of every objective. Always >= 0; 0 when the log-probs agree on every real token (or differ
+    by less than the rounding of :func:`kl_k3`). Padded positions are zeroed before the exponential, so
+    they may hold anything.
+
+    Args:
+        logprobs: (N, T) log-probs of the current policy.
+        other_logprobs: (N, T) log-probs of the old or reference policy.
+        mask: (N, T), nonzero on real response tokens.
+
+    Returns:
+        Scalar tensor (0 when there is no real token).
+    """
+    logprobs, other_logprobs = logprobs.detach(), other_logprobs.detach()
+    per_token = kl_k3(apply_mask(logprobs, mask), apply_mask(other_logprobs, mask))
+    return masked_mean(per_token, mask)
+
+
 def sequence_lengths(mask: Tensor) -> Tensor:
     """Number of real tokens of each sequence.
 

@@ -16,7 +16,13 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from flowrl.objectives.masked import aggregate_loss, apply_mask, check_batch_shapes, masked_mean
+from flowrl.objectives.masked import (
+    aggregate_loss,
+    apply_mask,
+    check_batch_shapes,
+    masked_kl_k3,
+    masked_mean,
+)
 
 CLIP_EPS = 0.2
 """PPO's ratio clip range epsilon (1707.06347, sec. 6.1, and verl's default)."""
@@ -56,9 +62,11 @@ def clipped_surrogate(
 
     Returns:
         ``(loss, metrics)``: a scalar loss; detached scalar metrics ``actor/pg_loss``, ``actor/clip_frac``
-        (fraction of real tokens where the clipped term is active), ``actor/ppo_kl`` (masked mean of
-        ``old_logprobs - logprobs``) and ``actor/ratio`` (masked mean ratio). Metrics describe this
-        batch alone, whatever the ``normalizer`` (``actor/pg_loss`` is the loss without it).
+        (fraction of real tokens where the clipped term is active), ``actor/ppo_kl`` (KL of the current
+        policy from the sampling one per token: the k3 estimate of
+        :func:`~flowrl.objectives.masked.masked_kl_k3`, >= 0) and ``actor/ratio`` (masked mean ratio).
+        Metrics describe this batch alone, whatever the ``normalizer`` (``actor/pg_loss`` is the loss
+        without it).
     """
     per_token_advantages = {"advantages": advantages} if advantages.dim() == 2 else {}
     check_batch_shapes(
@@ -87,7 +95,7 @@ def clipped_surrogate(
     metrics = {
         "actor/pg_loss": aggregate(per_token.detach()),
         "actor/clip_frac": masked_mean((clipped > unclipped).to(ratio.dtype), response_mask).detach(),
-        "actor/ppo_kl": masked_mean(-log_ratio, response_mask).detach(),
+        "actor/ppo_kl": masked_kl_k3(logprobs, old_logprobs, response_mask),
         "actor/ratio": masked_mean(ratio, response_mask).detach(),
     }
     return loss, metrics

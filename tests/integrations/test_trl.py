@@ -156,7 +156,7 @@ def test_loss_equals_flowrl_loss_on_the_same_tensors(
     logprobs = torch.log_softmax(logits.float(), -1).gather(-1, completion_ids[..., None]).squeeze(-1)
     hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
     log_z = trainer.log_z_head(pool_prompt_states(hidden[:, :P], prompt_mask))
-    expected, _ = flowrl_loss(
+    expected, expected_metrics = flowrl_loss(
         logprobs * completion_mask,
         old_in_loss,
         ref_logprobs,
@@ -172,8 +172,33 @@ def test_loss_equals_flowrl_loss_on_the_same_tensors(
     torch.testing.assert_close(loss, expected / 2, atol=1e-5, rtol=1e-5)
     for got, want in zip(got_grads, (p.grad for p in trainer.log_z_head.parameters()), strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
-    assert trainer._metrics["train"]["flowrl/loss"][-1] == pytest.approx(expected.item(), rel=1e-5)
+    # the objective's metrics, under the objective's names, with the objective's values
+    for name, value in expected_metrics.items():
+        assert trainer._metrics["train"][name][-1] == pytest.approx(value.item(), rel=1e-4, abs=1e-6), name
     model.zero_grad()
+
+
+def _objective_metric_names() -> set[str]:
+    """The names flowrl_loss reports, from a one-sequence call."""
+    one = torch.zeros(1, 2)
+    _, metrics = flowrl_loss(one, one, one, torch.zeros(1), torch.zeros(1), torch.ones(1, 2))
+    return set(metrics)
+
+
+def test_logged_metric_names_are_the_objective_names(trained: tuple[FlowRLTrainer, dict]) -> None:
+    """The adapter logs what the project's trainer logs under the same names (docs/metrics.md): no
+    prefix, nothing renamed; TRL's and the Trainer's own metrics keep theirs."""
+    trainer, _ = trained
+    rows = [r for r in trainer.state.log_history if "loss" in r]
+    assert rows
+    names = _objective_metric_names()
+    assert {"actor/ppo_kl", "actor/ref_kl", "flowrl/importance_weight_clipped_frac"} <= names
+    for row in rows:
+        ours = {k for k in row if k.startswith(("flowrl/", "actor/"))}
+        assert ours == names | {"actor/entropy"}
+        assert row["actor/ppo_kl"] >= 0 and row["actor/ref_kl"] >= 0  # k3: never negative
+        assert 0 <= row["flowrl/importance_weight_clipped_frac"] <= 1
+        assert not {"entropy", "kl", "flowrl/loss", "flowrl/ref_kl", "flowrl/ppo_kl"} & set(row)
 
 
 def test_log_z_ignores_left_padding(trained: tuple[FlowRLTrainer, dict]) -> None:

@@ -37,6 +37,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
 from verl.utils.config import omega_conf_to_dataclass, validate_config  # noqa: E402
 from verl.utils.metric import AggregationType  # noqa: E402
+from verl.utils.py_functional import rename_dict  # noqa: E402
 from verl.workers.engine import EngineRegistry  # noqa: E402
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead  # noqa: E402
 from verl.workers.engine.utils import prepare_micro_batches  # noqa: E402
@@ -60,7 +61,11 @@ from flowrl.integrations.verl.engine import micro_batch_prompt_positions  # noqa
 from flowrl.integrations.verl.head import LOG_Z_MODULE, prompt_positions  # noqa: E402
 from flowrl.integrations.verl.main import compose_config, propagate_plugin  # noqa: E402
 from flowrl.integrations.verl.reward import compute_score  # noqa: E402
-from flowrl.integrations.verl.trainer import apply_log_z_settings, flowrl_section  # noqa: E402
+from flowrl.integrations.verl.trainer import (  # noqa: E402
+    apply_log_z_settings,
+    flowrl_section,
+    unprefix_flowrl_metrics,
+)
 from flowrl.objectives import flowrl_loss  # noqa: E402
 from flowrl.objectives.masked import masked_mean  # noqa: E402
 from flowrl.partition import LOG_Z_PREFIX, LogZHead, is_log_z_param, pool_prompt_states  # noqa: E402
@@ -261,12 +266,42 @@ def test_the_closure_equals_flowrl_loss_on_the_same_tensors(actor_config) -> Non
     for name, value in expected_metrics.items():
         assert metrics[name].aggregation == AggregationType.MEAN
         assert metrics[name].aggregate() == pytest.approx(float(value), rel=1e-5, abs=1e-6)
-    assert metrics["actor/pg_loss"].aggregation == AggregationType.SUM  # micro-batch losses add up
+    # exactly the objective's names; the loss is the engine's own "loss" metric (actor/loss), not repeated
+    assert set(metrics) == set(expected_metrics)
+    assert {"actor/ppo_kl", "actor/ref_kl", "flowrl/importance_weight_clipped_frac"} <= set(metrics)
     got = torch.autograd.grad(loss, [batch.logprobs, batch.log_z])
     want = torch.autograd.grad(expected, [batch.logprobs, batch.log_z])
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
     assert got[1].abs().sum() > 0 and got[0][batch.mask].abs().sum() > 0
+
+
+def test_the_trainer_logs_flowrl_metrics_under_their_own_names(actor_config, monkeypatch) -> None:
+    """verl's _update_actor prefixes every actor metric with actor/ (rename_dict); the FlowRL trainer
+    takes it off the flowrl/* names again, so verl logs the names the project's trainer and TRL log."""
+    batch = make_batch()
+    set_global_counts(batch.data, global_batch_size=len(LENGTHS), batch_num_tokens=int(batch.mask.sum()))
+    _, metrics = closure_loss(actor_config, batch)
+    worker_metrics = {**{k: m.aggregate() for k, m in metrics.items()}, "loss": 1.5, "grad_norm": 0.3}
+
+    def verl_update_actor(self, batch, metrics):  # what PPOTrainer._update_actor does with the names
+        metrics.update(rename_dict(worker_metrics, "actor/"))
+        return batch
+
+    monkeypatch.setattr(PPOTrainerSync, "_update_actor", verl_update_actor)
+    trainer = object.__new__(FlowRLTrainerSync)
+    logged = {"training/global_step": 1}
+    assert trainer._update_actor("batch", metrics=logged) == "batch"
+    assert not any(k.startswith("actor/flowrl/") for k in logged)
+    assert {k for k in metrics if k.startswith("flowrl/")} <= set(logged)
+    assert {"actor/ppo_kl", "actor/ref_kl", "actor/loss", "actor/grad_norm", "training/global_step"} <= set(
+        logged
+    )
+    assert unprefix_flowrl_metrics({"actor/flowrl/log_z": 1, "actor/flowrl_x": 2, "flowrl/a": 3}) == {
+        "flowrl/log_z": 1,
+        "actor/flowrl_x": 2,
+        "flowrl/a": 3,
+    }
 
 
 def test_token_mean_weights_sequences_by_length(actor_config) -> None:
@@ -756,7 +791,8 @@ def test_the_fsdp2_engine_trains_flowrl_end_to_end(cpu_engine, model_dir: Path, 
     assert len(out["loss"]) == 3  # three micro-batches of two
     expected_loss, expected_grads = expected_step(before, model_dir, batch)
     assert sum(out["loss"]) == pytest.approx(float(expected_loss), rel=1e-4)
-    assert {"flowrl/log_z", "flowrl/residual", "actor/pg_loss", "grad_norm"} <= set(out["metrics"])
+    assert {"flowrl/log_z", "flowrl/residual", "actor/ref_kl", "grad_norm"} <= set(out["metrics"])
+    assert "actor/pg_loss" not in out["metrics"]
     assert set(grads) == set(expected_grads) and any(map(is_log_z_param, grads))
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)

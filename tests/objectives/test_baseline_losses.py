@@ -35,7 +35,8 @@ def test_ratio_beyond_the_clip_with_positive_advantage_gives_zero_gradient() -> 
     loss, grad, metrics = _one_token(0.5, 1.0)
     assert loss == pytest.approx(-1.2) and grad == 0.0
     assert metrics["actor/clip_frac"].item() == 1.0
-    assert metrics["actor/ppo_kl"].item() == pytest.approx(-0.5)  # old - new
+    # k3 with q - p = old - new = -0.5: e^-0.5 + 0.5 - 1
+    assert metrics["actor/ppo_kl"].item() == pytest.approx(math.exp(-0.5) - 0.5)
 
 
 def test_ratio_below_the_clip_with_negative_advantage_gives_zero_gradient() -> None:
@@ -105,8 +106,9 @@ def test_grpo_kl_term_adds_kl_coef_times_the_aggregated_kl() -> None:
     # seq-mean-token-mean: (0.359141 + 0.367879) / 2 = 0.363510
     assert kl_metrics["actor/kl_loss"].item() == pytest.approx(0.363510, abs=1e-6)
     assert (with_kl - plain).item() == pytest.approx(0.04 * 0.363510, abs=1e-7)
-    # ref_kl = masked mean(ref - new) = (0 + 1 - 1) / 3
-    assert metrics["actor/ref_kl"].item() == pytest.approx(0.0)
+    # ref_kl: the same k3 values, averaged over the 3 real tokens: (0 + 0.718282 + 0.367879) / 3
+    assert metrics["actor/ref_kl"].item() == pytest.approx((math.e - 2 + math.exp(-1)) / 3)
+    assert metrics["actor/ref_kl"] == kl_metrics["actor/ref_kl"]  # reported whatever kl_coef
     for kind in ("k1", "k2"):
         loss, _ = grpo_loss(**batch, kl_coef=0.5, kl_estimator=kind)
         expected_kl = aggregate_loss(
@@ -115,6 +117,28 @@ def test_grpo_kl_term_adds_kl_coef_times_the_aggregated_kl() -> None:
             "seq-mean-token-mean",
         )
         assert (loss - plain).item() == pytest.approx(0.5 * expected_kl.item())
+
+
+@pytest.mark.parametrize("loss_fn", [grpo_loss, dr_grpo_loss])
+def test_grpo_without_reference_reports_no_reference_metrics(loss_fn) -> None:
+    # kl_coef 0 and no reference model: the trainer passes ref_logprobs=None
+    with_ref = _two_sequences()
+    loss_with_ref, metrics_with_ref = loss_fn(**with_ref)
+    without_ref = {**_two_sequences(), "ref_logprobs": None}
+    loss, metrics = loss_fn(**without_ref)
+    assert loss.item() == pytest.approx(loss_with_ref.item())
+    loss.backward()
+    with_ref_grad = torch.autograd.grad(loss_with_ref, with_ref["logprobs"])[0]
+    torch.testing.assert_close(without_ref["logprobs"].grad, with_ref_grad)
+    assert "actor/ref_kl" not in metrics and "actor/kl_loss" not in metrics
+    assert set(metrics) == {"actor/pg_loss", "actor/clip_frac", "actor/ppo_kl", "actor/ratio"}
+    assert {"actor/ref_kl", "actor/kl_loss"} <= set(metrics_with_ref)
+
+
+@pytest.mark.parametrize("loss_fn", [grpo_loss, dr_grpo_loss])
+def test_grpo_kl_loss_without_reference_log_probs_is_refused(loss_fn) -> None:
+    with pytest.raises(ValueError, match=r"kl_coef=0.04 needs ref_logprobs.*or set kl_coef=0"):
+        loss_fn(**{**_two_sequences(), "ref_logprobs": None}, kl_coef=0.04)
 
 
 def test_grpo_kl_gradient_pulls_toward_the_reference() -> None:

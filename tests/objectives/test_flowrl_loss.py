@@ -11,6 +11,7 @@ import torch
 from flowrl.objectives.flowrl import (
     IMPORTANCE_WEIGHT_MODES,
     flowrl_loss,
+    importance_weight_clipped,
     sequence_importance_weight,
 )
 
@@ -64,19 +65,25 @@ def test_worked_example_metrics() -> None:
     _, metrics = flowrl_loss(
         **_worked_batch(), beta=10.0, importance_weight="clamp", max_importance_weight=1.5
     )
+
+    def k3(x: float) -> float:  # exp(q - p) - (q - p) - 1 for x = q - p
+        return math.exp(x) - x - 1
+
     expected = {
         "flowrl/ell": -2.0,
         "flowrl/ell_old": -2.25,
         "flowrl/ell_ref": -1.5,
         "flowrl/log_z": 0.0,
-        "flowrl/r_hat": 0.15,
+        "flowrl/r_hat_abs": 0.15,  # mean |advantages|
         "flowrl/residual": -2.0,  # (-0.5 - 3.5) / 2
         "flowrl/residual_abs": 2.0,
-        "flowrl/loss": 9.3125,
         "flowrl/importance_weight_raw": (1 + math.exp(0.5)) / 2,
         "flowrl/importance_weight": (1 + 1.5) / 2,
-        "flowrl/ppo_kl": (0 + 0 - 0.5) / 3,  # masked mean of old - new over the 3 real tokens
-        "flowrl/ref_kl": (-1 + 1 + 1) / 3,  # masked mean of ref - new
+        "flowrl/importance_weight_clipped_frac": 0.5,  # log_w 0.5 > log 1.5: the second is capped
+        # k3 per real token, averaged over the 3 of them; q - p = old - new = [0, 0, -0.5]
+        "actor/ppo_kl": (0 + 0 + k3(-0.5)) / 3,
+        # q - p = ref - new = [-1, 1, 1]
+        "actor/ref_kl": (k3(-1.0) + k3(1.0) + k3(1.0)) / 3,
     }
     assert set(metrics) == set(expected)
     for name, value in expected.items():
@@ -217,6 +224,41 @@ def test_importance_weight_modes() -> None:
     assert on_policy.tolist() == [1.0] * 6
 
 
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        # log_w = [0, 0.5]
+        ({"importance_weight": "clamp", "max_importance_weight": 1.5}, 0.5),  # 0.5 > log 1.5 = 0.405
+        ({"importance_weight": "clamp"}, 0.0),  # log 10 = 2.30: nothing capped
+        ({"importance_weight": "clip", "clip_eps": 0.2}, 0.5),  # [log 0.8, log 1.2] = [-0.223, 0.182]
+        ({"importance_weight": "clip", "clip_eps": 0.9}, 0.0),  # [log 0.1, log 1.9] = [-2.30, 0.642]
+        ({"importance_weight": "none"}, 0.0),  # no bound
+        ({"importance_weight": "on_policy"}, 0.0),  # w = 1, log_w is not used
+    ],
+)
+def test_importance_weight_clipped_frac_worked_example(options: dict, expected: float) -> None:
+    _, metrics = flowrl_loss(**_worked_batch(), beta=10.0, **options)
+    assert metrics["flowrl/importance_weight_clipped_frac"].item() == expected
+
+
+def test_importance_weight_clipped_marks_exactly_the_changed_weights() -> None:
+    # at the bound itself (log 1 = 0 for a cap of 1) the weight is unchanged, so not clipped
+    log_w = torch.tensor([-3.0, -0.1, 0.0, 0.1, 2.0, 5.0], dtype=torch.float64)
+    assert importance_weight_clipped(log_w, "clamp", max_importance_weight=1.0).tolist() == [
+        False, False, False, True, True, True
+    ]  # fmt: skip
+    assert importance_weight_clipped(log_w, "clip", clip_eps=0.5).tolist() == [
+        True, False, False, False, True, True
+    ]  # fmt: skip
+    for mode in ("none", "on_policy"):
+        assert not importance_weight_clipped(log_w, mode).any()
+    log_w = torch.randn(1000, dtype=torch.float64) * 2
+    for mode, options in (("clamp", {"max_importance_weight": 2.0}), ("clip", {"clip_eps": 0.2})):
+        weight = sequence_importance_weight(log_w, mode, **options)
+        changed = ~torch.isclose(weight, log_w.exp(), rtol=1e-12, atol=0.0)
+        assert torch.equal(importance_weight_clipped(log_w, mode, **options), changed), mode
+
+
 def test_clamp_does_not_overflow_and_the_raw_metric_saturates() -> None:
     batch = _worked_batch()
     batch["old_logprobs"] = batch["old_logprobs"] - 1000.0  # log_w = 2000 and 1000.5: exp overflows
@@ -224,6 +266,7 @@ def test_clamp_does_not_overflow_and_the_raw_metric_saturates() -> None:
     # w = 10 for both: (10 * 0.25 + 10 * 12.25) / 2 = 62.5
     assert loss.item() == pytest.approx(62.5)
     assert metrics["flowrl/importance_weight"].item() == pytest.approx(10.0)
+    assert metrics["flowrl/importance_weight_clipped_frac"].item() == 1.0
     assert math.isfinite(metrics["flowrl/importance_weight_raw"].item())
     assert metrics["flowrl/importance_weight_raw"].item() > 1e300
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import pytest
@@ -12,6 +13,8 @@ from flowrl.objectives.masked import (
     aggregate_loss,
     check_batch_shapes,
     count_units,
+    kl_k3,
+    masked_kl_k3,
     masked_mean,
     masked_sum,
     masked_whiten,
@@ -143,3 +146,75 @@ def test_bad_shapes_and_normalizer_are_named() -> None:
         check_batch_shapes(MASK, per_token={"old_logprobs": torch.zeros(3, 3)})
     with pytest.raises(ValueError, match="response_mask must be"):
         check_batch_shapes(MASK[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The k3 KL estimator behind actor/ppo_kl and actor/ref_kl
+
+
+def test_k3_worked_value() -> None:
+    # p = log 1/2 (current), q = log 1/4 (other): q - p = -log 2, k3 = 1/2 + log 2 - 1 = 0.193147
+    p = torch.tensor([[math.log(0.5)]], dtype=torch.float64)
+    q = torch.tensor([[math.log(0.25)]], dtype=torch.float64)
+    assert kl_k3(p, q).item() == pytest.approx(0.5 + math.log(2) - 1, abs=1e-12)
+    assert masked_kl_k3(p, q, torch.ones(1, 1)).item() == pytest.approx(0.193147, abs=1e-6)
+
+
+def test_k3_is_nonnegative_and_zero_exactly_at_equality() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for scale in (1e-6, 1e-2, 1.0, 20.0):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            p = (-torch.rand(64, 32, generator=gen, dtype=torch.float64) * 5).to(dtype)
+            q = (p.double() + scale * torch.randn(64, 32, generator=gen, dtype=torch.float64)).to(dtype)
+            per_token = kl_k3(p, q)
+            assert per_token.min().item() >= 0.0, (scale, dtype)
+            # 0 where the log-probs agree, positive where they differ (k3 ~ d^2 / 2 rounds to 0 below
+            # about the square root of the dtype's resolution, so "differ" means beyond that)
+            assert (per_token[p == q] == 0).all(), (scale, dtype)
+            resolved = (p.double() - q.double()).abs() > 10 * torch.finfo(dtype).eps ** 0.5
+            assert (per_token[resolved] > 0).all(), (scale, dtype)
+            assert kl_k3(p, p).abs().max().item() == 0.0
+    mask = torch.ones(3, 4)
+    p = -torch.rand(3, 4, generator=gen)
+    assert masked_kl_k3(p, p.clone(), mask).item() == 0.0
+    q = p.clone()
+    q[1, 2] -= 0.3  # one token differs: the mean is positive
+    assert masked_kl_k3(p, q, mask).item() > 0.0
+
+
+def test_k3_expectation_is_the_exact_kl_of_a_categorical() -> None:
+    # pi (current) and pi_q (old or reference) over four tokens; KL(pi || pi_q) = sum pi log(pi / pi_q)
+    pi = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    pi_q = torch.tensor([0.2, 0.3, 0.1, 0.4], dtype=torch.float64)
+    exact = (pi * (pi / pi_q).log()).sum().item()  # 0.379686
+    per_token = kl_k3(pi.log().unsqueeze(0), pi_q.log().unsqueeze(0)).squeeze(0)
+    # the expectation under pi of the per-token estimate, summed out exactly: unbiased
+    assert (pi * per_token).sum().item() == pytest.approx(exact, rel=1e-12)
+    # and the masked mean over tokens sampled from pi converges to it
+    samples = torch.multinomial(pi, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    sampled = masked_kl_k3(
+        pi.log()[samples].view(1, -1), pi_q.log()[samples].view(1, -1), torch.ones(1, 200_000)
+    )
+    assert sampled.item() == pytest.approx(exact, rel=0.01)
+    # the old estimate, the mean of q - p, is the negative of the KL in expectation (what was logged)
+    assert (pi * (pi_q.log() - pi.log())).sum().item() == pytest.approx(-exact)
+
+
+def test_masked_k3_ignores_padding_and_has_no_history() -> None:
+    p = torch.tensor(
+        [[-1.0, -2.0, NAN], [-0.5, float("inf"), -1e30]], dtype=torch.float64, requires_grad=True
+    )
+    q = torch.tensor([[-1.5, -2.0, 0.0], [-1.0, NAN, 1e30]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    value = masked_kl_k3(p, q, mask)
+    assert not value.requires_grad
+    # real tokens: q - p = [-0.5, 0, -0.5]: 2 (e^-0.5 + 0.5 - 1) / 3
+    assert value.item() == pytest.approx(2 * (math.exp(-0.5) - 0.5) / 3, abs=1e-12)
+
+
+def test_kl_penalty_k3_is_the_same_helper() -> None:
+    from flowrl.objectives.advantages import kl_penalty
+
+    gen = torch.Generator().manual_seed(1)
+    p, q = -torch.rand(4, 5, generator=gen), -torch.rand(4, 5, generator=gen)
+    assert torch.equal(kl_penalty(p, q, "k3"), kl_k3(p, q))

@@ -147,7 +147,8 @@ def compute_policy_loss_flowrl(
 
     Returns:
         ``(loss, metrics)``: the scalar loss of this micro-batch on the global scale, and the detached
-        ``flowrl/*`` metrics of :func:`flowrl.objectives.flowrl_loss` over its sequences with responses.
+        metrics of :func:`flowrl.objectives.flowrl_loss` (``flowrl/*``, ``actor/ppo_kl``,
+        ``actor/ref_kl``; docs/metrics.md) over its sequences with responses.
     """
     if ref_log_prob is None or log_z is None:
         raise ValueError(
@@ -215,8 +216,12 @@ def flowrl_actor_loss(
         options: FlowRL's switches.
 
     Returns:
-        ``(loss, metrics)`` as verl expects: ``actor/pg_loss`` (summed over micro-batches, like
-        ``ppo_loss``'s) and the ``flowrl/*`` metrics (averaged).
+        ``(loss, metrics)`` as verl expects: the metrics of :func:`flowrl.objectives.flowrl_loss`
+        (``flowrl/*``, ``actor/ppo_kl``, ``actor/ref_kl``; averaged over micro-batches and ranks). The
+        loss itself is not among them: verl's engine logs every loss closure's value, summed over the
+        micro-batches, as ``loss`` (``actor/loss`` once the trainer prefixes it), the project's
+        ``actor/loss``. ``ppo_loss`` reports its policy-gradient part as ``actor/pg_loss`` too; FlowRL's
+        loss has no such part apart from the whole, and a second name for it would only mislead.
     """
     loss_mode = config.policy_loss.get("loss_mode", "vanilla")
     if loss_mode != LOSS_MODE:
@@ -253,10 +258,4 @@ def flowrl_actor_loss(
         log_z=model_output["log_z"],
         options=options,
     )
-    # As in ppo_loss: a loss normalized by global counts adds up over micro-batches (and ranks).
-    global_scale = dp_size > 1 or batch_num_tokens is not None or global_batch_size is not None
-    out = Metric.from_dict(metrics, aggregation=AggregationType.MEAN)
-    out["actor/pg_loss"] = Metric(
-        value=loss.detach(), aggregation=AggregationType.SUM if global_scale else AggregationType.MEAN
-    )
-    return loss, out
+    return loss, Metric.from_dict(metrics, aggregation=AggregationType.MEAN)

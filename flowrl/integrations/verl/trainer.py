@@ -11,7 +11,10 @@ weight sync); the trainer does three things around it:
   ``flowrl_log_z_*`` keys, :class:`~flowrl.integrations.verl.head.LogZSettings`), the part of the model
   config that reaches the engine in every worker;
 * after the workers are built (``on_init_end``) it installs
-  :func:`~flowrl.integrations.verl.loss.flowrl_actor_loss` on every actor rank with ``set_loss_fn``.
+  :func:`~flowrl.integrations.verl.loss.flowrl_actor_loss` on every actor rank with ``set_loss_fn``;
+* it logs FlowRL's metrics under the project's names (docs/metrics.md): verl prefixes every actor
+  metric with ``actor/``, which would turn ``flowrl/log_z`` into ``actor/flowrl/log_z``;
+  :meth:`FlowRLTrainerSync._update_actor` takes that prefix off again (:func:`unprefix_flowrl_metrics`).
 
 The ``flowrl`` section of the config (defaults: :data:`FLOWRL_DEFAULTS`) holds the loss switches
 (:class:`~flowrl.integrations.verl.loss.FlowRLLossOptions`) and ``log_z`` (the head).
@@ -40,6 +43,20 @@ FLOWRL_DEFAULTS: dict[str, Any] = {
     "log_z": dataclasses.asdict(LogZSettings()),
 }
 """The ``flowrl`` section of the verl config, with its defaults (spec sections 1-3)."""
+
+_VERL_ACTOR_PREFIX = "actor/"
+"""What verl's trainer puts in front of every actor metric name that lacks it (``rename_dict``)."""
+
+
+def unprefix_flowrl_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``actor/flowrl/<name>`` -> ``flowrl/<name>``; every other key as it is.
+
+    verl's ``_update_actor`` prefixes the actor's metric names with ``actor/``; the ``actor/*`` names of
+    the objective (``actor/ppo_kl``, ``actor/ref_kl``) already have it and keep it, and ``flowrl/*`` ones
+    get their own names back, so a verl run logs what the project's trainer and the TRL adapter log.
+    """
+    mangled = _VERL_ACTOR_PREFIX + "flowrl/"
+    return {(k[len(_VERL_ACTOR_PREFIX) :] if k.startswith(mangled) else k): v for k, v in metrics.items()}
 
 
 def flowrl_section(config: DictConfig) -> tuple[FlowRLLossOptions, LogZSettings]:
@@ -148,6 +165,13 @@ class FlowRLTrainerSync(PPOTrainerSync):
         self.flowrl_options, log_z_settings = flowrl_section(config)
         apply_log_z_settings(config, log_z_settings)
         super().__init__(config)
+
+    def _update_actor(self, batch: Any, metrics: dict) -> Any:
+        """verl's actor update; its metrics land in ``metrics`` with FlowRL's names unprefixed."""
+        actor_metrics: dict[str, Any] = {}
+        batch = super()._update_actor(batch, actor_metrics)
+        metrics.update(unprefix_flowrl_metrics(actor_metrics))
+        return batch
 
     def on_init_end(self) -> None:
         actor_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.actor)
