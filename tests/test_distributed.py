@@ -71,7 +71,7 @@ def overrides(model_dir: Path, data_file: Path, out: Path, **extra: object) -> l
         "train.micro_batch_size": 2,
         "train.save_every": 1,
         "train.keep_checkpoints": 3,
-        "log_z.dropout": 0.0,  # dropout masks are drawn per rank (flowrl.trainer's docstring)
+        # the default log Z dropout (0.1): masks come from per-sequence streams, the same in any K
         "reward.function": "tests.test_distributed:digit_share",
     }
     return trainer_overrides(model_dir, data_file, out, **{**settings, **extra})

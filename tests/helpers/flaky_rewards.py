@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,3 +25,16 @@ def every_third_fails(response: str, example: Mapping[str, Any]) -> float:
 
 def always_nan(response: str, example: Mapping[str, Any]) -> float:
     return float("nan")
+
+
+def nan_on_odd_ground_truth(response: str, example: Mapping[str, Any]) -> float:
+    """NaN for prompts with an odd ground truth (a failure with a known reason), else the share of digits."""
+    if int(example["reward_model"]["ground_truth"]) % 2:
+        return float("nan")
+    return sum(c.isdigit() for c in response) / max(1, len(response))
+
+
+def slow_digit_share(response: str, example: Mapping[str, Any]) -> float:
+    """The share of digits, after sleeping $SLOW_REWARD_S seconds: steps long enough to signal into."""
+    time.sleep(float(os.environ.get("SLOW_REWARD_S", "0")))
+    return sum(c.isdigit() for c in response) / max(1, len(response))
