@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from flowrl.policy import Policy, load_model, load_tokenizer
 from flowrl.rewards.base import safe_score
 from flowrl.rollout import HFRolloutEngine, SamplingParams
 from flowrl.sft import batch_tensors, encode_pairs, sft
+from flowrl.toy import METHOD_COLORS, METHOD_LABELS
 
 # The RL run of the demo, as dotted overrides of flowrl.config.Config (the resolved config is saved
 # with each run as config.yaml, so `flowrl train <run>/config.yaml` repeats it).
@@ -150,37 +152,181 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+REFERENCE = "sft (start)"
+"""The name of the reference (SFT) policy's entry in the plot's inputs; FlowRL's target derives from it."""
+
+
+def plot_colors(names: Iterable[str]) -> dict[str, str]:
+    """The colour of each curve of the demo's plot, from the fixed map :data:`flowrl.toy.METHOD_COLORS`.
+
+    ``"sft (start)"`` takes the reference's colour, ``"target"`` the target's, a matched checkpoint such
+    as ``"grpo@225"`` its method's. A name outside the map is an error rather than a colour from
+    matplotlib's cycle, which would depend on the order the curves are drawn in.
+    """
+    colors = {}
+    for name in names:
+        key = "reference" if name == REFERENCE else name.split("@")[0]
+        if key not in METHOD_COLORS:
+            raise KeyError(f"no plot colour for {name!r}; add it to flowrl.toy.METHOD_COLORS")
+        colors[name] = METHOD_COLORS[key]
+    return colors
+
+
+def _label(name: str) -> str:
+    return "SFT (start)" if name == REFERENCE else METHOD_LABELS.get(name, name)
+
+
+def flowrl_target(reference: dict[str, float], total: int) -> dict[str, float]:
+    """FlowRL's target over the answers of ``sum total:``: the reference restricted to correct answers.
+
+    The target is p*(y|x) ∝ exp(beta |y| r_hat(x, y)) pi_ref(y|x) (|y| from the length-normalized loss).
+    The reward is 0/1 and every well-formed answer has the same length, so all correct answers of a group
+    get the same tilt, and p* keeps pi_ref's proportions among them at any beta; only its total mass on
+    them depends on beta and on the group's accuracy (at the demo's beta = 0.3, 6-token responses and
+    groups of 16 with both outcomes, a correct answer weighs at least e^3.49 ~ 33 times a wrong one). This
+    is the large-beta limit, all mass on correct answers: the target of the demo's exact KL and coverage
+    metrics.
+    """
+    good = synthetic.correct_answers(total)
+    mass = sum(reference[a] for a in good)
+    return {a: reference[a] / mass for a in good}
+
+
+def figure(
+    trajectories: dict[str, list[dict[str, float]]],
+    dists: dict[str, dict[str, float]],
+    total: int,
+) -> tuple[Any, dict[str, str]]:
+    """The demo's figure and the colour of each of its curves (one colour per method in both panels).
+
+    Left: each correct answer's probability for the prompt ``sum total:`` under every policy of ``dists``
+    (which must hold :data:`REFERENCE`), with FlowRL's target (:func:`flowrl_target`) drawn across each
+    answer's bars. Right: accuracy against coverage at every checkpoint of each run in ``trajectories``
+    (each point a dict with ``step``, ``accuracy`` and ``modes_covered``), and the target's own point.
+    Every artist drawn for a policy or the target has its name as ``gid``. Returns ``(figure, colors)``;
+    the caller closes the figure.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    colors = plot_colors([*dists, *trajectories, "target"])
+    target = flowrl_target(dists[REFERENCE], total)
+    good = sorted(target, key=target.__getitem__, reverse=True)  # the reference's (and target's) order
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.6), width_ratios=(1.15, 1))
+
+    # The axis is scaled to the target, so a policy's match to it can be read; a collapsed policy's bar
+    # is cut at the top and labelled with its height.
+    top = min(1.0, 2.2 * max(target.values()))
+    width = 0.84 / len(dists)
+    for j, (name, dist) in enumerate(dists.items()):
+        mass = sum(dist[a] for a in good)
+        xs, heights = [i - 0.42 + (j + 0.5) * width for i in range(len(good))], [dist[a] for a in good]
+        label = f"{_label(name)}: {mass:.2f} on correct answers"
+        left.bar(xs, heights, width, color=colors[name], label=label, gid=name)
+        for x, h in zip(xs, heights, strict=True):
+            if h > top:
+                left.text(
+                    x, 0.98 * top, f"{h:.2f} ↑", rotation=90, ha="center", va="top", color="white", fontsize=8
+                )
+    left.hlines(
+        [target[a] for a in good],
+        [i - 0.46 for i in range(len(good))],
+        [i + 0.46 for i in range(len(good))],
+        color=colors["target"],
+        linewidth=2,
+        label="FlowRL's target p*: SFT restricted to correct answers, renormalized",
+        gid="target",
+    )
+    left.set_xticks(range(len(good)), good)
+    left.set_xlim(-0.6, len(good) - 0.4)
+    left.set_ylim(0, top)
+    left.set_xlabel(f"correct answers of 'sum {total}:', most likely under SFT first")
+    left.set_ylabel("probability of the answer")
+    left.set_title(f"final policies, prompt 'sum {total}:'")
+    # legends below the panels: inside, they could hide a bar, the target or a checkpoint
+    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
+
+    for name, points in trajectories.items():
+        xs, ys = [p["accuracy"] for p in points], [p["modes_covered"] for p in points]
+        right.plot(
+            xs, ys, marker="o", markersize=4, color=colors[name], label=_label(name), zorder=2, gid=name
+        )
+        right.plot(
+            xs[-1],
+            ys[-1],
+            "*",
+            markersize=15,
+            color=colors[name],
+            markeredgecolor="white",
+            zorder=3,
+            gid=name,
+        )
+    firsts = [points[0] for points in trajectories.values() if points[0]["step"] == 0]
+    if firsts:  # the runs start from the SFT model
+        right.plot(
+            firsts[0]["accuracy"],
+            firsts[0]["modes_covered"],
+            "o",
+            markersize=9,
+            color=colors[REFERENCE],
+            label=_label(REFERENCE),
+            zorder=4,
+            gid=REFERENCE,
+        )
+    right.plot(
+        1.0,
+        1.0,
+        "D",
+        markersize=8,
+        color=colors["target"],
+        label="FlowRL's target p* (accuracy 1, all covered)",
+        zorder=4,
+        gid="target",
+    )
+    final = {int(points[-1]["step"]) for points in trajectories.values()}
+    handles, labels = right.get_legend_handles_labels()
+    handles.append(Line2D([], [], marker="*", markersize=12, color="0.3", linestyle=""))
+    labels.append(f"final checkpoint (step {'/'.join(map(str, sorted(final)))})")
+    right.legend(
+        handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False
+    )
+    right.set_xlim(right.get_xlim()[0], 1.03)
+    right.set_ylim(-0.03, 1.06)
+    right.set_xlabel("accuracy (avg@32, all prompts)")
+    right.set_ylabel("correct answers covered (exact, share)")
+    right.set_title("over training: every checkpoint, start to final")
+    fig.text(
+        0.5,
+        0.01,
+        "FlowRL's target p*(y|x) ∝ exp(β r̂) π_ref(y|x): with a 0/1 reward every correct answer gets the same "
+        "r̂, so p* keeps the SFT model's proportions among them; drawn at large β (all mass on correct "
+        "answers),\nthe target of the table's KL and coverage. A correct answer is covered when the policy "
+        "keeps at least a quarter of its target probability.",
+        ha="center",
+        va="bottom",
+        fontsize=8,
+        color="0.25",
+    )
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig, colors
+
+
 def plot(
     trajectories: dict[str, list[dict[str, float]]],
     dists: dict[str, dict[str, float]],
     total: int,
     path: Path,
-) -> None:
-    """Left: each correct answer's probability for one prompt; right: accuracy against coverage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+) -> dict[str, str]:
+    """Draw :func:`figure` to a PNG at ``path``; returns the colour of each curve."""
     import matplotlib.pyplot as plt
 
-    good = synthetic.correct_answers(total)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    width = 0.8 / len(dists)
-    for j, (name, dist) in enumerate(dists.items()):
-        axes[0].bar([i + j * width for i in range(len(good))], [dist[a] for a in good], width, label=name)
-    axes[0].set_xticks([i + 0.4 - width / 2 for i in range(len(good))], good)
-    axes[0].set_title(f"probability of each correct answer, prompt 'sum {total}:'")
-    axes[0].legend()
-    for name, points in trajectories.items():
-        xs, ys = [p["accuracy"] for p in points], [p["modes_covered"] for p in points]
-        axes[1].plot(xs, ys, marker="o", label=name)
-        axes[1].annotate(f"step {int(points[-1]['step'])}", (xs[-1], ys[-1]), fontsize=8)
-    axes[1].set_xlabel("accuracy (avg@32)")
-    axes[1].set_ylabel("correct answers covered (exact)")
-    axes[1].set_title("over training, every checkpoint")
-    axes[1].legend()
-    fig.tight_layout()
+    fig, colors = figure(trajectories, dists, total)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return colors
 
 
 def prepare(out: Path, *, seed: int, sft_steps: int) -> tuple[Path, Path]:
@@ -277,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== {algorithm}: {args.steps} RL steps ==")
         run_dir = out / algorithm
         cfg = demo_config(sft_dir, data, run_dir, algorithm, args.seed, args.steps, eval_every)
-        run = train(cfg)
+        run = train(cfg, overwrite=True)  # the demo always starts afresh
         trajectories[algorithm] = [start, *trajectory(run_dir, tokenizer, ref, seed=args.seed)]
         results[algorithm] = trajectories[algorithm][-1]
         dists[algorithm] = answer_distribution(run.policy.model, tokenizer, PLOT_SUM)

@@ -52,6 +52,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +76,17 @@ METHOD_LABELS: dict[str, str] = {
     "reinforce_pp": "REINFORCE++",
     "ppo": "PPO",
 }
+
+METHOD_COLORS: dict[str, str] = {
+    "flowrl": "#D55E00",  # vermillion
+    "grpo": "#0072B2",  # blue
+    "reinforce_pp": "#CC79A7",  # reddish purple
+    "ppo": "#009E73",  # bluish green
+    "reference": "#999999",  # grey: the reference / SFT policy RL starts from
+    "target": "#000000",  # black: the distribution FlowRL is meant to match
+}
+"""One colour per method (Okabe-Ito, readable with colour-blindness), shared by every plot: the toy's
+and ``flowrl demo``'s, so a method keeps its colour in every panel and every figure."""
 
 FLOWRL_BETA = 1.0
 """beta = 1 with the raw log-density reward makes the trajectory-balance target exactly p* (see above)."""
@@ -364,8 +376,12 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_toy(result: dict, path: str | Path) -> None:
-    """Draw the target and each method's final policy (the paper's Figure 1) to a PNG at ``path``."""
+def toy_figure(result: dict) -> Any:
+    """The figure of :func:`plot_toy`: one panel per method, the target shaded behind its final policy.
+
+    Every policy is drawn in its method's colour of :data:`METHOD_COLORS`, the target in the map's
+    target colour (shaded). Returns the matplotlib figure; the caller closes it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -379,8 +395,10 @@ def plot_toy(result: dict, path: str | Path) -> None:
     fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.4), sharey=True, squeeze=False)
     for ax, method in zip(axes[0], methods, strict=True):
         row, policy = result["methods"][method], result["policies"][method]
-        ax.fill_between(states, result["target"], step="mid", color="0.8")
-        ax.step(states, policy, where="mid", color="C3" if method == "flowrl" else "C0")
+        ax.fill_between(
+            states, result["target"], step="mid", color=METHOD_COLORS["target"], alpha=0.2, label="target p*"
+        )
+        ax.step(states, policy, where="mid", color=METHOD_COLORS[method], label=METHOD_LABELS[method])
         peak = max(range(NUM_STATES), key=policy.__getitem__)
         if policy[peak] > top:
             ax.annotate(
@@ -397,10 +415,18 @@ def plot_toy(result: dict, path: str | Path) -> None:
         ax.set_xlabel("state x")
         ax.set_xlim(0, NUM_STATES - 1)
         ax.set_ylim(0, top)
+        ax.legend(loc="upper left", frameon=False, fontsize=8)
     axes[0][0].set_ylabel("probability")
-    axes[0][0].legend(["target p*", "policy"], loc="upper left", frameon=False)
     fig.suptitle("Distribution matching (FlowRL) vs reward maximization; KL = KL(target||policy)")
     fig.tight_layout()
+    return fig
+
+
+def plot_toy(result: dict, path: str | Path) -> None:
+    """Draw the target and each method's final policy (the paper's Figure 1) to a PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = toy_figure(result)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)

@@ -77,3 +77,144 @@ def test_exact_metrics_match_enumeration(compare_run) -> None:
     masses = [sum(ref[s][a] for a in synthetic.correct_answers(s)) for s in synthetic.SUMS]
     assert start["modes_covered"] == pytest.approx(sum(m >= 0.25 for m in masses) / len(masses))
     assert report["results"]["sft (start)"]["kl_to_target"] == pytest.approx(start["kl_to_target"], rel=1e-4)
+
+
+# --- the plot ---------------------------------------------------------------------------------------------
+
+
+def _plot_inputs(total: int = 9) -> tuple[dict, dict]:
+    """Small made-up inputs of :func:`demo.figure`: three answer distributions, two runs of three points."""
+    answers = synthetic.candidate_answers()
+    weights = torch.rand(len(answers), generator=torch.Generator().manual_seed(0)) + 0.1
+    ref = dict(zip(answers, (0.5 * weights / weights.sum()).tolist(), strict=True))
+    good = synthetic.correct_answers(total)
+    flowrl = {a: (0.9 / len(good) if a in good else 0.1 / (len(answers) - len(good))) for a in answers}
+    grpo = {a: 0.0 for a in answers} | {good[3]: 0.98, good[0]: 0.01}  # collapsed: a bar the axis cuts
+    dists = {demo.REFERENCE: ref, "flowrl": flowrl, "grpo": grpo}
+    start = {"step": 0, "accuracy": 0.5, "modes_covered": 1.0}
+    trajectories = {
+        "flowrl": [
+            start,
+            {"step": 300, "accuracy": 0.9, "modes_covered": 0.9},
+            {"step": 600, "accuracy": 0.95, "modes_covered": 0.88},
+        ],
+        "grpo": [
+            start,
+            {"step": 300, "accuracy": 0.97, "modes_covered": 0.2},
+            {"step": 600, "accuracy": 0.96, "modes_covered": 0.15},
+        ],
+    }
+    return trajectories, dists
+
+
+def _colors_by_gid(ax) -> dict[str, set[str]]:
+    """The colours of every artist of ``ax`` that names its policy (or the target) in its gid."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import to_hex
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
+
+    found: dict[str, set[str]] = {}
+    for artist in ax.get_children():
+        if artist.get_gid() is None:
+            continue
+        if isinstance(artist, Rectangle):
+            colors = {to_hex(artist.get_facecolor())}
+        elif isinstance(artist, Line2D):
+            colors = {to_hex(artist.get_color()), to_hex(artist.get_markerfacecolor())}
+        elif isinstance(artist, LineCollection):
+            colors = {to_hex(c) for c in artist.get_colors()}
+        else:
+            raise AssertionError(f"unexpected artist {artist!r}")
+        found.setdefault(artist.get_gid(), set()).update(colors)
+    return found
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["flowrl-first", "grpo-first"])
+def test_plot_gives_each_method_one_colour_in_both_panels(reverse: bool) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    from flowrl.toy import METHOD_COLORS
+
+    trajectories, dists = _plot_inputs()
+    if reverse:  # the colour of a method must not depend on the order it is drawn in
+        trajectories = dict(reversed(trajectories.items()))
+        dists = {demo.REFERENCE: dists[demo.REFERENCE], "grpo": dists["grpo"], "flowrl": dists["flowrl"]}
+    fig, colors = demo.figure(trajectories, dists, 9)
+    try:
+        expected = {
+            "flowrl": METHOD_COLORS["flowrl"],
+            "grpo": METHOD_COLORS["grpo"],
+            demo.REFERENCE: METHOD_COLORS["reference"],
+            "target": METHOD_COLORS["target"],
+        }
+        assert colors == expected
+        assert len(set(expected.values())) == len(expected)  # every curve its own colour
+        left, right = fig.axes
+        for ax in (left, right):
+            found = _colors_by_gid(ax)
+            # every policy and the target are drawn in both panels, each in exactly its map colour
+            assert set(found) == set(expected), ax.get_title()
+            for name, seen in found.items():
+                assert seen == {to_hex(expected[name])}, (ax.get_title(), name, seen)
+    finally:
+        plt.close(fig)
+
+
+def test_plot_draws_the_target_and_labels_that_do_not_collide() -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+
+    trajectories, dists = _plot_inputs()
+    # runs that end at nearly the same point, where labels next to their final points would collide
+    trajectories["grpo"][-1] = {"step": 600, "accuracy": 0.955, "modes_covered": 0.87}
+    fig, _ = demo.figure(trajectories, dists, 9)
+    try:
+        left, right = fig.axes
+        # the target: the reference renormalized over the correct answers, one segment per answer
+        (target,) = [
+            a for a in left.get_children() if isinstance(a, LineCollection) and a.get_gid() == "target"
+        ]
+        ref, good = dists[demo.REFERENCE], synthetic.correct_answers(9)
+        expected = sorted((ref[a] / sum(ref[b] for b in good) for a in good), reverse=True)
+        assert [seg[0][1] for seg in target.get_segments()] == pytest.approx(expected)
+        assert sum(expected) == pytest.approx(1.0)
+        assert "target" in target.get_label()
+        assert any("target" in t.get_text() for t in left.get_legend().get_texts())
+        assert any("target" in t.get_text() for t in right.get_legend().get_texts())
+        # the collapsed policy's bar is cut by the axis and labelled with its height
+        assert any(t.get_text().startswith("0.98") for t in left.texts)
+        # no two labels overlap (the old 'step 600' labels did), nor a legend a panel or another label
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        labels = [t for ax in (left, right) for t in ax.texts]
+        labels += [ax.get_legend() for ax in (left, right)] + list(fig.texts)
+        labels += [a for ax in (left, right) for a in (ax.title, ax.xaxis.label, ax.yaxis.label)]
+        boxes = [a.get_window_extent(renderer) for a in labels]
+        for i, a in enumerate(boxes):
+            for j in range(i + 1, len(boxes)):
+                assert not a.overlaps(boxes[j]), (labels[i], labels[j])
+        for ax in (left, right):
+            assert not ax.get_legend().get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
+    finally:
+        plt.close(fig)
+
+
+def test_demo_png_uses_the_fixed_colours(compare_run) -> None:
+    import matplotlib.image
+    import numpy as np
+    from matplotlib.colors import to_rgb
+
+    from flowrl.toy import METHOD_COLORS
+
+    out, _, _ = compare_run
+    pixels = matplotlib.image.imread(out / "demo" / "demo.png")[..., :3]
+
+    def present(color: str) -> bool:
+        return bool((np.abs(pixels - np.array(to_rgb(color))).max(-1) < 0.02).any())
+
+    for method in ("flowrl", "grpo", "reference"):
+        assert present(METHOD_COLORS[method]), method
+    for default in ("#1f77b4", "#ff7f0e", "#2ca02c"):  # matplotlib's colour cycle, which the old plot used
+        assert not present(default), default

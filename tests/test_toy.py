@@ -16,6 +16,8 @@ import pytest
 import torch
 
 from flowrl.toy import (
+    METHOD_COLORS,
+    METHOD_LABELS,
     METHODS,
     NUM_STATES,
     ToyConfig,
@@ -25,6 +27,7 @@ from flowrl.toy import (
     modes_covered,
     run_toy,
     target_log_probs,
+    toy_figure,
 )
 
 PAPER_FLOWRL_KL = 0.11  # FlowRL's KL(target||policy) in the paper's Figure 1
@@ -131,6 +134,26 @@ def test_plot_is_a_valid_png(default_run: dict) -> None:
     assert data.startswith(PNG_SIGNATURE)
     image = matplotlib.image.imread(default_run["plot_path"])
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 4 * 100  # four panels side by side
+
+
+def test_plot_draws_each_method_in_its_fixed_colour(default_run: dict) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    result = default_run["result"]
+    fig = toy_figure(result)
+    try:
+        assert len(fig.axes) == len(result["methods"])
+        for ax, method in zip(fig.axes, result["methods"], strict=True):
+            (line,) = ax.get_lines()
+            assert to_hex(line.get_color()) == to_hex(METHOD_COLORS[method]), method
+            assert line.get_label() == METHOD_LABELS[method]
+            (target,) = ax.collections
+            assert to_hex(target.get_facecolor()[0], keep_alpha=False) == to_hex(METHOD_COLORS["target"])
+            assert [t.get_text() for t in ax.get_legend().get_texts()] == ["target p*", METHOD_LABELS[method]]
+    finally:
+        plt.close(fig)
+    assert len({METHOD_COLORS[m] for m in (*METHODS, "reference", "target")}) == len(METHODS) + 2
 
 
 def test_table_lists_every_method(capsys: pytest.CaptureFixture[str]) -> None:
