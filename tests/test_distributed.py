@@ -11,9 +11,11 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,8 +85,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``torchrun --nproc_per_node 2 -m flowrl.cli train CONFIG ARGS`` from the repository root."""
+def torchrun_command(config: Path, *args: str) -> tuple[list[str], dict[str, str]]:
+    """``torchrun --nproc_per_node 2 -m flowrl.cli train CONFIG ARGS`` and its environment."""
     command = [
         sys.executable,
         "-m",
@@ -105,9 +107,30 @@ def torchrun(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env["PYTHONFAULTHANDLER"] = "1"  # a crashing rank prints where it was
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
+    return command, env
+
+
+def torchrun(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``torchrun ... train CONFIG ARGS`` from the repository root to its end."""
+    command, env = torchrun_command(config, *args)
     return subprocess.run(
         command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S
     )
+
+
+def worker_pid(parent: int, rank: int) -> int:
+    """The pid of torchrun's worker of ``rank`` (a child of ``parent`` with RANK=rank in its environment)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    raise AssertionError(f"no worker of rank {rank} under {parent}")
 
 
 @contextmanager
@@ -260,3 +283,45 @@ def test_derived_seeds_differ_per_part() -> None:
     seeds = {distributed.derive_seed(0, "rollout", step, pos) for step in range(50) for pos in range(50)}
     assert len(seeds) == 2500 and all(0 <= s < 2**63 for s in seeds)
     assert distributed.derive_seed(0, "rollout", 2, 0) != distributed.derive_seed(1, "rollout", 1, 0)
+
+
+def test_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(
+    model_dir: Path, data_file: Path, tmp_path: Path
+) -> None:
+    """SIGTERM reaches rank 1 alone; rank 0 must stop at the same step (else it would wait forever in
+    the next collective), write the checkpoint of that step, and the run must resume from it."""
+    run = tmp_path / "dp"
+    extra = {
+        "train.total_steps": 200,
+        "train.save_every": 0,
+        "train.sample_every": 0,
+        "reward.function": "tests.helpers.flaky_rewards:slow_digit_share",
+    }
+    config = write_config(tmp_path / "dp.yaml", overrides(model_dir, data_file, run, **extra))
+    command, env = torchrun_command(config)
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env={**env, "SLOW_REWARD_S": "0.05"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + TORCHRUN_TIMEOUT_S
+        while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        os.kill(worker_pid(proc.pid, 1), signal.SIGTERM)
+        out, err = proc.communicate(timeout=TORCHRUN_TIMEOUT_S)
+    finally:
+        proc.kill()
+    logged = [int(r["step"]) for r in read_metrics(run / "metrics.jsonl")]
+    assert logged == list(range(1, len(logged) + 1)) and len(logged) < 200
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == [f"step_{logged[-1]:06d}"]
+    assert f"stopped at step {logged[-1]}, checkpoint written" in err, err[-3000:]
+
+    total = logged[-1] + 1
+    resumed = torchrun(config, f"train.total_steps={total}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [int(r["step"]) for r in read_metrics(run / "metrics.jsonl")] == list(range(1, total + 1))
