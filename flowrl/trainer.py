@@ -17,6 +17,11 @@ One RL step:
      longest sequence, so little padding is computed;
   6. metrics: one console line, JSONL / TensorBoard / W&B, sample responses every ``sample_every``.
 
+Before any weights load, :mod:`flowrl.preflight` checks the inputs and the output directory. A SIGINT or
+SIGTERM (:mod:`flowrl.stopping`) is honoured at three points of a step, agreed across ranks: after the
+rollout and after scoring, where the step is abandoned (nothing of it is applied), and at its end; then
+the checkpoint of the last completed step is written and :meth:`Trainer.fit` returns.
+
 Data parallelism (``torchrun --nproc_per_node K -m flowrl.cli train CONFIG.yaml``, see
 :mod:`flowrl.distributed`). The design goal is that K processes compute what one process computes:
 
@@ -25,8 +30,10 @@ Data parallelism (``torchrun --nproc_per_node K -m flowrl.cli train CONFIG.yaml`
   (it must divide). All samples of a prompt live on one rank, so group statistics are local.
 * Random numbers: each prompt's samples draw from streams keyed by ``(seed, step, position of the
   prompt in the step)`` (the engine's counter-based per-sequence streams), so the responses depend on
-  neither K nor ``rollout.batch_size``. The rest (dropout) uses ``(seed, step, rank)``: with dropout, K
-  processes draw different masks than one. Every stream is re-seeded each step, so a resumed run
+  neither K nor ``rollout.batch_size``. The log Z head's dropout masks come from a stream per sequence,
+  keyed by ``(seed, step, epoch)`` and the sequence's position in the step, so they too are the same in
+  any K and any micro-batching. Only dropout inside the model (0 in Qwen2 / Llama configs) uses torch's
+  generator, seeded by ``(seed, step, rank)``. Every stream is re-seeded each step, so a resumed run
   equals a straight one.
 * Advantages: the advantage function sees the whole step (its inputs are all-gathered), so batch
   statistics such as REINFORCE++'s whitening are global; each rank keeps its rows.
