@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -c requirements/lock.txt -e ".[dev,math,data,trl]"
+	$(BIN)/pip install --quiet -c requirements/lock.txt -e ".[dev,math,data,trl,lora]"
 	touch $(STAMP)
 
 demo: $(STAMP)
