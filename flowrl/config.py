@@ -23,9 +23,26 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationErr
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters through peft; the base model stays frozen and serves as the reference."""
+
+    rank: int = 0  # adapter rank r; 0 = off (full fine-tuning)
+    alpha: float = 32.0  # scaling alpha (the update is scaled by alpha / r)
+    dropout: float = 0.0  # dropout on the adapters' input
+    # modules to wrap: "all-linear" (every linear layer of the decoder, not the output head) or names
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
 class ModelConfig:
     path: str = MISSING  # local directory or hub id of a causal LM (transformers Auto classes)
-    dtype: str = "float32"  # weights' dtype: float32 (with bf16 autocast on GPU), bfloat16 or auto
+    # the policy's weights: float32 (with bf16 autocast on GPU), bfloat16 (with LoRA: the frozen base;
+    # adapters, head and optimizer states stay float32) or auto (the checkpoint's)
+    dtype: str = "float32"
+    # the reference model's weights (full fine-tuning only; with LoRA the reference is the base itself);
+    # None: bfloat16 on GPU, the policy's dtype on CPU
+    ref_dtype: str | None = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
     attn_implementation: str = "sdpa"  # "sdpa", "eager" or "flash_attention_2"
     gradient_checkpointing: bool | None = None  # None: on for GPU, off on CPU
     trust_remote_code: bool = False
@@ -97,6 +114,10 @@ class TrainConfig:
     # activations; None: twice micro_batch_size
     logprob_micro_batch_size: int | None = None
     epochs_per_rollout: int = 1  # passes over a rollout batch (paper: 16 mini-batches, one pass)
+    # data parallelism under torchrun: "ddp" (every rank a full replica, gradients summed) or "fsdp2"
+    # (parameters, gradients and optimizer states sharded across ranks, per decoder layer)
+    strategy: str = "ddp"
+    offload_optimizer: bool = False  # keep AdamW states in host memory (one-GPU full fine-tuning)
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
     bf16: bool | None = None  # autocast to bfloat16; None: on for CUDA, off on CPU
@@ -312,6 +333,27 @@ def validate(cfg: Config) -> None:
         raise ValueError("rollout.temperature must be > 0 for training (log-probs are divided by it)")
     if cfg.log_z.num_layers < 0:
         raise ValueError("log_z.num_layers must be >= 0 (0 = no head, log Z fixed at 0)")
+    dtypes = ("float32", "bfloat16", "float16", "auto")
+    for key, value in (("model.dtype", cfg.model.dtype), ("model.ref_dtype", cfg.model.ref_dtype)):
+        if value is not None and value not in dtypes:
+            raise ValueError(f"{key}={value!r} is not one of {dtypes}")
+    lora = cfg.model.lora
+    if lora.rank < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1 or not lora.target_modules:
+        raise ValueError(
+            "model.lora needs rank >= 0 (0 = off), alpha > 0, 0 <= dropout < 1 and at least one target "
+            f"module (got rank {lora.rank}, alpha {lora.alpha}, dropout {lora.dropout}, "
+            f"target_modules {list(lora.target_modules)})"
+        )
+    if t.strategy not in ("ddp", "fsdp2"):
+        raise ValueError(f"train.strategy={t.strategy!r}: choose 'ddp' (replicas) or 'fsdp2' (sharded)")
+    if t.strategy == "fsdp2" and cfg.rollout.engine == "vllm":
+        raise ValueError(
+            "train.strategy=fsdp2 with rollout.engine=vllm is not supported; use rollout.engine=hf"
+        )
+    if t.strategy == "fsdp2" and t.offload_optimizer:
+        raise ValueError(
+            "train.offload_optimizer is for one-process full fine-tuning; fsdp2 shards the states"
+        )
     if not cfg.data.train_files:
         raise ValueError("data.train_files is empty; give one or more parquet/jsonl files in verl's schema")
 
