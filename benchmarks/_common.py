@@ -381,7 +381,7 @@ def run_project_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "torch_threads": torch.get_num_threads(),
         "algorithm": cfg.algorithm.name,
-        "reference_model": trainer.ref_model is not None,
+        "reference_model": trainer.ref_policy is not None,
         "policy_parameters": parameter_count(trainer.policy.model),
         "log_z_head_parameters": 0 if head is None else parameter_count(head),
         "device": str(trainer.device),

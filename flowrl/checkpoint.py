@@ -3,6 +3,8 @@
 Layout of one checkpoint (``<output_dir>/checkpoints/step_000010/``)::
 
     model/                   save_pretrained: config, safetensors weights, tokenizer (no log Z head)
+    adapter/                 instead of model/ for a LoRA run: peft's adapter files (naming the base
+                             model they apply to) and the tokenizer
     log_z_head.safetensors   the head, keys prefixed with flowrl.partition.LOG_Z_PREFIX
     trainer_state.pt         optimizer, scheduler, RNG states, data position, step
     COMPLETE                 written last: JSON manifest of every file above (size and SHA-256)
@@ -40,6 +42,7 @@ from flowrl.partition import LOG_Z_PREFIX
 HEAD_FILE = "log_z_head.safetensors"
 STATE_FILE = "trainer_state.pt"
 MODEL_DIR = "model"
+ADAPTER_DIR = "adapter"
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 CHECKPOINTS_DIR = "checkpoints"  # under a run's train.output_dir
@@ -114,8 +117,10 @@ def save_checkpoint(
     tmp = root / f".tmp_step_{step:06d}_{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp / MODEL_DIR, safe_serialization=True)
-    tokenizer.save_pretrained(tmp / MODEL_DIR)
+    # a peft model saves its adapters alone (and the base model's name)
+    weights_dir = tmp / (ADAPTER_DIR if callable(getattr(model, "disable_adapter", None)) else MODEL_DIR)
+    model.save_pretrained(weights_dir, safe_serialization=True)
+    tokenizer.save_pretrained(weights_dir)
     save_log_z_head(head, tmp / HEAD_FILE)
     torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
     manifest = {"version": MANIFEST_VERSION, "step": step, "files": _describe_files(tmp)}
@@ -176,7 +181,7 @@ def verify_checkpoint(checkpoint: str | Path, *, checksums: bool = True) -> list
     except CheckpointCorruptError as exc:
         return exc.problems
     if manifest is None:
-        required = [MODEL_DIR, HEAD_FILE, STATE_FILE]
+        required = [model_dir_of(ckpt).name, HEAD_FILE, STATE_FILE]
         return [f"{name} is missing" for name in required if not (ckpt / name).exists()]
     problems = []
     for name, want in manifest["files"].items():
@@ -222,6 +227,13 @@ def latest_intact_checkpoint(root: str | Path, *, warn: bool = True) -> Path | N
     return None
 
 
+def model_dir_of(checkpoint: str | Path) -> Path:
+    """A checkpoint's ``model/`` (full weights) or ``adapter/`` (LoRA) directory."""
+    checkpoint = Path(checkpoint)
+    adapter = checkpoint / ADAPTER_DIR
+    return adapter if adapter.is_dir() else checkpoint / MODEL_DIR
+
+
 def list_checkpoints(root: str | Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first."""
     root = Path(root)
@@ -256,7 +268,7 @@ def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
 def is_checkpoint_dir(path: Path) -> bool:
     """A directory laid out as one training checkpoint (complete or not)."""
     return path.is_dir() and (
-        bool(_STEP_DIR.match(path.name)) or ((path / MODEL_DIR).is_dir() and (path / HEAD_FILE).exists())
+        bool(_STEP_DIR.match(path.name)) or (model_dir_of(path).is_dir() and (path / HEAD_FILE).exists())
     )
 
 
@@ -288,7 +300,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
             "checkpoints/step_N directories"
         )
     if is_checkpoint_dir(p):
-        if (p / COMPLETE_MARKER).is_file() and (p / MODEL_DIR).is_dir():
+        if (p / COMPLETE_MARKER).is_file() and model_dir_of(p).is_dir():
             problems = verify_checkpoint(p)
             if problems:
                 intact = [c.name for c in list_checkpoints(p.parent) if c != p and not verify_checkpoint(c)]

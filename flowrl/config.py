@@ -117,7 +117,6 @@ class TrainConfig:
     # data parallelism under torchrun: "ddp" (every rank a full replica, gradients summed) or "fsdp2"
     # (parameters, gradients and optimizer states sharded across ranks, per decoder layer)
     strategy: str = "ddp"
-    offload_optimizer: bool = False  # keep AdamW states in host memory (one-GPU full fine-tuning)
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
     bf16: bool | None = None  # autocast to bfloat16; None: on for CUDA, off on CPU
@@ -349,10 +348,6 @@ def validate(cfg: Config) -> None:
     if t.strategy == "fsdp2" and cfg.rollout.engine == "vllm":
         raise ValueError(
             "train.strategy=fsdp2 with rollout.engine=vllm is not supported; use rollout.engine=hf"
-        )
-    if t.strategy == "fsdp2" and t.offload_optimizer:
-        raise ValueError(
-            "train.offload_optimizer is for one-process full fine-tuning; fsdp2 shards the states"
         )
     if not cfg.data.train_files:
         raise ValueError("data.train_files is empty; give one or more parquet/jsonl files in verl's schema")

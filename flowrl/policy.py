@@ -262,6 +262,13 @@ def token_logprobs(
     return logprobs, (torch.cat(ent) if ent else empty) if with_entropy else None
 
 
+def causal_lm(model: nn.Module) -> Any:
+    """The transformers ``*ForCausalLM`` in ``model``: itself, or the one a peft ``PeftModel`` wraps
+    (its LoRA layers sit inside it, so calling its decoder runs them, or not while adapters are disabled)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
 class Policy(nn.Module):
     """A causal LM (``model``) and its partition head (``log_z_head``), trained together.
 
@@ -311,7 +318,8 @@ class Policy(nn.Module):
                 (see :meth:`LogZHead.forward`); None: torch's generator.
         """
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = self.model.base_model(
+        lm = causal_lm(self.model)
+        hidden = lm.base_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (B, P+T, H): after the final norm
         response_mask = attention_mask[:, prompt_length:].bool()
@@ -321,7 +329,7 @@ class Policy(nn.Module):
         packed, packed_entropy = token_logprobs(
             predicting,
             targets,
-            self.model.get_output_embeddings(),
+            lm.get_output_embeddings(),
             temperature=temperature,
             chunk_size=self.logprob_chunk_size,
             with_entropy=with_entropy,

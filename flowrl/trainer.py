@@ -73,10 +73,10 @@ from flowrl import distributed, preflight
 from flowrl.config import Config, to_yaml
 from flowrl.distributed import derive_seed
 from flowrl.logging import MetricsLogger, plot_metrics, read_metrics
+from flowrl.models import prepare_models
 from flowrl.objectives import OBJECTIVES, Objective
 from flowrl.objectives.masked import masked_mean
-from flowrl.partition import LogZHead, log_z_param_groups
-from flowrl.policy import Policy, encode_prompt, load_model, load_tokenizer
+from flowrl.policy import Policy, encode_prompt, load_tokenizer
 from flowrl.preflight import InputError
 from flowrl.rewards.base import RewardResult, RewardStatus
 from flowrl.rewards.registry import check_batch_usable, score_batch, status_counts
@@ -248,39 +248,17 @@ class Trainer:
         self.tokenizer = load_tokenizer(m.path, trust_remote_code=m.trust_remote_code)
         self.prompts = load_prompts(checked.rows, checked.files, self.tokenizer, cfg.data.max_prompt_length)
         self.reward_fn = checked.reward_fn
-        policy_path = str(resume_from / ckpt.MODEL_DIR) if resume_from else m.path
-        load = dict(dtype=m.dtype, device=self.device, attn_implementation=m.attn_implementation)
-        model = load_model(policy_path, trust_remote_code=m.trust_remote_code, **load)
-        grad_ckpt = (
-            m.gradient_checkpointing if m.gradient_checkpointing is not None else self.device.type == "cuda"
+        models = prepare_models(
+            cfg,
+            self.device,
+            checkpoint_model=ckpt.model_dir_of(resume_from) if resume_from else None,
+            needs_reference=self._needs_reference(),
+            uses_log_z=self.objective.uses_log_z,
         )
-        if grad_ckpt:
-            model.gradient_checkpointing_enable()
-        model.config.use_cache = True
-        head = None
-        if self.objective.uses_log_z:
-            head = LogZHead(
-                model.config.hidden_size, num_layers=cfg.log_z.num_layers, dropout=cfg.log_z.dropout
-            )
-            head.to(self.device)
-        self.policy = Policy(model, head, logprob_chunk_size=m.logprob_chunk_size)
-        self.policy.train()
-        self.ref_model = None
-        if self._needs_reference():
-            self.ref_model = load_model(m.path, trust_remote_code=m.trust_remote_code, **load).eval()
-            self.ref_model.requires_grad_(False)
-            self.ref_policy = Policy(self.ref_model, logprob_chunk_size=m.logprob_chunk_size)
-
+        self.policy, self.ref_policy, self.optimizer = models.policy, models.reference, models.optimizer
+        model = self.policy.model
+        head = self.policy.log_z_head
         o = cfg.optim
-        groups = log_z_param_groups(
-            model,
-            head if head is not None else torch.nn.Module(),
-            lr=o.lr,
-            weight_decay=o.weight_decay,
-            head_lr=cfg.log_z.lr,
-            head_weight_decay=cfg.log_z.weight_decay,
-        )
-        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(o.warmup_steps, cfg.train.total_steps, o.schedule)
         )
@@ -387,7 +365,8 @@ class Trainer:
         seeds = [
             derive_seed(self.cfg.train.seed, "rollout", self.step, first + k) for k in range(len(indices))
         ]
-        return self.engine.generate(prompts, self.sampling, seeds=seeds)
+        with self._autocast():  # on a GPU: bf16 weights read, a bf16 KV cache
+            return self.engine.generate(prompts, self.sampling, seeds=seeds)
 
     def _advantages(
         self,
@@ -578,6 +557,7 @@ class Trainer:
                         sums["log_z_grad_norm"] = sums["log_z_grad_norm"] + head_norm * len(mini)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
                 self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)  # gradients are not held through the rollout
                 # Every metric is a mean over sequences: weight each mini-batch by its size. This rank's
                 # mini_loss is its part of the mini-batch loss, so the sum over ranks is the whole.
                 sums["loss"] = sums["loss"] + mini_loss * len(mini)
@@ -752,7 +732,7 @@ class Trainer:
             # work in their own processes, and torch releases the GIL. Scoring stays on this thread,
             # where a custom reward may use signals.
             reference = None
-            if self.ref_model is not None:  # its entropy is never read
+            if self.ref_policy is not None:  # its entropy is never read
                 run = self._beside.submit if self.overlap_reference else _run_now
                 reference = run(self._logprobs_no_grad, self.ref_policy, rollout, with_entropy=False)
             try:

@@ -120,14 +120,22 @@ def test_update_does_not_depend_on_micro_batch_size(
         )
         ref = (
             trainer._logprobs_no_grad(trainer.ref_policy, rollout, with_entropy=False)[0]
-            if trainer.ref_model is not None
+            if trainer.ref_policy is not None
             else None
         )
         torch.manual_seed(2)
+        seen: list[torch.Tensor] = []  # one mini-batch: the accumulated gradient the optimizer steps with
+        step = trainer.optimizer.step
+        trainer.optimizer.step = lambda: (  # type: ignore[method-assign]
+            seen.append(
+                torch.cat([p.grad.flatten() for p in trainer.policy.parameters() if p.grad is not None])
+            ),
+            step(),
+        )
         metrics = trainer._update(rollout, torch.arange(len(rewards)), advantages, None, ref)
-        # one mini-batch: the gradients left after the step are the accumulated mini-batch gradient
-        grads = torch.cat([p.grad.flatten() for p in trainer.policy.parameters() if p.grad is not None])
+        (grads,) = seen
         assert grads.abs().sum() > 0
+        assert all(p.grad is None for p in trainer.policy.parameters()), "released right after the step"
         results.append((metrics["actor/loss"], grads))
     for loss, grads in results[1:]:
         assert loss == pytest.approx(results[0][0], rel=1e-5, abs=1e-7)
@@ -192,7 +200,7 @@ def test_reference_pass_runs_beside_scoring(model_dir: Path, data_file: Path, tm
     }
     cfg = load_config(None, overrides(model_dir, data_file, tmp_path, **settings))
     trainer = Trainer(cfg)
-    assert trainer.ref_model is not None
+    assert trainer.ref_policy is not None
     passes: list[str] = []
     no_grad = trainer._logprobs_no_grad
 
@@ -226,7 +234,13 @@ def test_stop_and_resume_equals_straight_run(model_dir: Path, data_file: Path, t
     a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(resumed / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b, strict=True):
-        for key in ("actor/loss", "reward/mean", "flowrl/log_z", "rollout/response_length", "optim/grad_norm"):
+        for key in (
+            "actor/loss",
+            "reward/mean",
+            "flowrl/log_z",
+            "rollout/response_length",
+            "optim/grad_norm",
+        ):
             assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), (ra["step"], key)
 
 
@@ -340,5 +354,5 @@ def test_grpo_loads_the_reference_only_for_its_kl(
 ) -> None:
     items = overrides(model_dir, data_file, tmp_path / "run", **{"algorithm.name": algorithm})
     trainer = Trainer(load_config(None, [*items, f"algorithm.loss.kl_coef={kl_coef}"]))
-    assert (trainer.ref_model is not None) == loaded
+    assert (trainer.ref_policy is not None) == loaded
     assert math.isfinite(trainer.fit().metrics[-1]["actor/loss"])

@@ -1,0 +1,209 @@
+"""Model preparation: the policy's precision and LoRA adapters, the reference, the optimizer.
+
+The trainer asks :func:`prepare_models` for what a run trains and reads; everything about how the models
+are held in memory is decided here, so the loop stays the loop.
+
+* **Full fine-tuning** (``model.lora.rank = 0``): the policy is loaded in ``model.dtype``; a reference,
+  when the objective reads one, is a second frozen copy in ``model.ref_dtype`` (default: bfloat16 on a
+  GPU, where its log-probs are computed under bf16 autocast anyway; the policy's dtype on CPU).
+* **LoRA** (``model.lora.rank > 0``, through peft): the base model is loaded in ``model.dtype`` (bfloat16
+  halves it) and frozen; peft adds rank-r adapters to ``model.lora.target_modules`` (``all-linear``:
+  every linear layer of the decoder, never the output head), kept in float32. The reference is the same
+  model with its adapters switched off (:class:`AdaptersDisabled`): no second copy, and at step 0 the
+  reference log-probs equal the policy's exactly. The log Z head is a separate module, never wrapped,
+  trained in full (float32) in its own parameter group.
+* **The optimizer**: AdamW over the trainable parameters only (the adapters and the head with LoRA),
+  the fused implementation where the device has one (no for-each temporaries of about 2 bytes per
+  parameter at ``step()``).
+
+What a checkpoint holds follows: ``model/`` (a full Hugging Face model) for full fine-tuning, ``adapter/``
+(peft's adapter files, which name their base model) for LoRA; see :mod:`flowrl.checkpoint`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flowrl.config import Config
+from flowrl.partition import LogZHead, log_z_param_groups
+from flowrl.policy import Policy, load_model
+
+ALL_LINEAR = "all-linear"
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a peft ``PeftModel`` (adapters around a transformers model)."""
+    return callable(getattr(model, "disable_adapter", None)) and callable(
+        getattr(model, "get_base_model", None)
+    )
+
+
+def _import_peft() -> Any:
+    try:
+        import peft
+    except ImportError as exc:
+        raise ImportError(
+            'model.lora.rank > 0 needs peft: `pip install -e ".[lora]"` (make installs it)'
+        ) from exc
+    return peft
+
+
+def lora_config(cfg: Config) -> Any:
+    """The peft ``LoraConfig`` of ``cfg.model.lora``."""
+    peft = _import_peft()
+    lora = cfg.model.lora
+    targets = list(lora.target_modules)
+    return peft.LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else targets,
+        task_type="CAUSAL_LM",
+    )
+
+
+def reference_dtype(cfg: Config, device: torch.device) -> str:
+    """The reference copy's dtype: ``model.ref_dtype``, else bfloat16 on a GPU and the policy's on CPU."""
+    if cfg.model.ref_dtype is not None:
+        return cfg.model.ref_dtype
+    return "bfloat16" if device.type == "cuda" else cfg.model.dtype
+
+
+class AdaptersDisabled(nn.Module):
+    """The reference of a LoRA run: the policy's own model with its adapters switched off.
+
+    Called like a :class:`~flowrl.policy.Policy` (never for log Z). It holds no weights of its own.
+    """
+
+    def __init__(self, policy: Policy) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self.policy.model.disable_adapter():
+            return self.policy(*args, **kwargs)
+
+
+@dataclass
+class Models:
+    """What a run trains (``policy``, ``optimizer``) and reads (``reference``: None when not needed)."""
+
+    policy: Policy
+    reference: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    lora: bool
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+
+def load_policy_model(cfg: Config, device: torch.device, checkpoint_model: Path | None) -> nn.Module:
+    """The policy's transformers model: full, or the base with LoRA adapters (new, or a checkpoint's).
+
+    Args:
+        checkpoint_model: a checkpoint's ``model/`` or ``adapter/`` directory to resume from, or None.
+    """
+    m = cfg.model
+    load = dict(dtype=m.dtype, device=device, attn_implementation=m.attn_implementation)
+    if m.lora.rank == 0:
+        path = str(checkpoint_model) if checkpoint_model is not None else m.path
+        return load_model(path, trust_remote_code=m.trust_remote_code, **load)
+    peft = _import_peft()
+    base = load_model(m.path, trust_remote_code=m.trust_remote_code, **load)
+    if checkpoint_model is not None:
+        model = peft.PeftModel.from_pretrained(base, str(checkpoint_model), is_trainable=True)
+    else:
+        model = peft.get_peft_model(base, lora_config(cfg))
+    # peft keeps adapters in float32 over a bf16 base (autocast_adapter_dtype); say so if it did not
+    adapter_dtypes = {p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert adapter_dtypes == {torch.float32}, f"LoRA adapters must train in float32, got {adapter_dtypes}"
+    return model
+
+
+def build_optimizer(cfg: Config, policy: Policy, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: the model's (all, or the adapters) and the head's own group."""
+    o = cfg.optim
+    head = policy.log_z_head if policy.log_z_head is not None else nn.Module()
+    groups = log_z_param_groups(  # requires_grad only: with LoRA, the adapters
+        policy.model,
+        head,
+        lr=o.lr,
+        weight_decay=o.weight_decay,
+        head_lr=cfg.log_z.lr,
+        head_weight_decay=cfg.log_z.weight_decay,
+    )
+    # fused: one kernel per parameter group, no for-each temporaries (torch has it on CPU and CUDA)
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
+
+
+def prepare_models(
+    cfg: Config,
+    device: torch.device,
+    *,
+    checkpoint_model: Path | None,
+    needs_reference: bool,
+    uses_log_z: bool,
+) -> Models:
+    """Load the policy (full or LoRA), its head, the reference when needed, and the optimizer."""
+    m = cfg.model
+    model = load_policy_model(cfg, device, checkpoint_model)
+    grad_ckpt = m.gradient_checkpointing if m.gradient_checkpointing is not None else device.type == "cuda"
+    if grad_ckpt:
+        model.gradient_checkpointing_enable()
+        if m.lora.rank > 0:  # the frozen embeddings give no gradient for checkpointed layers to carry
+            model.enable_input_require_grads()
+    model.config.use_cache = True
+    head = None
+    if uses_log_z:
+        head = LogZHead(model.config.hidden_size, num_layers=cfg.log_z.num_layers, dropout=cfg.log_z.dropout)
+        head.to(device)
+    policy = Policy(model, head, logprob_chunk_size=m.logprob_chunk_size)
+    policy.train()
+    reference: nn.Module | None = None
+    if needs_reference and m.lora.rank > 0:
+        reference = AdaptersDisabled(policy)
+    elif needs_reference:
+        ref_model = load_model(
+            m.path,
+            dtype=reference_dtype(cfg, device),
+            device=device,
+            attn_implementation=m.attn_implementation,
+            trust_remote_code=m.trust_remote_code,
+        ).eval()
+        ref_model.requires_grad_(False)
+        reference = Policy(ref_model, logprob_chunk_size=m.logprob_chunk_size)
+    optimizer = build_optimizer(cfg, policy, device)
+    return Models(policy, reference, optimizer, lora=m.lora.rank > 0)
+
+
+def merged_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """``(name, tensor)`` of the model's weights as a plain transformers model would name them, with
+    LoRA adapters merged in (``W + scale * B @ A``) for a peft model; the model is left unchanged.
+
+    What a generation engine with its own copy of the weights (vLLM) is sent after every update.
+    """
+    if not is_peft_model(model):
+        yield from model.named_parameters()
+        return
+    base = model.get_base_model()
+    model.merge_adapter()
+    try:
+        for name, tensor in base.state_dict().items():
+            if "lora_" in name:
+                continue
+            yield name.replace(".base_layer.", "."), tensor
+    finally:
+        model.unmerge_adapter()
+
+
+def no_adapters(model: nn.Module) -> AbstractContextManager[Any]:
+    """A context with the adapters of a peft model switched off (nothing for a plain model)."""
+    return model.disable_adapter() if is_peft_model(model) else nullcontext()
