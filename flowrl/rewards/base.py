@@ -5,6 +5,14 @@ answers (verl's schema: ``prompt``, ``data_source``, ``reward_model.ground_truth
 It returns a float or a :class:`RewardResult` (a score plus the reason). Whatever happens inside, the
 caller gets a :class:`RewardResult`: an exception or a non-finite score becomes status ``error`` with
 a NaN score, so it is counted and left out of the update, never silently scored 0.
+
+Whose fault decides the score. What the candidate's answer causes is scored as a wrong answer: a
+wrong or missing answer, and an answer that makes the checker run out of time (status ``timeout``:
+scored ``wrong``'s score, and still counted under its own status so a rise in timeouts shows). Only a
+failure of the machinery or of the data (a crashed worker, a missing dependency, an unparsable gold
+answer, a reward that raised) is status ``error`` with a NaN score, left out of the update. A timeout
+left out of the update instead would never be punished, so a policy could learn to time the checker
+out.
 """
 
 from __future__ import annotations
@@ -18,7 +26,11 @@ from typing import Any
 
 
 class RewardStatus(str, enum.Enum):
-    """Why a response got its score. Logged per step as counts (``reward/status_<value>``)."""
+    """Why a response got its score. Logged per step as counts (``reward/status_<value>``).
+
+    ``correct``: the reward's correct score. ``wrong``, ``no_answer``, ``timeout``: the reward's wrong
+    score (a finite number that is trained on). ``error``: NaN, left out of the update.
+    """
 
     CORRECT = "correct"
     WRONG = "wrong"
@@ -37,8 +49,9 @@ class RewardResult:
 
     @property
     def ok(self) -> bool:
-        """True when the score can be trained on (it was computed and is finite)."""
-        return self.status not in (RewardStatus.ERROR, RewardStatus.TIMEOUT) and math.isfinite(self.score)
+        """True when the score can be trained on: not an ``error`` and finite (a ``timeout`` is trained on,
+        with the wrong-answer score its reward gave it)."""
+        return self.status is not RewardStatus.ERROR and math.isfinite(self.score)
 
 
 RewardFn = Callable[[str, Mapping[str, Any]], float | RewardResult]

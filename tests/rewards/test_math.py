@@ -98,7 +98,10 @@ MATCH = [
     # \boxed variants
     ("7", "\\fbox{7}"),
     ("7", "The answer is \\boxed 7."),
-    ("5", "First \\boxed{3}, then corrected: \\boxed{5}"),
+    ("5", "\\boxed{5} and then \\boxed{}"),  # an empty box is no answer
+    ("5", "\\boxed{5}, so the answer is \\boxed{5}."),  # the same answer twice is one answer
+    ("\\frac{1}{2}", "\\boxed{\\frac{1}{2}} = \\boxed{0.5}"),  # equal forms in two boxes
+    ("1,-2", "The answer is \\boxed{-2} and \\boxed{1}."),  # a list gold: the boxes together
     ("\\frac{1}{2}", "$\\boxed{\\frac{1}{2}}$"),
     ("5", "\\boxed{5} and then a truncated \\boxed{6"),
     # constants, algebra, units
@@ -162,6 +165,8 @@ NEAR_MISS = [
     ("10", "\\boxed{\\binom{5}{1}}"),
     ("42", "\\boxed{42} at first, but no.\nAnswer: 24"),
     ("5", "\\boxed{5} then \\boxed{6}"),
+    # Several different boxes for a single-answer gold: a list, not a choice (box only the final answer).
+    ("5", "First \\boxed{3}, then corrected: \\boxed{5}"),
     ("5", "\\boxed{" + "5" * 100_000 + "}"),
 ]
 
@@ -195,7 +200,18 @@ def test_there_are_at_least_100_hand_judged_cases() -> None:
         ("\\boxed{a_{n+1}}", "a_{n+1}", "boxed"),  # nested braces
         ("\\fbox{7}", "7", "boxed"),
         ("\\boxed 5 is it", "5", "boxed"),  # TeX: one bare token
-        ("\\boxed{1} then \\boxed{2}", "2", "boxed"),  # the last one
+        ("\\boxed{1} then \\boxed{2}", "1, 2", "boxed"),  # every box: a list of two
+        ("\\boxed{2} and \\boxed{2}", "2", "boxed"),  # repeats are one answer
+        ("\\boxed{5} and then \\boxed{}", "5", "boxed"),  # empty boxes are ignored
+        ("\\boxed{\\boxed{7}}", "\\boxed{7}", "boxed"),  # a box in a box is part of the outer one
+        ("<think>maybe \\boxed{3}</think> so \\boxed{4}", "4", "boxed"),  # boxes after </think> only
+        ("<think>so \\boxed{3}</think> It is 3.", "3", "boxed"),  # none after it: the whole response
+        ("So \\boxed{34}.\nAnswer: n is 34", "34", "answer_line"),  # the part after the copula
+        ("Final Answer: The final answer is $28\\%$. I hope it is correct.", "28\\%", "answer_line"),
+        ("Sum is \\boxed{255}. Final Answer: The final answer is $10,455$.", "10455", "answer_line"),
+        ("Answer: Jane started 3 hours ago.", "3", "answer_line"),  # the one number in the prose
+        ("Answer: 3 or 4", "3, 4", "answer_line"),  # a hedge is a list
+        ("\\boxed{3 \\text{ (or 4)}}", "3, 4", "boxed"),
         ("\\boxed{1} and cut off \\boxed{2", "1", "boxed"),  # an unclosed box is skipped
         ("$\\boxed{3}$.", "3", "boxed"),
         ("work\nAnswer: 12", "12", "answer_line"),
@@ -295,12 +311,13 @@ def test_pathological_answers_are_bounded_in_time(response: str) -> None:
     assert elapsed < TIMEOUT_S + SLACK_S, f"took {elapsed:.1f} s"
 
 
-def test_timeout_status_nan_score_and_worker_replacement() -> None:
+def test_timeout_scores_wrong_is_counted_and_the_worker_is_replaced() -> None:
+    """An answer that makes the checker overrun is the answer's fault: wrong score, status timeout."""
     pool = fm.get_pool()
     replaced = pool.replaced
     result = fm.score(PATHOLOGICAL["tower of exponents"], "5", timeout_s=TIMEOUT_S)
     assert result.status is RewardStatus.TIMEOUT
-    assert result.score != result.score and not result.ok
+    assert result.score == 0.0 and result.ok  # trained on, as a wrong answer
     assert pool.replaced == replaced + 1
     assert fm.is_correct("\\boxed{5}", "5.0")  # the replacement worker answers
 
