@@ -19,6 +19,10 @@ The weight files are copied, not re-serialized (no model is loaded, so a 32B exp
 and the exported weights are bit-identical to the checkpoint's); a weight file that holds a head tensor
 anyway (a policy saved together with its head) is rewritten without it.
 
+A LoRA run's checkpoint holds adapters (``adapter/``): they are merged into their base model (loaded
+from where the adapters say, or ``--base``), so the export is the same plain model directory; with
+``--adapter`` peft's adapter directory is written instead (``PeftModel.from_pretrained(base, OUT)``).
+
 A path is resolved by :func:`flowrl.checkpoint.resolve_checkpoint`: a checkpoint directory (``step_N/``
 with ``model/`` and ``COMPLETE``) is used as it is; a run directory (``train.output_dir``, with
 ``checkpoints/``) or its ``checkpoints/`` folder gives its newest complete checkpoint.
@@ -35,9 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from flowrl.checkpoint import (
+    ADAPTER_DIR,
     HEAD_FILE,
-    MODEL_DIR,
     checkpoint_step,
+    model_dir_of,
     resolve_checkpoint,
 )
 from flowrl.partition import LOG_Z_PREFIX, is_log_z_param
@@ -116,7 +121,12 @@ def strip_head_tensors(weights: Path, index: dict[str, Any] | None) -> int:
 
 
 def export_checkpoint(
-    source: str | Path, output_dir: str | Path, *, overwrite: bool = False
+    source: str | Path,
+    output_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    adapter: bool = False,
+    base: str | None = None,
 ) -> dict[str, Any]:
     """Write the Hugging Face model directory of a checkpoint (see the module docstring for the layout).
 
@@ -124,6 +134,8 @@ def export_checkpoint(
         source: a checkpoint, a run directory, or a run's ``checkpoints/`` folder.
         output_dir: where to write; must not exist, be empty, or (with ``overwrite``) be a previous export.
         overwrite: replace a previous export at ``output_dir``.
+        adapter: for a LoRA checkpoint, write peft's adapter directory instead of the merged model.
+        base: for a LoRA checkpoint, the base model to merge into (default: the one the adapters name).
 
     Returns:
         The provenance written to ``flowrl_export.json``.
@@ -144,15 +156,19 @@ def export_checkpoint(
                 f"{out} is not a previous flowrl export (no {EXPORT_INFO_FILE}); --overwrite only replaces "
                 "an export, choose a new OUTPUT_DIR"
             )
-    model_dir = checkpoint / MODEL_DIR
-    if not (model_dir / "config.json").is_file():
+    model_dir = model_dir_of(checkpoint)
+    lora = model_dir.name == ADAPTER_DIR
+    if not lora and not (model_dir / "config.json").is_file():
         raise ValueError(f"{model_dir} has no config.json; the checkpoint was not written by flowrl train")
 
     # Build the export beside the target and move it into place at the end: no half-written export.
     tmp = out.parent / f".tmp_{out.name}_{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(model_dir, tmp)
+    if lora and not adapter:
+        _write_merged(model_dir, tmp, base=base)
+    else:
+        shutil.copytree(model_dir, tmp)
     index_path = tmp / _SAFETENSORS_INDEX
     index = json.loads(index_path.read_text()) if index_path.is_file() else None
     removed = sum(strip_head_tensors(w, index) for w in sorted(tmp.glob("*.safetensors")))
@@ -179,6 +195,7 @@ def export_checkpoint(
     info = {
         "source_checkpoint": str(checkpoint.resolve()),
         "step": checkpoint_step(checkpoint),
+        "format": ("lora adapter" if adapter else "merged model") if lora else "model",
         "log_z_head": head_info,
         "head_tensors_removed_from_weights": removed,
         "note": "policy weights only; the partition head (FlowRL's log Z) is in log_z_head/ and is not "
@@ -192,6 +209,27 @@ def export_checkpoint(
     return info
 
 
+def _write_merged(adapter_dir: Path, out: Path, *, base: str | None) -> None:
+    """The base model with a LoRA checkpoint's adapters merged in, saved as a plain model directory."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from flowrl.policy import ADAPTER_CONFIG, load_model
+
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    base_path = base or config["base_model_name_or_path"]
+    try:
+        model = load_model(base_path, dtype="auto")
+    except (OSError, FileNotFoundError) as exc:
+        raise ValueError(
+            f"cannot load the base model {base_path!r} that {adapter_dir} adapts ({exc}); give it with "
+            "--base, or export the adapters alone with --adapter"
+        ) from exc
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``flowrl export``, built without running anything."""
     parser = argparse.ArgumentParser(
@@ -203,18 +241,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("source", help="a run directory (train.output_dir) or a checkpoints/step_N directory")
     parser.add_argument("output_dir", help="the model directory to write")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous export at OUTPUT_DIR")
+    parser.add_argument(
+        "--adapter",
+        action="store_true",
+        help="LoRA runs: write the peft adapter directory instead of the merged model",
+    )
+    parser.add_argument(
+        "--base", help="LoRA runs: the base model to merge into (default: the one the adapters name)"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        info = export_checkpoint(args.source, args.output_dir, overwrite=args.overwrite)
+        info = export_checkpoint(
+            args.source, args.output_dir, overwrite=args.overwrite, adapter=args.adapter, base=args.base
+        )
     except (ValueError, FileNotFoundError) as exc:
         print(f"flowrl export: error: {exc}", file=sys.stderr)
         return 2
     head = info["log_z_head"]
-    print(f"exported {info['source_checkpoint']} (step {info['step']}) -> {args.output_dir}")
+    print(
+        f"exported {info['source_checkpoint']} (step {info['step']}, {info['format']}) -> {args.output_dir}"
+    )
     print(
         f"  log Z head: {Path(args.output_dir) / head['file']} (H={head['hidden_size']}, "
         f"{head['num_layers']} layers)"

@@ -184,24 +184,30 @@ def prepare_models(
     return Models(policy, reference, optimizer, lora=m.lora.rank > 0)
 
 
+@torch.no_grad()
 def merged_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """``(name, tensor)`` of the model's weights as a plain transformers model would name them, with
-    LoRA adapters merged in (``W + scale * B @ A``) for a peft model; the model is left unchanged.
+    LoRA adapters merged in (``W + scale * B @ A``, computed in float32) for a peft model.
 
-    What a generation engine with its own copy of the weights (vLLM) is sent after every update.
+    The model itself is not touched (merging in place and back would leave rounding in the frozen base
+    after every call). What a generation engine with its own copy of the weights (vLLM) is sent after
+    every update.
     """
     if not is_peft_model(model):
         yield from model.named_parameters()
         return
+    from peft.tuners.lora import LoraLayer
+
     base = model.get_base_model()
-    model.merge_adapter()
-    try:
-        for name, tensor in base.state_dict().items():
-            if "lora_" in name:
-                continue
-            yield name.replace(".base_layer.", "."), tensor
-    finally:
-        model.unmerge_adapter()
+    merged: dict[str, Tensor] = {}
+    for module_name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and not module.disable_adapters:
+            weight = module.base_layer.weight
+            delta = sum(module.get_delta_weight(a).float() for a in module.active_adapters)
+            merged[f"{module_name}.base_layer.weight"] = (weight.float() + delta).to(weight.dtype)
+    for name, tensor in base.state_dict().items():
+        if "lora_" not in name:
+            yield name.replace(".base_layer.", "."), merged.get(name, tensor)
 
 
 def no_adapters(model: nn.Module) -> AbstractContextManager[Any]:

@@ -75,15 +75,36 @@ def load_model(
     attn_implementation: str | None = "sdpa",
     trust_remote_code: bool = False,
 ) -> Any:
-    """Load a causal LM with ``AutoModelForCausalLM`` from a local directory or a hub id."""
+    """Load a causal LM with ``AutoModelForCausalLM`` from a local directory or a hub id.
+
+    A directory of LoRA adapters (``adapter_config.json``, what a LoRA run's checkpoint holds) loads its
+    base model (the one the adapters name) with the adapters merged in: a plain model, as exported.
+    """
     from transformers import AutoModelForCausalLM
 
     _check_model_path(path)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    adapter_config = Path(path) / ADAPTER_CONFIG
+    if adapter_config.is_file():
+        from peft import PeftModel
+
+        base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        base = load_model(
+            base_path,
+            dtype=dtype,
+            device=device,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
+        return PeftModel.from_pretrained(base, path).merge_and_unload()
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
     )
     return model.to(device)
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+"""peft's file in a directory of adapters."""
 
 
 def _check_model_path(path: str) -> None:

@@ -164,7 +164,15 @@ def resolve_model(spec: str) -> ModelSpec:
         FileNotFoundError: a local-looking path that does not exist.
         ValueError: an incomplete checkpoint, a run without one, or a directory that is no model.
     """
-    from flowrl.checkpoint import MODEL_DIR, is_checkpoint_dir, is_training_output, resolve_checkpoint
+    from flowrl.checkpoint import (
+        ADAPTER_DIR,
+        MODEL_DIR,
+        is_checkpoint_dir,
+        is_training_output,
+        model_dir_of,
+        resolve_checkpoint,
+    )
+    from flowrl.policy import ADAPTER_CONFIG
 
     label, path = _split_label(spec)
     local = Path(path).expanduser()
@@ -172,12 +180,12 @@ def resolve_model(spec: str) -> ModelSpec:
     if local.exists():
         if is_training_output(local):
             ckpt = resolve_checkpoint(local)
-            checkpoint, model_path = str(ckpt.resolve()), ckpt / MODEL_DIR
+            checkpoint, model_path = str(ckpt.resolve()), model_dir_of(ckpt)  # LoRA runs: adapter/
             auto = f"{ckpt.resolve().parent.parent.name}-{ckpt.name}"
-        elif (local / "config.json").is_file():
+        elif (local / "config.json").is_file() or (local / ADAPTER_CONFIG).is_file():
             model_path = local
             full = local.resolve()
-            in_checkpoint = full.name == MODEL_DIR and is_checkpoint_dir(full.parent)
+            in_checkpoint = full.name in (MODEL_DIR, ADAPTER_DIR) and is_checkpoint_dir(full.parent)
             auto = f"{full.parent.parent.parent.name}-{full.parent.name}" if in_checkpoint else full.name
         else:
             raise ValueError(

@@ -156,10 +156,13 @@ class VLLMRolloutEngine:
 
     @torch.no_grad()
     def sync_weights(self, policy_model: nn.Module) -> None:
-        """Copy the policy's current weights into vLLM's model (the log Z head is never sent)."""
+        """Copy the policy's current weights into vLLM's model (the log Z head is never sent; a LoRA
+        policy's adapters are merged into the weights they adapt, under the plain model's names)."""
+        from flowrl.models import merged_weights
+
         self._wake()
         model = self._model()
-        for name, tensor in weights_for_vllm(policy_model.named_parameters()):
+        for name, tensor in weights_for_vllm(merged_weights(policy_model)):
             model.load_weights([(name, tensor)])  # one at a time: no second full copy of the weights
         self.llm.reset_prefix_cache()  # cached prefixes were computed with the previous weights
 
