@@ -109,8 +109,14 @@ def save_checkpoint(
     head: nn.Module | None,
     trainer_state: dict[str, Any],
     keep: int = 2,
+    model_state_dict: dict[str, Any] | None = None,
+    head_state_dict: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` under ``root`` atomically and keep only the ``keep`` newest."""
+    """Write checkpoint ``step`` under ``root`` atomically and keep only the ``keep`` newest.
+
+    ``model_state_dict`` / ``head_state_dict``: full state dicts to write instead of the modules' own
+    (a sharded run gathers them first).
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -119,9 +125,15 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     # a peft model saves its adapters alone (and the base model's name)
     weights_dir = tmp / (ADAPTER_DIR if callable(getattr(model, "disable_adapter", None)) else MODEL_DIR)
-    model.save_pretrained(weights_dir, safe_serialization=True)
+    model.save_pretrained(weights_dir, safe_serialization=True, state_dict=model_state_dict)
     tokenizer.save_pretrained(weights_dir)
-    save_log_z_head(head, tmp / HEAD_FILE)
+    if head_state_dict is not None:
+        from safetensors.torch import save_file
+
+        tensors = {LOG_Z_PREFIX + k: v.detach().cpu().contiguous() for k, v in head_state_dict.items()}
+        save_file(tensors, str(tmp / HEAD_FILE))
+    else:
+        save_log_z_head(head, tmp / HEAD_FILE)
     torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
     manifest = {"version": MANIFEST_VERSION, "step": step, "files": _describe_files(tmp)}
     with open(tmp / COMPLETE_MARKER, "w") as f:

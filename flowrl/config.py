@@ -345,6 +345,11 @@ def validate(cfg: Config) -> None:
         )
     if t.strategy not in ("ddp", "fsdp2"):
         raise ValueError(f"train.strategy={t.strategy!r}: choose 'ddp' (replicas) or 'fsdp2' (sharded)")
+    if t.strategy == "fsdp2" and lora.rank > 0:
+        raise ValueError(
+            "train.strategy=fsdp2 with LoRA is not supported: LoRA's trainable state is small, so run it "
+            "with train.strategy=ddp (or one process)"
+        )
     if t.strategy == "fsdp2" and cfg.rollout.engine == "vllm":
         raise ValueError(
             "train.strategy=fsdp2 with rollout.engine=vllm is not supported; use rollout.engine=hf"

@@ -12,6 +12,8 @@ are held in memory is decided here, so the loop stays the loop.
   model with its adapters switched off (:class:`AdaptersDisabled`): no second copy, and at step 0 the
   reference log-probs equal the policy's exactly. The log Z head is a separate module, never wrapped,
   trained in full (float32) in its own parameter group.
+* **Sharding** (``train.strategy=fsdp2`` under torchrun): the policy and the reference are sharded
+  with FSDP2 after loading (see :mod:`flowrl.sharding`); the optimizer is built over the shards.
 * **The optimizer**: AdamW over the trainable parameters only (the adapters and the head with LoRA),
   the fused implementation where the device has one (no for-each temporaries of about 2 bytes per
   parameter at ``step()``).
@@ -31,6 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flowrl import sharding
+from flowrl.checkpoint import HEAD_FILE, load_log_z_head, model_dir_of
 from flowrl.config import Config
 from flowrl.partition import LogZHead, log_z_param_groups
 from flowrl.policy import Policy, load_model
@@ -93,12 +97,16 @@ class AdaptersDisabled(nn.Module):
 
 @dataclass
 class Models:
-    """What a run trains (``policy``, ``optimizer``) and reads (``reference``: None when not needed)."""
+    """What a run trains (``policy``, ``optimizer``) and reads (``reference``: None when not needed).
+
+    ``units``: the policy's FSDP units under ``train.strategy=fsdp2`` (empty otherwise).
+    """
 
     policy: Policy
     reference: nn.Module | None
     optimizer: torch.optim.Optimizer
     lora: bool
+    units: list[nn.Module]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -148,13 +156,19 @@ def prepare_models(
     cfg: Config,
     device: torch.device,
     *,
-    checkpoint_model: Path | None,
+    checkpoint: Path | None,
     needs_reference: bool,
     uses_log_z: bool,
+    shard: bool = False,
 ) -> Models:
-    """Load the policy (full or LoRA), its head, the reference when needed, and the optimizer."""
+    """Load the policy (full or LoRA), its head, the reference when needed, and the optimizer.
+
+    Args:
+        checkpoint: a training checkpoint to resume from (its model or adapters and its head).
+        shard: shard the policy and the reference with FSDP2 (under torchrun, ``train.strategy=fsdp2``).
+    """
     m = cfg.model
-    model = load_policy_model(cfg, device, checkpoint_model)
+    model = load_policy_model(cfg, device, model_dir_of(checkpoint) if checkpoint is not None else None)
     grad_ckpt = m.gradient_checkpointing if m.gradient_checkpointing is not None else device.type == "cuda"
     if grad_ckpt:
         model.gradient_checkpointing_enable()
@@ -165,6 +179,8 @@ def prepare_models(
     if uses_log_z:
         head = LogZHead(model.config.hidden_size, num_layers=cfg.log_z.num_layers, dropout=cfg.log_z.dropout)
         head.to(device)
+    if checkpoint is not None:
+        load_log_z_head(head, checkpoint / HEAD_FILE)
     policy = Policy(model, head, logprob_chunk_size=m.logprob_chunk_size)
     policy.train()
     reference: nn.Module | None = None
@@ -180,8 +196,27 @@ def prepare_models(
         ).eval()
         ref_model.requires_grad_(False)
         reference = Policy(ref_model, logprob_chunk_size=m.logprob_chunk_size)
+    units: list[nn.Module] = []
+    if shard:
+        mixed = device.type == "cuda" and (cfg.train.bf16 is not False)
+        units = sharding.shard_policy(policy, mixed_precision=mixed)
+        if isinstance(reference, Policy):
+            sharding.shard_policy(reference, mixed_precision=mixed)
+        _first_forward(policy, device, with_log_z=head is not None)
+        if isinstance(reference, Policy):
+            _first_forward(reference, device, with_log_z=False)
     optimizer = build_optimizer(cfg, policy, device)
-    return Models(policy, reference, optimizer, lora=m.lora.rank > 0)
+    return Models(policy, reference, optimizer, lora=m.lora.rank > 0, units=units)
+
+
+@torch.no_grad()
+def _first_forward(policy: Policy, device: torch.device, *, with_log_z: bool) -> None:
+    """One tiny forward through the root, which sets FSDP up (before rollout gathers the weights)."""
+    ids = torch.ones(1, 2, dtype=torch.long, device=device)
+    was_training = policy.training
+    policy.eval()
+    policy(ids, torch.ones_like(ids), 1, with_log_z=with_log_z)
+    policy.train(was_training)
 
 
 @torch.no_grad()

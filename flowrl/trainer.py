@@ -69,13 +69,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flowrl import checkpoint as ckpt
-from flowrl import distributed, preflight
+from flowrl import distributed, preflight, sharding
 from flowrl.config import Config, to_yaml
 from flowrl.distributed import derive_seed
 from flowrl.logging import MetricsLogger, plot_metrics, read_metrics
 from flowrl.models import prepare_models
 from flowrl.objectives import OBJECTIVES, Objective
 from flowrl.objectives.masked import masked_mean
+from flowrl.partition import LOG_Z_PREFIX
 from flowrl.policy import Policy, encode_prompt, load_tokenizer
 from flowrl.preflight import InputError
 from flowrl.rewards.base import RewardResult, RewardStatus
@@ -248,16 +249,18 @@ class Trainer:
         self.tokenizer = load_tokenizer(m.path, trust_remote_code=m.trust_remote_code)
         self.prompts = load_prompts(checked.rows, checked.files, self.tokenizer, cfg.data.max_prompt_length)
         self.reward_fn = checked.reward_fn
+        self.sharded = self.dp.enabled and cfg.train.strategy == "fsdp2"
         models = prepare_models(
             cfg,
             self.device,
-            checkpoint_model=ckpt.model_dir_of(resume_from) if resume_from else None,
+            checkpoint=resume_from,
             needs_reference=self._needs_reference(),
             uses_log_z=self.objective.uses_log_z,
+            shard=self.sharded,
         )
         self.policy, self.ref_policy, self.optimizer = models.policy, models.reference, models.optimizer
+        self.units = models.units
         model = self.policy.model
-        head = self.policy.log_z_head
         o = cfg.optim
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(o.warmup_steps, cfg.train.total_steps, o.schedule)
@@ -278,15 +281,15 @@ class Trainer:
         self.step = 0
         if resume_from is not None:
             state = ckpt.load_trainer_state(resume_from)
-            ckpt.load_log_z_head(head, resume_from / ckpt.HEAD_FILE)
-            self.optimizer.load_state_dict(state["optimizer"])
+            self._load_optimizer(state, resume_from)
             self.scheduler.load_state_dict(state["scheduler"])
             self.sampler.load_state_dict(state["sampler"])
             ckpt.set_rng_state(state["rng"])
             self.step = state["step"]
             self._print(f"resumed from {resume_from} at step {self.step}")
         self.saved_step = self.step  # the step of the newest checkpoint on disk
-        self.dp.broadcast_parameters(self.policy.parameters())
+        if not self.sharded:  # sharded runs load the same weights on every rank and shard them alike
+            self.dp.broadcast_parameters(self.policy.parameters())
 
         # Everything loaded: only now does the run directory change (an earlier run is replaced here).
         if self.dp.is_main:
@@ -365,7 +368,8 @@ class Trainer:
         seeds = [
             derive_seed(self.cfg.train.seed, "rollout", self.step, first + k) for k in range(len(indices))
         ]
-        with self._autocast():  # on a GPU: bf16 weights read, a bf16 KV cache
+        gather = sharding.gathered(self.units) if self.sharded else nullcontext()
+        with gather, self._autocast():  # gathered once per step; on a GPU: bf16 weights, bf16 KV cache
             return self.engine.generate(prompts, self.sampling, seeds=seeds)
 
     def _advantages(
@@ -511,7 +515,13 @@ class Trainer:
                 )
                 self.optimizer.zero_grad(set_to_none=True)
                 mini_loss = zero
-                for mb in self._micro_batches(local, rollout):
+                micro: list[Micro | None] = list(self._micro_batches(local, rollout))
+                if self.sharded:  # every rank runs as many forwards (collectives) as the busiest one
+                    micro += [None] * (sharding.lockstep_count(len(micro)) - len(micro))
+                for mb in micro:
+                    zero_weighted = mb is None  # a pass that only keeps this rank in step
+                    if mb is None:
+                        mb = _micro(rollout, torch.zeros(1, dtype=torch.long, device=self.device))
                     with self._autocast():
                         out = self.policy(
                             mb.input_ids,
@@ -540,6 +550,9 @@ class Trainer:
                     if obj.uses_log_z:
                         tensors["log_z"] = out.log_z
                     loss, metrics = obj.loss_fn(**tensors, **loss_kwargs, normalizer=normalizer)
+                    if zero_weighted:
+                        (loss * 0).backward()
+                        continue
                     loss.backward()
                     mini_loss = mini_loss + loss.detach()
                     m = len(mb.rows)
@@ -549,13 +562,12 @@ class Trainer:
                         mask = tensors["response_mask"]
                         sums["entropy_sum"] = sums["entropy_sum"] + (out.entropy.detach() * mask).sum()
                         sums["entropy_tokens"] = sums["entropy_tokens"] + mask.sum()
-                self.dp.all_reduce_grads(params)
+                if not self.sharded:  # FSDP has reduce-scattered them already, in backward
+                    self.dp.all_reduce_grads(params)
                 if head_params:  # before clipping: how hard the loss pulls on the head itself
-                    grads = [p.grad for p in head_params if p.grad is not None]
-                    if grads:
-                        head_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
-                        sums["log_z_grad_norm"] = sums["log_z_grad_norm"] + head_norm * len(mini)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
+                    head_norm = sharding.grad_norm(head_params)
+                    sums["log_z_grad_norm"] = sums["log_z_grad_norm"] + head_norm * len(mini)
+                grad_norm = sharding.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)  # gradients are not held through the rollout
                 # Every metric is a mean over sequences: weight each mini-batch by its size. This rank's
@@ -607,7 +619,17 @@ class Trainer:
         self._print(f"samples at step {step}:\n" + "\n".join(lines))
 
     def _save(self) -> None:
-        """Rank 0 writes the checkpoint (every rank holds the same weights and state); the rest wait."""
+        """Rank 0 writes the checkpoint (every rank holds the same weights and state, or, sharded, every
+        rank first gathers its shards to rank 0); the rest wait."""
+        state = {"scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict()}
+        model_state = head_state = None
+        if self.sharded:
+            full = sharding.full_state_dict(self.policy)  # keys as the Policy names them
+            model_state = {k[len("model.") :]: v for k, v in full.items() if k.startswith("model.")}
+            head_state = {k[len(LOG_Z_PREFIX) :]: v for k, v in full.items() if k.startswith(LOG_Z_PREFIX)}
+            state["optimizer_by_name"] = sharding.full_optimizer_state(self.policy, self.optimizer)
+        else:
+            state["optimizer"] = self.optimizer.state_dict()
         if self.dp.is_main:
             path = ckpt.save_checkpoint(
                 self.run_dir / ckpt.CHECKPOINTS_DIR,
@@ -615,16 +637,35 @@ class Trainer:
                 model=self.policy.model,
                 tokenizer=self.tokenizer,
                 head=self.policy.log_z_head,
-                trainer_state={
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "sampler": self.sampler.state_dict(),
-                },
+                trainer_state=state,
                 keep=self.cfg.train.keep_checkpoints,
+                model_state_dict=model_state,
+                head_state_dict=head_state,
             )
             self._print(f"checkpoint: {path}")
         self.saved_step = self.step
         self.dp.barrier()
+
+    def _load_optimizer(self, state: dict[str, Any], checkpoint: Path) -> None:
+        """The optimizer state of a checkpoint: by parameter index (``ddp``) or by name (``fsdp2``)."""
+        if self.sharded != ("optimizer_by_name" in state):
+            saved = "fsdp2" if "optimizer_by_name" in state else "ddp"
+            raise InputError(
+                f"{checkpoint} was written with train.strategy={saved}; resume it with the same strategy "
+                "(or export it and start a new run from the export)"
+            )
+        if self.sharded:
+            sharding.load_full_optimizer_state(self.policy, self.optimizer, state["optimizer_by_name"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+    def _model_state_bytes(self) -> int:
+        """Bytes this rank holds of the policy's parameters and the optimizer's states (shards only)."""
+        tensors = [*self.policy.parameters()]
+        tensors += [
+            v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)
+        ]
+        return sum(sharding.local(t).numel() * t.element_size() for t in tensors)
 
     def _stop_agreed(self) -> bool:
         """Whether any rank was asked to stop: every rank calls this at the same points, so all stop
@@ -789,6 +830,7 @@ class Trainer:
                     "perf/update_time_s": now - scored,
                     "perf/step_time_s": now - started,
                     "perf/tokens_per_s": float(lengths.sum()) / (now - started),
+                    "perf/model_state_gb": self._model_state_bytes() / 1e9,
                 }
             )
             if entropy is not None:

@@ -1,0 +1,143 @@
+"""FSDP2 (``train.strategy=fsdp2``): parameters, gradients and optimizer states sharded across ranks.
+
+:func:`shard_policy` applies ``torch.distributed.fsdp.fully_shard`` to every decoder layer and then to
+the :class:`~flowrl.policy.Policy` itself, the root: the root unit holds what is left (embeddings, final
+norm, output head, the log Z head). Calls always go through the root's ``forward`` (never into a
+sharded submodule directly), so the fused log-prob path reads the output head's weight while the root
+holds it gathered, and its gradient flows back through the root's hooks.
+
+The trainer's data-parallel contract holds as under ``ddp`` (see :mod:`flowrl.trainer`): gradients are
+*summed* across ranks (each rank divides its loss by the global unit count), here by the reduce-scatter
+instead of an all-reduce. What FSDP adds:
+
+* every rank runs the same number of forwards and backwards (each one all-gathers and reduce-scatters),
+  so a rank with fewer micro-batches in a mini-batch runs zero-weighted ones (:func:`lockstep_count`);
+* rollout gathers the weights once per step and decodes on them (:func:`gathered`): no collective per
+  decoded token, so ranks may decode different numbers of tokens;
+* checkpoints gather full state dicts to rank 0 (:func:`full_state_dict`), so a checkpoint is the same
+  plain Hugging Face directory as a one-process run's, and resumes under any strategy.
+
+On a GPU the parameters are cast to bfloat16 for compute with float32 gradient reduction
+(``MixedPrecisionPolicy``); on CPU (gloo) they stay float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from flowrl.policy import Policy, causal_lm
+
+
+def decoder_layers(policy: Policy) -> list[nn.Module]:
+    """The decoder layers of the policy's transformers model (``model.layers`` in Qwen2 and Llama)."""
+    decoder = causal_lm(policy.model).base_model
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError(
+            f"train.strategy=fsdp2 shards decoder layers, but {type(decoder).__name__} has no `layers`; "
+            "use train.strategy=ddp for this model"
+        )
+    return list(layers)
+
+
+def shard_policy(policy: Policy, *, mixed_precision: bool) -> list[nn.Module]:
+    """Shard ``policy`` in place (each decoder layer, then the root); returns its FSDP units.
+
+    Gradients are summed across ranks, never averaged: the loss is already divided by the global count.
+    """
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    options: dict[str, Any] = {}
+    if mixed_precision:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in decoder_layers(policy):
+        fully_shard(layer, **options)
+    fully_shard(policy, **options)
+    units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
+    return units
+
+
+@contextmanager
+def gathered(units: list[nn.Module]) -> Iterator[None]:
+    """Hold every unit's full parameters while inside (rollout): gathered once, freed on exit."""
+    for unit in units:
+        unit.set_reshard_after_forward(False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True)
+
+
+def is_sharded(param: Tensor) -> bool:
+    return hasattr(param, "to_local")
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's shard of ``t`` (``t`` itself when it is not sharded)."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def grad_norm(params: list[nn.Parameter]) -> Tensor:
+    """The global L2 norm of the parameters' gradients, sharded (DTensor) or not: () float32."""
+    grads = [local(p.grad).float() for p in params if p.grad is not None]
+    squares = torch.stack([g.pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+    if any(is_sharded(p) for p in params) and dist.is_initialized():
+        dist.all_reduce(squares)  # the shards are disjoint: their squares add up
+    return squares.sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> Tensor:
+    """Scale the gradients so their global norm is at most ``max_norm``; returns the norm before."""
+    total = grad_norm(params)
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad is not None:
+            local(p.grad).mul_(scale.to(p.grad.device))
+    return total
+
+
+def lockstep_count(count: int) -> int:
+    """The largest ``count`` over the ranks (how many forwards every rank must run)."""
+    t = torch.tensor([count])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """The module's full state dict on rank 0 (on CPU), empty elsewhere; every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(module, options=options)
+
+
+def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state keyed by parameter name, full, on rank 0; every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(module, optimizer, options=options)
+
+
+def load_full_optimizer_state(
+    module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Load a state saved by :func:`full_optimizer_state` (every rank passes the full state)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(
+        module, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
+    )
