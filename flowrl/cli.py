@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("flowrl.data.prepare", "prepare public datasets: flowrl data prepare NAME --input PATH"),
     "eval": ("flowrl.evaluation.run", "evaluate checkpoints: avg@n, pass@k, maj@n, diversity"),
     "export": ("flowrl.export", "export a training checkpoint to a Hugging Face model directory"),
+    "plan": ("flowrl.plan_cli", "memory per device, planned from config.json: flowrl plan CONFIG --gpus N"),
 }
 
 
