@@ -205,6 +205,8 @@ def prepare_models(
         _first_forward(policy, device, with_log_z=head is not None)
         if isinstance(reference, Policy):
             _first_forward(reference, device, with_log_z=False)
+        for unit in units:  # the root keeps its gathered weights after a forward: the optimizer must
+            unit.reshard()  # be built over the sharded parameters, which are registered again here
     optimizer = build_optimizer(cfg, policy, device)
     return Models(policy, reference, optimizer, lora=m.lora.rank > 0, units=units)
 

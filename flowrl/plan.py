@@ -160,7 +160,7 @@ class ModelShape:
             head_dim=int(config.get("head_dim") or hidden // heads),
             intermediate_size=int(config["intermediate_size"]),
             vocab_size=int(config["vocab_size"]),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", model_type != "qwen2")),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),  # the four classes' default
             qkv_bias=model_type == "qwen2" or attention_bias,
             o_bias=model_type != "qwen2" and attention_bias,
             mlp_bias=bool(config.get("mlp_bias", False)),
@@ -322,6 +322,7 @@ def layer_activation_bytes(
     residual_bytes: int,
     autocast: bool,
     repeat_kv: bool = True,
+    frozen_base: bool = False,
     lora_dims: Sequence[tuple[str, int, int]] = (),
     lora_rank: int = 0,
     adapter_bytes: int = 4,
@@ -330,31 +331,47 @@ def layer_activation_bytes(
 
     Read off the tensors a layer saves for backward (tests/test_plan.py re-measures them):
 
-    * each RMSNorm (two): its input in float32 (4H; the residual stream itself when that is fp32), the
-      rsqrt (4), the normalized states in the residual dtype (H * b_s), and the input of the linear
-      layers that read it: one tensor (H * b_s) without autocast, one cast per reader (H * b_c each:
-      3 for q / k / v, 2 for gate / up) under autocast;
+    * each RMSNorm (two): its input in float32 (4H: the residual stream itself, or RMSNorm's float32
+      copy of a bf16 one) and the rsqrt (4); with a trainable norm weight also the normalized states
+      (H * b_s);
+    * the inputs of trainable linear layers: one tensor per norm (H * b_s) without autocast, one cast
+      per reader (H * b_c each: 3 for q / k / v, 2 for gate / up) under autocast; a frozen base keeps
+      none (LoRA: only the adapters need their inputs);
     * attention: q, k, v as the kernel sees them (k and v repeated to a heads for sdpa / eager with a
-      mask, g heads for flash attention), its output (also o_proj's input): ``4 * a * d`` (or
-      ``2 * (a + g) * d``) x b_c, plus the float32 log-sum-exp (4a);
-    * MLP: gate and up outputs, SiLU(gate), their product (down's input): 4I x b_c;
-    * LoRA (``lora_dims`` of this layer's wrapped modules): per module, the input cast to the adapters'
-      dtype when it differs from the compute dtype (d_in x adapter bytes) and A's output (r x adapter
-      bytes).
+      mask, g heads for flash attention), its output (also o_proj's input): ``(2a + 2g') * d * b_c``,
+      plus the float32 log-sum-exp (4a);
+    * MLP: gate and up outputs and SiLU(gate), 3I x b_c, and their product (down's input, I x b_c)
+      when down's weight trains;
+    * LoRA (``lora_dims``: this layer's wrapped modules): per module A's output (r x adapter bytes) and
+      its input: cast to the adapters' dtype per module when the compute dtype differs (d_in x adapter
+      bytes each: peft's ``_cast_input_dtype``; under autocast a bf16 cast per module), else the input
+      itself, shared by the modules that read the same tensor.
     """
     h, i = shape.hidden_size, shape.intermediate_size
     heads_kv = shape.num_heads if repeat_kv else shape.num_kv_heads
     attention = (2 * shape.num_heads + 2 * heads_kv) * shape.head_dim * compute_bytes + 4 * shape.num_heads
-    total = 0
-    for readers in (3, 2):  # the attention norm feeds q, k, v; the MLP norm gate and up
-        reader_inputs = readers * h * compute_bytes if autocast else h * residual_bytes
-        # float32 input (the residual stream itself, or RMSNorm's float32 copy of a bf16 one), rsqrt,
-        # the normalized states in the residual dtype, the readers' input(s)
-        total += 4 * h + 4 + h * residual_bytes + reader_inputs
-    total += attention + 4 * i * compute_bytes
-    for _, d_in, _ in lora_dims:
-        cast = d_in * adapter_bytes if adapter_bytes != compute_bytes else 0
-        total += cast + lora_rank * adapter_bytes
+    total = attention + 3 * i * compute_bytes
+    if frozen_base:
+        total += 2 * (4 * h + 4)
+    else:
+        total += i * compute_bytes  # SiLU(gate) * up, down's input
+        for readers in (3, 2):  # the attention norm feeds q, k, v; the MLP norm gate and up
+            reader_inputs = readers * h * compute_bytes if autocast else h * residual_bytes
+            total += 4 * h + 4 + h * residual_bytes + reader_inputs
+    # LoRA inputs: one tensor per group of modules reading the same input, or one cast per module
+    group = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "mlp", "up_proj": "mlp"}
+    already_saved = {"o_proj"}  # the attention output, kept by the attention kernel
+    shared: set[str] = set()
+    for name, d_in, _ in lora_dims:
+        if autocast:
+            total += d_in * compute_bytes + lora_rank * compute_bytes
+            continue
+        total += lora_rank * adapter_bytes
+        if adapter_bytes != compute_bytes:
+            total += d_in * adapter_bytes
+        elif frozen_base and name not in already_saved and group.get(name, name) not in shared:
+            shared.add(group.get(name, name))
+            total += d_in * (residual_bytes if name in group else compute_bytes)
     return total
 
 
@@ -858,6 +875,7 @@ def _plan(
         residual_bytes=bs,
         autocast=autocast_fp32,
         repeat_kv=repeat_kv,
+        frozen_base=st.lora,
         lora_dims=one_layer_lora,
         lora_rank=st.lora_rank,
     )

@@ -138,6 +138,10 @@ class PolicyOutput:
     entropy: Tensor | None  # (B, T) float32, when asked for (no gradient)
 
 
+# A pytree node, so wrappers that look for the tensors a module returns (FSDP2's backward hooks) find them.
+torch.utils._pytree.register_dataclass(PolicyOutput)
+
+
 def _chunk_logprobs(
     hidden: Tensor, targets: Tensor, lm_head: nn.Module, temperature: float, entropy: list[Tensor] | None
 ) -> Tensor:

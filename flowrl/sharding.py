@@ -47,7 +47,7 @@ def decoder_layers(policy: Policy) -> list[nn.Module]:
 
 
 def shard_policy(policy: Policy, *, mixed_precision: bool) -> list[nn.Module]:
-    """Shard ``policy`` in place (each decoder layer, then the root); returns its FSDP units.
+    """Shard ``policy`` in place (each decoder layer, then the root); returns its FSDP units, root first.
 
     Gradients are summed across ranks, never averaged: the loss is already divided by the global count.
     """
@@ -68,7 +68,12 @@ def shard_policy(policy: Policy, *, mixed_precision: bool) -> list[nn.Module]:
 
 @contextmanager
 def gathered(units: list[nn.Module]) -> Iterator[None]:
-    """Hold every unit's full parameters while inside (rollout): gathered once, freed on exit."""
+    """Hold every unit's full parameters while inside (rollout): gathered once, freed on exit.
+
+    ``units`` as :func:`shard_policy` returns them, the root first. On exit each unit gets FSDP's own
+    setting back: the layers free their gathered weights after each forward, the root keeps them for
+    the backward that follows.
+    """
     for unit in units:
         unit.set_reshard_after_forward(False)
         unit.unshard()
@@ -77,7 +82,7 @@ def gathered(units: list[nn.Module]) -> Iterator[None]:
     finally:
         for unit in units:
             unit.reshard()
-            unit.set_reshard_after_forward(True)
+            unit.set_reshard_after_forward(unit is not units[0])
 
 
 def is_sharded(param: Tensor) -> bool:
@@ -102,10 +107,11 @@ def grad_norm(params: list[nn.Parameter]) -> Tensor:
 def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> Tensor:
     """Scale the gradients so their global norm is at most ``max_norm``; returns the norm before."""
     total = grad_norm(params)
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for p in params:
-        if p.grad is not None:
-            local(p.grad).mul_(scale.to(p.grad.device))
+    scale = float((max_norm / (total + 1e-6)).clamp(max=1.0))  # one sync per optimizer step
+    if scale < 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)  # on the DTensor itself: its shard is what the optimizer reads
     return total
 
 
@@ -124,20 +130,40 @@ def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
     return get_model_state_dict(module, options=options)
 
 
-def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's state keyed by parameter name, full, on rank 0; every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+def tied_duplicates(model: nn.Module) -> list[str]:
+    """Names of parameters that are another, earlier-named parameter (tied input and output embeddings)."""
+    seen: set[int] = set()
+    duplicates = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            duplicates.append(name)
+        seen.add(id(param))
+    return duplicates
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(module, optimizer, options=options)
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's ``state_dict()`` with every sharded state gathered to full tensors (on CPU): the
+    same layout a one-process run saves, so checkpoints resume under either strategy. Every rank must
+    call it (the gathers are collectives)."""
+    state = optimizer.state_dict()  # its per-parameter dicts are the optimizer's own: build new ones
+    state["state"] = {
+        index: {k: v.full_tensor().cpu() if is_sharded(v) else v for k, v in state["state"][index].items()}
+        for index in sorted(state["state"])
+    }
+    return state
 
 
-def load_full_optimizer_state(
-    module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
-) -> None:
-    """Load a state saved by :func:`full_optimizer_state` (every rank passes the full state)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+def load_full_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a full ``state_dict()`` (one process's, or :func:`full_optimizer_state`'s) into an optimizer
+    over sharded parameters: each state tensor shaped like its parameter is cut to this rank's shard."""
+    from torch.distributed.tensor import distribute_tensor
 
-    set_optimizer_state_dict(
-        module, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
-    )
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def shard(param: Tensor, value: Any) -> Any:
+        if is_sharded(param) and torch.is_tensor(value) and value.shape == param.shape:
+            return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+        return value
+
+    entries = {i: {k: shard(params[i], v) for k, v in st.items()} for i, st in state["state"].items()}
+    optimizer.load_state_dict({**state, "state": entries})

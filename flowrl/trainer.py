@@ -281,7 +281,7 @@ class Trainer:
         self.step = 0
         if resume_from is not None:
             state = ckpt.load_trainer_state(resume_from)
-            self._load_optimizer(state, resume_from)
+            self._load_optimizer(state)
             self.scheduler.load_state_dict(state["scheduler"])
             self.sampler.load_state_dict(state["sampler"])
             ckpt.set_rng_state(state["rng"])
@@ -491,8 +491,10 @@ class Trainer:
         zero = torch.zeros((), device=self.device)
         sums: dict[str, Tensor] = defaultdict(lambda: zero)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        head = self.policy.log_z_head
-        head_params = [] if head is None else [p for p in head.parameters() if p.requires_grad]
+        # the optimizer's own parameter objects: under fsdp2 the modules show gathered ones after a forward
+        head_params = [
+            p for g in self.optimizer.param_groups if g.get("name") == "log_z_head" for p in g["params"]
+        ]
         num_minibatches = math.ceil(len(step_rows) / t.mini_batch_size) * t.epochs_per_rollout
         bar = tqdm(
             total=num_minibatches,
@@ -626,8 +628,10 @@ class Trainer:
         if self.sharded:
             full = sharding.full_state_dict(self.policy)  # keys as the Policy names them
             model_state = {k[len("model.") :]: v for k, v in full.items() if k.startswith("model.")}
+            for name in sharding.tied_duplicates(self.policy.model):  # saved once, as a plain run does
+                model_state.pop(name, None)
             head_state = {k[len(LOG_Z_PREFIX) :]: v for k, v in full.items() if k.startswith(LOG_Z_PREFIX)}
-            state["optimizer_by_name"] = sharding.full_optimizer_state(self.policy, self.optimizer)
+            state["optimizer"] = sharding.full_optimizer_state(self.optimizer)
         else:
             state["optimizer"] = self.optimizer.state_dict()
         if self.dp.is_main:
@@ -646,25 +650,19 @@ class Trainer:
         self.saved_step = self.step
         self.dp.barrier()
 
-    def _load_optimizer(self, state: dict[str, Any], checkpoint: Path) -> None:
-        """The optimizer state of a checkpoint: by parameter index (``ddp``) or by name (``fsdp2``)."""
-        if self.sharded != ("optimizer_by_name" in state):
-            saved = "fsdp2" if "optimizer_by_name" in state else "ddp"
-            raise InputError(
-                f"{checkpoint} was written with train.strategy={saved}; resume it with the same strategy "
-                "(or export it and start a new run from the export)"
-            )
+    def _load_optimizer(self, state: dict[str, Any]) -> None:
+        """A checkpoint's optimizer state (the same full layout under ``ddp`` and ``fsdp2``)."""
         if self.sharded:
-            sharding.load_full_optimizer_state(self.policy, self.optimizer, state["optimizer_by_name"])
+            sharding.load_full_optimizer_state(self.optimizer, state["optimizer"])
         else:
             self.optimizer.load_state_dict(state["optimizer"])
 
     def _model_state_bytes(self) -> int:
         """Bytes this rank holds of the policy's parameters and the optimizer's states (shards only)."""
-        tensors = [*self.policy.parameters()]
-        tensors += [
-            v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)
-        ]
+        states = self.optimizer.state.values()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]  # the sharded ones
+        frozen = [p for p in self.policy.parameters() if not p.requires_grad]
+        tensors = [*params, *frozen, *(v for s in states for v in s.values() if torch.is_tensor(v))]
         return sum(sharding.local(t).numel() * t.element_size() for t in tensors)
 
     def _stop_agreed(self) -> bool:

@@ -227,7 +227,7 @@ _THOUSANDS_RE = re.compile(r"-?[1-9]\d{0,2}(?:" + _THOUSANDS_SEP + r"\d{3})+(?:\
 _THOUSANDS_SEP_RE = re.compile(_THOUSANDS_SEP)
 _E_NOTATION_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)[eE][+-]?\d{1,3}")
 MAX_E_EXPONENT = 100
-"""E-notation numbers are written out only up to this exponent (``1e+16``); beyond, they stay as they are."""
+"""E-notation numbers are written out up to this exponent (``1e+16``); beyond, as ``1 \\times 10^{300}``."""
 
 
 def _expand_e_notation(s: str) -> str:
@@ -236,7 +236,8 @@ def _expand_e_notation(s: str) -> str:
         return s
     value = decimal.Decimal(s)
     if abs(value.adjusted()) > MAX_E_EXPONENT:
-        return s
+        mantissa, _, exponent = s.lower().partition("e")
+        return f"{mantissa.lstrip('+')} \\times 10^{{{int(exponent)}}}"
     text = format(value, "f")
     if "." in text:
         text = text.rstrip("0").rstrip(".")
@@ -322,6 +323,9 @@ _CONNECTORS = frozenset({"and", "or", "either"})
 _COPULA_RE = re.compile(r"(?<![A-Za-z\\])(?:is|are|was|were|be|equals)(?:\s+equal\s+to)?(?![A-Za-z])", re.I)
 _CONTENT_RE = re.compile(r"[0-9\\$]")
 _NUMBER_RE = re.compile(r"(?<![A-Za-z0-9.])-?\d+(?:[.,]\d+)*(?:/\d+)?")
+_NEGATION_RE = re.compile(
+    r"(?<![A-Za-z])(?:not|no|never|neither|nor|cannot|isn't|aren't|can't)(?![A-Za-z])", re.I
+)
 _QUOTES = "\"'“”‘’`"
 
 
@@ -339,9 +343,10 @@ def _is_prose(s: str) -> bool:
 def _statement_answer(line: str) -> str:
     """The answer in an ``Answer:`` statement (see the module doc).
 
-    Its first sentence; when that is prose, the part after the last copula (``The largest $n$ is 34.``
-    -> ``34``); when prose is still left, the one number or ``$...$`` math it contains (``Jane started
-    3 hours ago`` -> ``3``); with several, the text stays as it is and will not match a single answer.
+    Its first sentence; when that is prose (and does not negate), the part after the last copula
+    (``The largest $n$ is 34.`` -> ``34``); when prose is still left, the one number or ``$...$`` math
+    it contains (``Jane started 3 hours ago`` -> ``3``); with several, the text stays as it is and will
+    not match a single answer.
     """
     s = line.replace("\\(", "$").replace("\\)", "$")
     end = _SENTENCE_END_RE.search(_DOLLAR_SPAN_RE.sub(_blank, s))
@@ -349,6 +354,8 @@ def _statement_answer(line: str) -> str:
         s = s[: end.start()]
     if not _is_prose(s):
         return s
+    if _NEGATION_RE.search(s):
+        return s  # "5 is not the answer": no reduction, the sentence itself will not match
     copula = None
     for copula in _COPULA_RE.finditer(_DOLLAR_SPAN_RE.sub(_blank, s)):  # noqa: B007 - the last one
         pass
@@ -575,9 +582,10 @@ def _verify_task(parts: tuple[str, ...] | str | None, text: str, gold: str) -> t
     except ImportError:
         raise
     except Exception as exc:  # noqa: BLE001 - the gold's fault: reported as an error
-        return RewardStatus.ERROR.value, f"ground truth {gold[:80]!r} raised {type(exc).__name__}: {exc}"[
-            :300
-        ]
+        return (
+            RewardStatus.ERROR.value,
+            f"ground truth {str(gold)[:80]!r} raised {type(exc).__name__}: {exc}"[:300],
+        )
     if not gold_parsed:
         return RewardStatus.ERROR.value, f"ground truth {gold[:80]!r} could not be parsed by Math-Verify"
     try:
