@@ -137,3 +137,32 @@ def test_gpu_efficiency_cpu_smoke(tmp_path: Path) -> None:
     tiny = report["models"]["tiny"]
     assert report["limits"]["peak_flops"] > 0 and report["limits"]["bandwidth_bytes_per_s"] > 0
     assert 0 < tiny["update"]["mfu"] and 0 < tiny["decode"]["fraction_of_bound"]
+
+
+def _memory_rows_check(report: dict, rows: list[str]) -> None:
+    assert report["benchmark"] == "memory" and report["device"] == "cpu"
+    for row in rows:
+        entry = report["rows"][row]
+        assert "error" not in entry, entry.get("error")
+        assert entry["measured_gb"] > 0.1 and entry["planned_gb"] > 0.1  # a process holds ~0.4 GB
+        assert abs(entry["relative_error"]) < 0.5, row  # at this size the process baseline is most of it
+        assert entry["bytes_per_parameter"] > 0 and entry["plan"]["peak_phase"]
+
+
+def test_memory_smoke(tmp_path: Path) -> None:
+    report = run_script(
+        "memory", "--preset", "smoke", "--rows", "flowrl,flowrl_lora", "--no-baseline", tmp_path=tmp_path
+    )
+    _memory_rows_check(report, ["flowrl", "flowrl_lora"])
+    flowrl = report["rows"]["flowrl"]
+    assert [m["phase"] for m in flowrl["processes"][0]["phases"]][:2] == ["load", "rollout"]
+    assert report["rows"]["flowrl_lora"]["plan"]["setup"]["lora"]
+
+
+@pytest.mark.slow
+def test_memory_smoke_every_row(tmp_path: Path) -> None:
+    report = run_script("memory", "--preset", "smoke", tmp_path=tmp_path)
+    rows = ["flowrl", "grpo", "flowrl_lora", "flowrl_fsdp2", "trl_grpo", "trl_grpo_peft"]
+    _memory_rows_check(report, rows)
+    assert len(report["rows"]["flowrl_fsdp2"]["processes"]) == 2  # one report per rank
+    assert set(report["baselines_gb"]) == {"baseline", "trl_baseline"}
