@@ -384,3 +384,48 @@ def test_two_process_torchrun_trains_and_saves(model_dir: Path, tmp_path: Path) 
     saved = load_file(str(out / HEAD_FILE))
     assert set(saved) == {LOG_Z_PREFIX + k for k in initial}
     assert all(not torch.equal(saved[LOG_Z_PREFIX + k], v) for k, v in initial.items())
+
+
+def test_peft_lora_trains_adapters_and_head_with_the_base_as_reference(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """FlowRLTrainer with a peft LoraConfig: the base stays frozen, adapters and head train, the head is
+    never wrapped nor saved with the adapters, and the reference is the model with adapters disabled."""
+    from peft import LoraConfig
+
+    tokenizer = load_tokenizer(str(model_dir))
+    args = FlowRLConfig(
+        output_dir=str(tmp_path / "run"),
+        **{**CPU_RUN, **BATCH},
+        max_steps=2,
+        learning_rate=5e-2,
+        log_z_lr=1e-2,
+        log_z_dropout=0.0,
+    )
+    trainer = FlowRLTrainer(
+        str(model_dir),
+        reward_funcs=FlowRLReward(synthetic.reward),
+        args=args,
+        train_dataset=trl_dataset(synthetic.rows(), tokenizer),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    base = {
+        n: p.detach().clone()
+        for n, p in trainer.model.named_parameters()
+        if "lora_" not in n and "log_z_head" not in n
+    }
+    lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    head = {k: v.clone() for k, v in trainer.log_z_head.state_dict().items()}
+    head_params = {n: p for n, p in trainer.model.named_parameters() if "log_z_head" in n}
+    assert head_params and all(p.requires_grad and "lora_" not in n for n, p in head_params.items())
+    assert not any("base_layer" in n for n in head_params), "LoRA never wraps the head"
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert all(torch.equal(base[n], after[n]) for n in base), "the base is frozen"
+    assert any(not torch.equal(lora[n], after[n]) for n in lora), "the adapters trained"
+    assert any(not torch.equal(head[k], v) for k, v in trainer.log_z_head.state_dict().items())
+    trainer.save_model(str(tmp_path / "out"))
+    saved = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert saved and all("lora_" in k for k in saved) and not any("log_z" in k for k in saved)
+    assert (tmp_path / "out" / "log_z_head.safetensors").is_file()
