@@ -287,6 +287,214 @@ def test_score_many_keeps_order_and_checks_lengths() -> None:
         fm.score_many(["a"], ["1", "2"])
 
 
+# ---- issue 13: one rule per class of false positive / false negative ----------------------------
+# Each class is tested with several cases of its rule, not only the example that revealed it.
+
+ISSUE13_CORRECT = [
+    # Thousands separators: the rule still applies to real thousands; "0,111" is a decimal comma.
+    ("1000", "\\boxed{1,000}"),
+    ("25000", "\\boxed{25{,}000}"),
+    ("0,111", "\\boxed{0.111}"),
+    # Numeric golds given as numbers (str(1e16) is "1e+16"), and E notation written by either side.
+    (1e16, "\\boxed{10000000000000000}"),
+    (1e-05, "\\boxed{0.00001}"),
+    ("1e16", "\\boxed{10^{16}}"),
+    ("1e-05", "\\boxed{10^{-5}}"),
+    (2.5e-07, "\\boxed{0.00000025}"),
+    (3e20, "\\boxed{3 \\times 10^{20}}"),
+    (1e300, "\\boxed{10^{300}}"),
+    ("10000000000000000", "\\boxed{1e16}"),
+    (0.5, "\\boxed{\\frac{1}{2}}"),
+    (12, "Answer: 12"),
+    # An empty box says nothing; the real answer before it counts.
+    ("5", "\\boxed{5} and then \\boxed{}"),
+    ("7", "\\boxed{7}\n\\boxed{ }"),
+    ("\\frac{1}{2}", "\\boxed{\\frac{1}{2}} \\fbox{}"),
+    ("3", "\\boxed{} \\boxed{3}"),
+    # A sentence-style Answer: line is reduced to its answer (and still overrides earlier boxes).
+    ("34", "So \\boxed{34}.\nAnswer: n is 34"),
+    ("34", "Answer: the largest such $n$ is $34$."),
+    ("12", "Answer: The answer is 12."),
+    ("\\frac{1}{2}", "Answer: The probability is $\\frac{1}{2}$."),
+    ("5", "Answer: There are 5 ways."),
+    ("34", "Answer: 34 (the largest n)"),
+    ("28\\%", "Final Answer: The final answer is $28\\%$. I hope it is correct."),
+    ("10455", "so \\boxed{255} is the interest. Final Answer: The final answer is $10,455$."),
+    ("42", "\\boxed{41}\nFinal Answer: 42"),
+    # Several boxes for a list gold are read together, in any order; the fallback reads far enough.
+    ("1,-2", "The answer is \\boxed{-2} and \\boxed{1}."),
+    ("(2,2),(6,2)", "$\\boxed{(2, 2)} \\quad \\text{and} \\quad \\boxed{(6, 2)}$"),
+    ("\\{1,2,3\\}", "\\boxed{3}, \\boxed{1}, \\boxed{2}"),
+    ("x=1, x=-2", "Roots: \\boxed{x = 1} and \\boxed{x = -2}."),
+    ("7", "Hence the final answer is $7$. " + "We checked every case carefully and nothing changes. " * 20),
+    # Reasoning before </think> is scratch work; the answer after it counts.
+    ("5", "<think>Maybe \\boxed{3}? No.</think>\nThe answer is \\boxed{5}."),
+    ("5", "<think>So \\boxed{5}.</think>\nThat is all."),
+]
+
+ISSUE13_WRONG = [
+    # A leading zero group is not a thousands separator.
+    ("0,111", "\\boxed{111}"),
+    ("500", "\\boxed{0,500}"),
+    ("250", "\\boxed{0,250}"),
+    ("0,250", "\\boxed{250}"),
+    # Multiple choice: the letter is read strictly.
+    ("A", "\\boxed{A and C}"),
+    ("A", "\\boxed{a = 3}"),
+    ("A", "\\boxed{A, C}"),
+    ("A", "\\boxed{ABCD}"),
+    ("A", "\\boxed{B or A}"),
+    ("(B)", "\\boxed{B and D}"),
+    ("C", "\\boxed{C) 12 or D) 14}"),
+    ("C", "\\boxed{c}, \\boxed{d}"),
+    # Numbers given as numbers stay exact.
+    (1e16, "\\boxed{1000000000000000}"),
+    (1e-05, "\\boxed{0.0001}"),
+    (1e16, "\\boxed{e + 16}"),
+    # An empty box does not rescue a wrong answer.
+    ("5", "\\boxed{6} and then \\boxed{}"),
+    # Sentence-style lines: a wrong, negated or hedged sentence is not right.
+    ("34", "So \\boxed{34}.\nAnswer: n is 35"),
+    ("5", "Answer: 5 is not the answer"),
+    ("5", "Answer: it is 5 or 6"),
+    ("5", "Answer: The answer is between 4 and 6."),
+    # Several boxes: incomplete or over-complete lists, and several candidates for one answer.
+    ("1,-2", "\\boxed{-2}"),
+    ("1,-2", "\\boxed{-2}, \\boxed{1}, \\boxed{3}"),
+    ("5", "\\boxed{5} \\boxed{6}"),
+    ("6", "\\boxed{5}\n\\boxed{6}"),
+    ("\\frac{1}{2}", "\\boxed{\\frac{1}{2}} or \\boxed{\\frac{1}{3}}"),
+    ("7", "So 3 or maybe 7 works"),  # the fallback's value comes from a hedging sentence
+]
+
+
+@pytest.mark.parametrize(
+    ("gold", "response"), ISSUE13_CORRECT, ids=[f"ok-{i}" for i in range(len(ISSUE13_CORRECT))]
+)
+def test_issue13_right_answers_are_correct(gold: object, response: str) -> None:
+    result = fm.score(response, gold)
+    assert result.status is RewardStatus.CORRECT, result.detail
+
+
+@pytest.mark.parametrize(
+    ("gold", "response"), ISSUE13_WRONG, ids=[f"bad-{i}" for i in range(len(ISSUE13_WRONG))]
+)
+def test_issue13_reward_hacks_and_wrong_answers_are_wrong(gold: object, response: str) -> None:
+    result = fm.score(response, gold)
+    assert result.status is RewardStatus.WRONG, result.detail
+    assert result.score == 0.0
+
+
+@pytest.mark.parametrize(
+    ("text", "cleaned"),
+    [
+        ("1,000", "1000"),
+        ("12{,}345", "12345"),
+        ("0,111", "0,111"),  # leading zero group: not thousands
+        ("0,500", "0,500"),
+        ("012,345", "012,345"),
+        ("1e+16", "10000000000000000"),
+        ("1e-05", "0.00001"),
+        ("2.50e2", "250"),
+        ("1e+300", "1 \\times 10^{300}"),
+        ("e+16", "e+16"),  # not a number in E notation
+        ("2e", "2e"),
+    ],
+)
+def test_clean_answer_thousands_and_e_notation(text: str, cleaned: str) -> None:
+    assert fm.clean_answer(text) == cleaned
+
+
+@pytest.mark.parametrize(
+    ("answer", "letter"),
+    [
+        ("B", "B"),
+        ("b", "B"),
+        ("(B)", "B"),
+        ("B)", "B"),
+        ("\\text{(B)}", "B"),
+        ("\\textbf{B}", "B"),
+        ("Option B", "B"),
+        ("C) 12", "C"),
+        ("(C) $x^2$", "C"),
+        ("C. 12", "C"),
+        ("A and C", None),
+        ("a = 3", None),
+        ("A, C", None),
+        ("ABCD", None),
+        ("A or B", None),
+        ("A) or C)", None),
+        ("A) 12, B) 13", None),
+        ("Both", None),
+    ],
+)
+def test_multiple_choice_letter_is_read_strictly(answer: str, letter: str | None) -> None:
+    assert fm._multiple_choice_letter(answer) == letter
+
+
+def test_numeric_gold_is_written_out() -> None:
+    assert fm._as_gold(1e16) == "10000000000000000"
+    assert fm._as_gold(1e-05) == "0.00001"
+    assert fm._as_gold(0.1) == "0.1"
+    assert fm._as_gold(7) == "7"
+    result = fm.score("\\boxed{1}", float("nan"))
+    assert result.status is RewardStatus.ERROR and not result.ok
+
+
+def test_fallback_reads_beyond_the_last_300_characters() -> None:
+    tail = " We double-checked each step; the reasoning holds in every case considered." * 10
+    assert 300 < len(tail) < fm.FALLBACK_TAIL_CHARS  # verl reads 300: it would miss the "$12$"
+    assert fm.score("The final answer is $12$." + tail, "12").status is RewardStatus.CORRECT
+
+
+# ---- failures: the answer's fault is wrong, the machinery's is error -------------------------
+
+
+def test_reward_result_ok_semantics() -> None:
+    from flowrl.rewards.base import RewardResult
+
+    assert RewardResult(-1.0, RewardStatus.TIMEOUT).ok  # a timeout scored wrong is trained on
+    assert RewardResult(0.0, RewardStatus.NO_ANSWER).ok
+    assert not RewardResult(float("nan"), RewardStatus.TIMEOUT).ok  # never a NaN
+    assert not RewardResult(float("nan"), RewardStatus.ERROR).ok
+    assert not RewardResult(0.0, RewardStatus.ERROR).ok
+
+
+def test_a_timeout_gets_the_dapo_penalty_through_the_registry() -> None:
+    """The answer that times the checker out is scored -1 (DAPO) and counted under ``timeout``."""
+    from flowrl.rewards import registry
+
+    rows = [
+        {"data_source": "math_dapo", "reward_model": {"ground_truth": "5"}},
+        {"data_source": "aime24", "reward_model": {"ground_truth": "5"}},
+    ]
+    responses = ["\\boxed{(10^{100})!}", "\\boxed{9^{9^{9^{9^{9}}}}}"]
+    results = fm.score_many(
+        responses,
+        ["5", "5"],
+        wrong_score=[fm.wrong_score_for(r["data_source"]) for r in rows],
+        timeout_s=TIMEOUT_S,
+    )
+    assert [(r.status, r.score) for r in results] == [
+        (RewardStatus.TIMEOUT, -1.0),
+        (RewardStatus.TIMEOUT, 0.0),
+    ]
+    assert all(r.ok for r in results)
+    assert registry.status_counts(results)["reward/status_timeout"] == 2
+    registry.check_batch_usable(results)  # timeouts are usable rewards, not a failed batch
+
+
+def test_failure_on_the_answer_is_wrong_on_the_gold_is_error() -> None:
+    """The worker's own task function (run here, in-process): an exception while handling the answer
+    is the candidate's fault (wrong); while handling the gold, the data's (error)."""
+    status, detail = fm._verify_task((None,), "", "5")  # type: ignore[arg-type] - an answer that raises
+    assert status == RewardStatus.WRONG.value and "TypeError" in detail
+    status, detail = fm._verify_task(("5",), "", None)  # type: ignore[arg-type] - a gold that raises
+    assert status == RewardStatus.ERROR.value and "TypeError" in detail
+    status, _ = fm._verify_task(("5",), "", "\\text{}")  # a gold Math-Verify cannot parse
+    assert status == RewardStatus.ERROR.value
+
+
 # ---- time bounds -----------------------------------------------------------------------------
 
 PATHOLOGICAL = {
