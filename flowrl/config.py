@@ -117,6 +117,9 @@ class TrainConfig:
     # data parallelism under torchrun: "ddp" (every rank a full replica, gradients summed) or "fsdp2"
     # (parameters, gradients and optimizer states sharded across ranks, per decoder layer)
     strategy: str = "ddp"
+    # keep AdamW's states and float32 master weights in host memory (one-GPU full fine-tuning): 12 bytes
+    # per trainable parameter off the device, two copies per optimizer step over the host link
+    offload_optimizer: bool = False
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
     bf16: bool | None = None  # autocast to bfloat16; None: on for CUDA, off on CPU
@@ -349,6 +352,10 @@ def validate(cfg: Config) -> None:
         raise ValueError(
             "train.strategy=fsdp2 with LoRA is not supported: LoRA's trainable state is small, so run it "
             "with train.strategy=ddp (or one process)"
+        )
+    if t.strategy == "fsdp2" and t.offload_optimizer:
+        raise ValueError(
+            "train.offload_optimizer is for one process; train.strategy=fsdp2 shards the states instead"
         )
     if t.strategy == "fsdp2" and cfg.rollout.engine == "vllm":
         raise ValueError(

@@ -6,6 +6,7 @@ import json
 import math
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -125,13 +126,14 @@ def test_update_does_not_depend_on_micro_batch_size(
         )
         torch.manual_seed(2)
         seen: list[torch.Tensor] = []  # one mini-batch: the accumulated gradient the optimizer steps with
-        step = trainer.optimizer.step
-        trainer.optimizer.step = lambda: (  # type: ignore[method-assign]
-            seen.append(
-                torch.cat([p.grad.flatten() for p in trainer.policy.parameters() if p.grad is not None])
-            ),
-            step(),
-        )
+
+        def recording_step(
+            step: Any = trainer.optimizer.step, policy: Policy = trainer.policy, seen: list = seen
+        ) -> None:
+            seen.append(torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]))
+            step()
+
+        trainer.optimizer.step = recording_step  # type: ignore[method-assign]
         metrics = trainer._update(rollout, torch.arange(len(rewards)), advantages, None, ref)
         (grads,) = seen
         assert grads.abs().sum() > 0
@@ -356,3 +358,28 @@ def test_grpo_loads_the_reference_only_for_its_kl(
     trainer = Trainer(load_config(None, [*items, f"algorithm.loss.kl_coef={kl_coef}"]))
     assert (trainer.ref_policy is not None) == loaded
     assert math.isfinite(trainer.fit().metrics[-1]["actor/loss"])
+
+
+def test_optimizer_offloaded_to_the_host_trains_as_the_plain_one(
+    model_dir: Path, data_file: Path, tmp_path: Path
+) -> None:
+    from flowrl.models import HostAdamW
+
+    runs = {}
+    for offload in (False, True):
+        items = overrides(
+            model_dir, data_file, tmp_path / str(offload), **{"train.offload_optimizer": offload}
+        )
+        trainer = Trainer(load_config(None, items))
+        assert isinstance(trainer.optimizer, HostAdamW) == offload
+        runs[offload] = (
+            trainer.fit().metrics,
+            {n: p.detach().clone() for n, p in trainer.policy.named_parameters()},
+        )
+        if offload:  # the states are on the host side, none beside the device's weights
+            assert not trainer.optimizer.state and trainer.optimizer.host.state
+    (plain, plain_w), (host, host_w) = runs[False], runs[True]
+    for a, b in zip(plain, host, strict=True):
+        assert a["actor/loss"] == pytest.approx(b["actor/loss"], rel=1e-5)
+    for name, value in plain_w.items():
+        torch.testing.assert_close(host_w[name], value, atol=1e-6, rtol=1e-5)
