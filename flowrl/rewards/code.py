@@ -839,7 +839,10 @@ def get_code_reward_config() -> CodeRewardConfig:
 
 def to_reward_result(result: CodeResult) -> RewardResult:
     """1 for passed; 0 for a program that failed (wrong, crashed, too slow, too big) or is missing;
-    NaN with status ``error`` when the sandbox failed, so it is counted rather than trained on."""
+    NaN with status ``error`` when the sandbox failed, so it is counted rather than trained on.
+
+    A program that ran out of time is the program's fault: it scores 0 like a wrong one, with status
+    ``timeout`` so timeouts are counted on their own (as the math reward's are)."""
     detail = f"{result.status.value}: {result.detail}"[:300] if result.detail else result.status.value
     if result.status is CodeStatus.PASSED:
         return RewardResult(1.0, RewardStatus.CORRECT, f"passed {result.num_tests} tests")
@@ -847,6 +850,8 @@ def to_reward_result(result: CodeResult) -> RewardResult:
         return RewardResult(0.0, RewardStatus.NO_ANSWER, "no fenced code block")
     if result.status is CodeStatus.ERROR:
         return RewardResult(math.nan, RewardStatus.ERROR, detail)
+    if result.status is CodeStatus.TIMEOUT:
+        return RewardResult(0.0, RewardStatus.TIMEOUT, detail)
     return RewardResult(0.0, RewardStatus.WRONG, detail)
 
 

