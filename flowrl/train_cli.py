@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace an earlier run in train.output_dir (its metrics, checkpoints and plots are deleted)",
     )
     parser.add_argument(
+        "--force", action="store_true", help="start even when the memory plan says the run does not fit"
+    )
+    parser.add_argument(
         "--debug", action="store_true", help="show the traceback of input errors (or FLOWRL_DEBUG=1)"
     )
     return parser
@@ -46,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resume_command(argv: list[str]) -> str:
     """The command line that continues this run."""
-    kept = [a for a in argv if a not in ("--resume", "--overwrite")]
+    kept = [a for a in argv if a not in ("--resume", "--overwrite", "--force")]
     return shlex.join(["flowrl", "train", *kept, "--resume"])
 
 
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             from flowrl.rollout.vllm import import_vllm
 
             import_vllm()  # before any model is loaded: a missing vLLM fails at once, naming the fix
-        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, force=args.force)
     except (InputError, CheckpointCorruptError, ValueError, OSError, ImportError) as exc:
         if debug:
             raise

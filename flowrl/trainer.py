@@ -217,7 +217,9 @@ class TrainResult:
 class Trainer:
     """Holds the run's parts; :meth:`fit` is the loop. Build it with a :class:`~flowrl.config.Config`."""
 
-    def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False) -> None:
+    def __init__(
+        self, cfg: Config, *, resume: bool = False, overwrite: bool = False, force: bool = False
+    ) -> None:
         self.dp = distributed.setup(cfg.train.device)
         self.prompts_per_rank = self.dp.split(cfg.train.prompts_per_step, "train.prompts_per_step")
         self.cfg = cfg
@@ -244,6 +246,7 @@ class Trainer:
             f"flowrl train | {cfg.algorithm.name} | device {self.device}{processes} | run dir {self.run_dir}"
         )
         self._print(to_yaml(cfg))
+        self._check_memory(force=force)
 
         m = cfg.model
         self.tokenizer = load_tokenizer(m.path, trust_remote_code=m.trust_remote_code)
@@ -315,6 +318,29 @@ class Trainer:
             else None
         )
         self.dp.barrier()  # the run directory exists for every rank
+
+    def _check_memory(self, *, force: bool) -> None:
+        """Print the memory plan of this run on its device; refuse a run that cannot fit (unless forced)."""
+        from flowrl.plan import plan_memory
+
+        device = self.device
+        total = (
+            torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
+        )
+        try:
+            plan = plan_memory(
+                self.cfg, gpus=self.dp.world_size, gpu_memory_gb=total, device=device.type, suggest=True
+            )
+        except (OSError, ValueError, KeyError) as exc:  # a hub id not downloaded yet, an unknown layout
+            self._print(f"note: no memory plan for {self.cfg.model.path}: {exc}")
+            return
+        self._print(plan.summary())
+        if not plan.fits and not force:
+            fixes = [f"{s.change} ({' '.join(s.overrides)})" for s in plan.suggestions if s.fits]
+            raise InputError(
+                f"this run needs about {plan.peak_gb_per_device:.1f} GB per device and does not fit "
+                f"(changes that fit: {'; '.join(fixes) or 'none found'}); pass --force to try anyway"
+            )
 
     def _report_skipped(self) -> None:
         if not self.prompts.skipped:
@@ -860,14 +886,14 @@ class Trainer:
         return TrainResult(self.run_dir, metrics_rows, self.policy, self.tokenizer, stopped_by)
 
 
-def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: bool = False) -> TrainResult:
     """Build a :class:`Trainer` from ``cfg`` and :func:`run` it.
 
     Raises:
         flowrl.preflight.InputError: ``cfg`` cannot work (found before any weights load); also when
             ``train.output_dir`` holds an earlier run and neither ``resume`` nor ``overwrite`` is set.
     """
-    return run(Trainer(cfg, resume=resume, overwrite=overwrite))
+    return run(Trainer(cfg, resume=resume, overwrite=overwrite, force=force))
 
 
 def run(trainer: Trainer) -> TrainResult:

@@ -330,3 +330,17 @@ def test_a_second_signal_exits_at_once_without_a_checkpoint(
     assert proc.returncode == 128 + signal.SIGINT
     assert "SIGINT again: exiting now, without a checkpoint" in err
     assert checkpoint_steps(run) == [] and steps(run) == [1]
+
+
+def test_a_run_that_cannot_fit_is_refused_before_loading(
+    data_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The 32B model on this machine's memory: the plan is printed and the run refused, naming changes."""
+    big = REPO / "tests" / "plan_fixtures" / "qwen2.5-32b"
+    run = tmp_path / "run"
+    items = trainer_overrides(big, data_file, run)
+    code, out, err = run_cli(["train", str(write_config(tmp_path / "big.yaml", items))], capsys)
+    assert code == 2 and "memory plan" in out and "does NOT fit" in out
+    assert "does not fit" in err and "--force" in err and not run.exists()
+    code, _, err = run_cli(["train", str(write_config(tmp_path / "big.yaml", items)), "--force"], capsys)
+    assert code == 2 and "does not fit" not in err  # forced past the plan, it fails later (no tokenizer)
