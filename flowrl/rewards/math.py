@@ -42,11 +42,13 @@ for committing to the right answer in any of the forms models write, and never f
 
 **2. Fast paths** (calling process, never SymPy): identical answers up to spacing and sizing commands
 are correct; plain integers are compared as integers (several different integers for an integer gold
-are wrong). A multiple-choice gold (one letter ``A``-``J``, optionally in parentheses) is compared with
-the answer's letter, read strictly: the whole answer must be the letter (``B``, ``b``, ``(B)``, ``B)``,
-``\\text{(B)}``, ``Option B``), or a labelled choice followed by its content (``C) 12``, ``(C) 12``,
-``C. 12``) whose content names no other choice. ``A and C``, ``A, C``, ``ABCD``, ``A or B`` and
-``a = 3`` are not letters and score wrong; so do boxes naming different letters.
+are wrong); an integer, decimal or fraction of integers (optionally ``x = ...``) exactly equal to a gold
+of that kind is correct (``9.25`` for ``\\frac{37}{4}``), anything else about numbers is left to
+Math-Verify. A multiple-choice gold (one letter ``A``-``J``, optionally in parentheses) is compared
+with the answer's letter, read strictly: the whole answer must be the letter (``B``, ``b``, ``(B)``,
+``B)``, ``\\text{(B)}``, ``Option B``), or a labelled choice followed by its content (``C) 12``,
+``(C) 12``, ``C. 12``) whose content names no other choice. ``A and C``, ``A, C``, ``ABCD``, ``A or B``
+and ``a = 3`` are not letters and score wrong; so do boxes naming different letters.
 
 **3. Math-Verify** (``math-verify``, huggingface/Math-Verify, the field's standard) in a worker process:
 gold and answer are each wrapped as ``\\boxed{...}`` (Skywork-OR1#16: parsing a raw gold can change it),
@@ -82,6 +84,7 @@ from __future__ import annotations
 import atexit
 import collections
 import decimal
+import fractions
 import logging
 import math
 import os
@@ -469,6 +472,36 @@ def _multiple_choice_letter(answer: str) -> str | None:
     return None
 
 
+_ASSIGNMENT_RE = re.compile(r"[A-Za-z]\s*=\s*")
+_DECIMAL_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+_FRACTION_RE = re.compile(r"([+-]?)(?:\\[dt]?frac\{\s*([+-]?\d+)\s*\}\{\s*(\d+)\s*\}|(\d+)\s*/\s*(\d+))")
+
+
+def _rational(s: str, *, assignment: bool = False) -> fractions.Fraction | None:
+    """An integer, decimal or fraction of integers (``\\frac{3}{4}``, ``3/4``) as an exact number, else None.
+
+    With ``assignment``, one variable may be assigned (``x = 0.75``), which Math-Verify accepts for a
+    number. Used only to say "correct" when two numbers are exactly equal (no rounding involved, so
+    Math-Verify would say the same); everything else goes to Math-Verify.
+    """
+    s = s.strip()
+    if assignment:
+        m = _ASSIGNMENT_RE.match(s)
+        if m:
+            s = s[m.end() :]
+    if len(s) > 100:
+        return None
+    if _DECIMAL_RE.fullmatch(s):
+        return fractions.Fraction(s)
+    m = _FRACTION_RE.fullmatch(s)
+    if m:
+        sign, num, den = m.group(1), m.group(2) or m.group(4), m.group(3) or m.group(5)
+        if int(den) != 0:
+            value = fractions.Fraction(int(num), int(den))
+            return -value if sign == "-" else value
+    return None
+
+
 def _fast_verdict(parts: Sequence[str], gold: str) -> tuple[RewardStatus, str] | None:
     """Decide without SymPy when that is certain; None means "ask Math-Verify"."""
     answer = ", ".join(parts)
@@ -490,6 +523,10 @@ def _fast_verdict(parts: Sequence[str], gold: str) -> tuple[RewardStatus, str] |
         if len(values) > 1:
             return RewardStatus.WRONG, f"several different answers {answer[:40]!r} for one integer"
         return (RewardStatus.CORRECT if values == {int(gold)} else RewardStatus.WRONG), "integer"
+    if len(parts) == 1:
+        value, target = _rational(parts[0], assignment=True), _rational(gold)
+        if value is not None and value == target:
+            return RewardStatus.CORRECT, "equal numbers"
     return None
 
 

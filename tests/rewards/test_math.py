@@ -3,6 +3,7 @@ statuses, and the time bound on pathological answers from any thread."""
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -445,6 +446,33 @@ def test_fallback_reads_beyond_the_last_300_characters() -> None:
     tail = " We double-checked each step; the reasoning holds in every case considered." * 10
     assert 300 < len(tail) < fm.FALLBACK_TAIL_CHARS  # verl reads 300: it would miss the "$12$"
     assert fm.score("The final answer is $12$." + tail, "12").status is RewardStatus.CORRECT
+
+
+def test_fast_paths_agree_with_math_verify() -> None:
+    """Every verdict the calling process gives without SymPy is the one Math-Verify gives (run in-process
+    through the worker's own task function) on a sample of numbers in several forms."""
+    from fractions import Fraction
+
+    rng = random.Random(0)
+    checked = 0
+    for _ in range(150):
+        num, den = rng.randint(-50, 50), rng.randint(1, 16)
+        value = Fraction(num, den)
+        forms = [
+            f"\\frac{{{num}}}{{{den}}}",
+            f"{num}/{den}",
+            f"x = {float(value):.6g}",
+            f"{float(value):.6g}",
+        ]
+        if value.denominator == 1:
+            forms.append(str(value.numerator))
+        gold, answer = rng.choice(forms), rng.choice(forms + [f"{num + 1}", f"\\frac{{{num + 1}}}{{{den}}}"])
+        gold = fm._as_gold(gold)
+        fast = fm._fast_verdict((answer,), gold)
+        if fast is not None:
+            checked += 1
+            assert fm._verify_task((answer,), "", gold)[0] == fast[0].value, (answer, gold, fast)
+    assert checked >= 50
 
 
 # ---- failures: the answer's fault is wrong, the machinery's is error -------------------------
