@@ -59,7 +59,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 ROWS = ("flowrl", "grpo", "flowrl_lora", "flowrl_fsdp2", "trl_grpo", "trl_grpo_peft")
 BASELINE_ROWS = ("baseline", "trl_baseline")
 GOAL_RELATIVE_ERROR = 0.15  # the plan within 15% of the measured peak, every row on CPU
-MAX_PROMPT_LENGTH = 64  # data.max_prompt_length of every row (the digit-sum prompts are ~10 tokens)
+# data.max_prompt_length of every row: the digit-sum prompts ("sum 13:") are at most 7 tokens, so the
+# plan's worst case (prompt + response at their configured maxima) is the workload's actual length
+MAX_PROMPT_LENGTH = 8
 GiB = 2**30
 
 
@@ -264,8 +266,8 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         peft_config = LoraConfig(
             r=s["lora_rank"], lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"
         )
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    meter = PhaseMeter(spec["device"])
+    meter.start()
     trainer = GRPOTrainer(
         spec["model_dir"],
         reward_funcs=digit_sum_reward,
@@ -274,6 +276,19 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    meter.mark("load", 0)
+
+    def phase(name: str, fn: Any) -> Any:  # TRL's generation and its training step, marked
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            meter.start()
+            out = fn(*args, **kwargs)
+            meter.mark(name, trainer.state.global_step + 1)
+            return out
+
+        return wrapped
+
+    trainer._generate = phase("rollout", trainer._generate)
+    trainer.training_step = phase("update", trainer.training_step)
     trainer.train()
     model = trainer.model
     return {
@@ -281,7 +296,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_gb": round(vm_hwm_bytes() / GiB, 3),
         "rss_after_import_gb": round(rss_after_import / GiB, 3),
         "cuda_max_allocated_gb": round(torch.cuda.max_memory_allocated() / GiB, 3) if cuda else None,
-        "phases": [],
+        "phases": meter.marks,
         "parameters_on_this_rank": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "reference_model": getattr(trainer, "ref_model", None) is not None,
@@ -439,8 +454,9 @@ def main() -> int:
             cfg_overrides = overrides(
                 row, w, model_dir=model_dir, data_file=data_file, out=work / "runs" / row, device=args.device
             )
-            spec = {"row": row, "settings": s, "workload": w, "device": args.device, "model_dir": str(model_dir),
-                    "output_dir": str(work / "runs" / row), "overrides": cfg_overrides}  # fmt: skip
+            spec = {"row": row, "settings": s, "workload": w, "device": args.device,
+                    "model_dir": str(model_dir), "output_dir": str(work / "runs" / row),
+                    "overrides": cfg_overrides}  # fmt: skip
             entry: dict[str, Any] = {"settings": s}
             try:
                 entry.update(run_row(row, spec, work, timeout=args.timeout, threads=args.threads))
@@ -492,7 +508,8 @@ def main() -> int:
     print()
     print(_table(results, args.device))
     print(
-        f"goal: plan within {GOAL_RELATIVE_ERROR:.0%} of the measured peak on every row: {'met' if goal['met'] else 'NOT met'}"
+        f"goal: plan within {GOAL_RELATIVE_ERROR:.0%} of the measured peak on every row: "
+        f"{'met' if goal['met'] else 'NOT met'}"
     )
     _common.print_load(env)
     _common.finish(
@@ -509,13 +526,15 @@ def _row_line(row: str, e: dict[str, Any], device: str) -> str:
         return f"{row}: FAILED"
     if "relative_error" not in e:
         return f"{row}: peak {e['peak_rss_gb']:.2f} GB"
-    return f"{row}: measured {e['measured_gb']:.2f} GB, planned {e['planned_gb']:.2f} GB ({e['relative_error']:+.1%})"
+    error = e["relative_error"]
+    return f"{row}: measured {e['measured_gb']:.2f} GB, planned {e['planned_gb']:.2f} GB ({error:+.1%})"
 
 
 def _table(results: dict[str, Any], device: str) -> str:
     what = "peak RSS" if device == "cpu" else "max allocated"
     lines = [
-        f"{'row':<16}{what + ' GB':>16}{'B/param':>9}{'planned GB':>12}{'B/param':>9}{'error':>8}  plan's peak phase"
+        f"{'row':<16}{what + ' GB':>16}{'B/param':>9}{'planned GB':>12}{'B/param':>9}{'error':>8}"
+        "  plan's peak phase"
     ]
     for row, e in results.items():
         if "error" in e:
@@ -523,7 +542,8 @@ def _table(results: dict[str, Any], device: str) -> str:
         elif "relative_error" in e:
             lines.append(
                 f"{row:<16}{e['measured_gb']:>16.2f}{e['bytes_per_parameter']:>9.2f}{e['planned_gb']:>12.2f}"
-                f"{e['planned_bytes_per_parameter']:>9.2f}{e['relative_error']:>+8.1%}  {e['plan']['peak_phase']}"
+                f"{e['planned_bytes_per_parameter']:>9.2f}{e['relative_error']:>+8.1%}"
+                f"  {e['plan']['peak_phase']}"
             )
         else:
             lines.append(f"{row:<16}{e['peak_rss_gb']:>16.2f}{'':>9}{'(process baseline)':>21}")

@@ -92,11 +92,12 @@ GiB = 2**30
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-# Measured on the project's CPU machine (2 vCPU EPYC, Python 3.11, torch 2.13, transformers 5.24):
-# the peak RSS of `flowrl train` on a 0.2M-parameter model, i.e. what a trainer process holds besides
-# the model: interpreter, torch, transformers, tokenizers, the trainer's modules, thread pools.
-# benchmarks/memory.py --preset smoke re-measures it ("baseline" in its JSON).
-CPU_BASELINE_GB = 0.41
+# Measured on the project's CPU machine (2 vCPU EPYC, Python 3.11, torch 2.13, transformers 5.24): the
+# resident memory of a `flowrl train` process before any weight is read (interpreter, torch,
+# transformers, a 152k-entry tokenizer, the trainer's modules, thread pools): 0.45 GB after loading a
+# Qwen2.5-0.5B-shaped model whose weights are still only mapped (benchmarks/memory.py, "load" mark;
+# a 0.2M-parameter model with a 512-entry tokenizer peaks at 0.41 GB, the "baseline" row).
+CPU_BASELINE_GB = 0.45
 # A CUDA context with cuBLAS / cuDNN workspaces (torch 2.x on Hopper): what a process holds on the GPU
 # beyond torch.cuda.max_memory_allocated.
 CUDA_CONTEXT_GB = 0.75
@@ -187,9 +188,34 @@ class ModelShape:
         }
 
 
+def _qwen2(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int) -> dict[str, Any]:
+    return {
+        "model_type": "qwen2",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "intermediate_size": intermediate,
+        "vocab_size": 152064,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
+
+
+# The shape fields of the published config.json of the models the paper's presets train (configs/),
+# so `flowrl plan configs/paper_*.yaml` works before anything is downloaded. A local config.json (the
+# model directory, or the Hugging Face cache) always comes first. tests/plan_fixtures/ holds the files.
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "Qwen/Qwen2.5-7B": _qwen2(3584, 28, 28, 4, 18944),
+    "Qwen/Qwen2.5-32B": _qwen2(5120, 64, 40, 8, 27648),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": _qwen2(3584, 28, 28, 4, 18944),
+}
+
+
 def read_model_config(path: str | Path) -> dict[str, Any]:
     """The contents of a model's ``config.json``: ``path`` is the file, a model directory, or a hub id
-    whose config is already in the local Hugging Face cache (nothing is downloaded).
+    whose config is already in the local Hugging Face cache (nothing is downloaded); for the hub ids of
+    the paper's presets, :data:`KNOWN_CONFIGS` when no local copy exists.
 
     Raises:
         FileNotFoundError: no config.json found; the message names how to give one.
@@ -208,6 +234,8 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
             cached = None
         if isinstance(cached, str) and Path(cached).is_file():
             return json.loads(Path(cached).read_text())
+        if str(path) in KNOWN_CONFIGS:
+            return {"_name_or_path": str(path), **KNOWN_CONFIGS[str(path)]}
     raise FileNotFoundError(
         f"no config.json for {str(path)!r} (not a file, a model directory, or a hub id in the local "
         "Hugging Face cache); give --model-config PATH/config.json, or model.path=DIR with a config.json"
@@ -475,7 +503,7 @@ def resolve_setup(cfg: Any, shape: ModelShape, *, device: str, gpus: int) -> Set
         gradient_checkpointing=bool(grad_ckpt),
         log_z_layers=cfg.log_z.num_layers if objective.uses_log_z else 0,
         adamw=TRAINER_ADAMW[device],
-        offload_optimizer=bool(getattr(t, "offload_optimizer", False)),
+        offload_optimizer=bool(t.offload_optimizer),
         engine=cfg.rollout.engine,
         old_logprob_pass=updates > 1 or objective.advantage_uses_ref_logprobs,
         attn_implementation=m.attn_implementation,
@@ -550,7 +578,7 @@ class MemoryPlan:
     @property
     def usable_gb(self) -> float | None:
         """What the peak must stay under: the budget, else the device's memory less the margin."""
-        return _usable(self.gpu_memory_gb, self.budget_gb)
+        return _usable(self.gpu_memory_gb, self.budget_gb, self.device, self.gpus)
 
     @property
     def fits(self) -> bool:
@@ -595,7 +623,7 @@ class MemoryPlan:
         )
         where = (
             f"{self.gpus} x {'GPU' if self.device == 'cuda' else 'CPU process'}"
-            f"{'' if self.gpu_memory_gb is None else f' of {self.gpu_memory_gb:g} GB'}, "
+            f"{'' if self.gpu_memory_gb is None else f' of {self.gpu_memory_gb:.4g} GB'}, "
             f"{self.strategy if self.gpus > 1 else 'one process'}"
         )
         lines = [
@@ -632,24 +660,45 @@ class MemoryPlan:
         )
         for note in self.notes:
             lines.append(f"note: {note}")
-        if self.suggestions:
+        if self.suggestions and not any(sug.fits for sug in self.suggestions):
+            lines.append("no change planned here makes it fit; the closest (planned peak after the change):")
+        elif self.suggestions:
             lines.append("changes that make it fit, cheapest first (planned peak after the change):")
-            for sug in self.suggestions:
-                mark = "fits" if sug.fits else "still too big"
-                lines.append(
-                    f"  {sug.change}: {sug.peak_gb_per_device:.2f} GB ({mark})  [{' '.join(sug.overrides)}]"
-                )
+        for sug in self.suggestions:
+            mark = "fits" if sug.fits else "still too big"
+            lines.append(
+                f"  {sug.change}: {sug.peak_gb_per_device:.2f} GB ({mark})  [{' '.join(sug.overrides)}]"
+            )
         return "\n".join(lines)
+
+
+# What lives only within a phase (the rest stays from phase to phase).
+_TRANSIENT = {
+    "fsdp2 gathered",
+    "activations",
+    "log-prob chunk",
+    "KV cache",
+    "prefill",
+    "sampling",
+    "end-of-backward temporaries",
+    "autocast bf16 copies",
+}
 
 
 def _b(dtype: str) -> int:
     return DTYPE_BYTES[dtype]
 
 
-def _usable(gpu_memory_gb: float | None, budget_gb: float | None) -> float | None:
+def _usable(
+    gpu_memory_gb: float | None, budget_gb: float | None, device: str = "cuda", gpus: int = 1
+) -> float | None:
+    """GB one process may use: the budget, else the device's memory less the margin (on CPU the
+    machine's memory is shared by the run's ``gpus`` processes)."""
     if budget_gb is not None:
         return budget_gb
-    return None if gpu_memory_gb is None else gpu_memory_gb * (1 - FRAGMENTATION_MARGIN)
+    if gpu_memory_gb is None:
+        return None
+    return gpu_memory_gb * (1 - FRAGMENTATION_MARGIN) / (gpus if device == "cpu" else 1)
 
 
 def plan_memory(
@@ -757,49 +806,86 @@ def _plan(
             dict.fromkeys(phases, cpu_baseline_gb * GiB),
         )
     else:
-        add("runtime", "CUDA context (CUDA_CONTEXT_GB)", everywhere(CUDA_CONTEXT_GB * GiB))
+        add("runtime", "CUDA context (CUDA_CONTEXT_GB)", dict.fromkeys(phases, CUDA_CONTEXT_GB * GiB))
 
-    # Weights, head, reference. `load`: every process loads them whole (FSDP2 shards them afterwards,
-    # each in turn: the policy's shards exist beside the whole reference); on CPU a checkpoint stored in
-    # another dtype is read in full while it is converted (on a GPU that happens in host memory).
+    # Weights, head, reference. `load`: every process loads the policy and the reference whole, and
+    # FSDP2 shards them afterwards, one after the other. On a GPU the whole policy, its shards and the
+    # whole reference are there at once. On CPU the weights are mapped from the checkpoint file and
+    # count once read: sharding reads the policy (then drops it), then the reference beside the
+    # policy's shards; a checkpoint stored in another dtype is read in full while it is converted.
     weights = (P * bw + P_lora * 4) * shard
-    loaded_policy = P * bw + P_lora * 4 + (weights if fsdp else 0)
+    whole_policy, whole_ref = P * bw + P_lora * 4 + Z * 4, P * br
+    if not fsdp:
+        load_w, load_r = whole_policy, whole_ref
+    elif st.device == "cuda":
+        load_w, load_r = whole_policy + weights, whole_ref
+    elif whole_policy >= weights + whole_ref:  # CPU, FSDP2: the larger of the two moments
+        load_w, load_r = whole_policy, 0
+    else:
+        load_w, load_r = weights, whole_ref
     add(
         "weights",
         "P*b_w*s" + (" + P_t*4 (adapters)" if st.lora else ""),
-        {**everywhere(weights), "load": loaded_policy},
+        {**everywhere(weights), "load": load_w},
     )
     if Z:
-        add("log Z head", "Z*4*s", {**everywhere(Z * 4 * shard), "load": Z * 4})
+        add("log Z head", "Z*4*s", everywhere(Z * 4 * shard))
     if br:
-        add("reference", "P*b_r*s", {**everywhere(P * br * shard), "load": P * br})
+        add("reference", "P*b_r*s", {**everywhere(P * br * shard), "load": load_r})
     if st.device == "cpu":
         ckpt_b = DTYPE_BYTES.get(shape.checkpoint_dtype, 4)
         converting = max([P * ckpt_b for b in (bw, br) if b and b != ckpt_b], default=0)
         add("checkpoint being converted", "P*b_checkpoint, loaded in another dtype", {"load": converting})
 
-    # Gradients and the optimizer. The gradient norm squares one gradient at a time (a float32 copy of
-    # the largest, twice for gradients of another dtype: flowrl.sharding.grad_norm).
+    # Gradients and the optimizer. A backward that accumulates into the gradients of an earlier
+    # micro-batch of the mini-batch runs with all of them allocated; the first one of a mini-batch
+    # allocates them as it goes (set to None after every step), so at its start (where activations
+    # peak) only the output head's exists. The optimizer-step column is the end of backward and the
+    # step: all gradients, plus the largest of the temporaries of that moment (the embedding's dense
+    # gradient added into the tied or accumulated one; under FSDP2 the root's gathered parameters and
+    # gradients with the float32 reduce-scatter buffer; the gradient norm's float32 square of the
+    # largest tensor, flowrl.sharding.grad_norm; AdamW's own, none when fused).
     state_params = trainable * bt + Z * 4
     grads = state_params * shard
-    add("gradients", "(P_t*b_t + Z*4)*s", {"update": grads, "optimizer step": grads})
+    micro_per_step = math.ceil(math.ceil(t.mini_batch_size / N) / micro)
+    accumulating = micro_per_step > 1
+    head_trainable = not st.lora  # the output head trains in full fine-tuning (LoRA: never wrapped)
+    if accumulating:
+        grads_in_backward = grads
+    elif head_trainable and not fsdp:
+        grads_in_backward = V * H * bw  # the output head's, formed first
+    else:
+        grads_in_backward = 0  # FSDP2: in the gathered column until reduce-scattered
+    add("gradients", "(P_t*b_t + Z*4)*s", {"update": grads_in_backward, "optimizer step": grads})
     if not st.offload_optimizer:
         add("optimizer states", "2*(P_t*b_t + Z*4)*s", everywhere(2 * state_params * shard))
+    elif st.device == "cpu":  # HostAdamW's host is this memory: fp32 master weights, moments, gradients
+        host = 12 * (trainable + Z)
+        add(
+            "host AdamW (offloaded)",
+            "12*P_t (fp32 master + moments) + 4*P_t gradients at the step",
+            {**everywhere(host), "optimizer step": host + 4 * (trainable + Z)},
+        )
     largest = (
         counts.largest_tensor
         if not st.lora
         else max((st.lora_rank * max(i, o) for _, i, o in lora_dims), default=0)
     )
     largest = max(math.ceil(largest * shard), H * H if Z else 0)
-    temporaries = largest * 4 * (1 if bt == 4 else 2)
+    step_tmp = largest * 4 * (1 if bt == 4 else 2)
     if st.adamw == "foreach":
-        temporaries += state_params * shard
+        step_tmp += state_params * shard
     elif st.adamw == "for-loop":
-        temporaries += 2 * largest * bt
+        step_tmp += 2 * largest * bt
+    end_of_backward = 0
+    if head_trainable and fsdp:
+        end_of_backward = counts.root * (2 * bc + (4 if bc != 4 else 0))
+    elif head_trainable and (accumulating or shape.tie_word_embeddings):
+        end_of_backward = V * H * bw  # the embedding's dense gradient, added into the existing one
     add(
-        "step temporaries",
-        f"gradient norm: the largest tensor in fp32; AdamW {st.adamw}",
-        {"optimizer step": temporaries},
+        "end-of-backward temporaries",
+        f"max(embedding gradient, fsdp2 root reduce-scatter, gradient norm, AdamW {st.adamw})",
+        {"optimizer step": max(step_tmp, end_of_backward)},
     )
 
     # Autocast keeps the bf16 cast of every trainable fp32 weight while its context is open: from the
@@ -816,10 +902,9 @@ def _plan(
         gathered = (2 * counts.per_layer + counts.root) * bc
         # the gathered gradients: the output head's from the start of backward, one layer's with its
         # float32 reduce-scatter buffer
-        reduce = (
-            counts.per_layer * (bc + (4 if bc != 4 else 0))
-            + (V * H if not shape.tie_word_embeddings else 0) * bc
-        )
+        # one layer's gathered gradients with their float32 reduce-scatter buffer, and the output
+        # head's, formed at the start of backward and reduce-scattered with the root's at its end
+        reduce = counts.per_layer * (bc + (4 if bc != 4 else 0)) + (V * H * bc if not st.lora else 0)
         add(
             "fsdp2 gathered",
             "rollout P*b_c; update (2*P_l + P_r)*b_c + gathered gradients; reference (2*P_l + P_r)*b_r",
@@ -828,7 +913,7 @@ def _plan(
                 "log-prob passes": max(
                     (2 * counts.per_layer + counts.root) * br, gathered if st.old_logprob_pass else 0
                 ),
-                "update": gathered + reduce + V * H * bc,
+                "update": gathered + reduce,
             },
         )
 
@@ -905,7 +990,11 @@ def _plan(
     # backward rebuilds the logits and, with a trainable output head, forms its weight gradient.
     chunk = min(cfg.model.logprob_chunk_size, micro * r.max_new_tokens)
     projection = chunk * V * bc if bc != 4 else 0
-    head_grad = 0 if (st.lora or fsdp) else V * H * bc + (V * H * bw if bw != bc else 0)
+    # the output head's weight gradient in the compute dtype, then in the weight's: a transient beside
+    # an existing gradient (accumulating), else the weight's copy becomes the gradient (counted there)
+    head_grad = 0
+    if head_trainable and not fsdp:
+        head_grad = (V * H * bc if bc != bw else 0) + (V * H * bw if accumulating else 0)
     forward = 2 * chunk * V * 4 + projection
     backward_chunk = chunk * V * 4 + projection + head_grad
     lp_chunk = min(cfg.model.logprob_chunk_size, micro_lp * r.max_new_tokens)
@@ -917,6 +1006,19 @@ def _plan(
         "2*c*V*4 (+c*V*b_c) forward; backward + V*H*b_c output-head gradient",
         {"update": max(forward, backward_chunk), "log-prob passes": lp_chunk_bytes if has_lp_pass else 0},
     )
+
+    if fsdp and st.device == "cpu":
+        # Measured on CPU (glibc malloc): the per-parameter tensors gathered in a sharded model's first
+        # forward are freed into the heap and not returned to the system (malloc_trim gives them back),
+        # about P*b_w per sharded model. Later gathers, activations and temporaries reuse that memory,
+        # so a phase holds the larger of the two.
+        kept = P * bw * (2 if br else 1)
+        transient = [c for c in comps if c.name in _TRANSIENT]
+        add(
+            "freed heap kept (CPU)",
+            "max(0, P*b_w per sharded model - the phase's transients)",
+            {p: max(0, kept - sum(c.bytes.get(p, 0) for c in transient)) for p in run_phases},
+        )
 
     notes: list[str] = []
     if st.strategy == "ddp" and N > 1:
@@ -1009,7 +1111,7 @@ def _suggestions(
     """Single changes in the order of what they cost (the same results first, then the algorithm's
     capacity), each planned again; when none fits alone, the cheapest pairs. Every suggestion that
     fits is listed, then the best that does not."""
-    usable = _usable(gpu_memory_gb, budget_gb)
+    usable = _usable(gpu_memory_gb, budget_gb, device, gpus)
     if usable is None:
         return []
 
@@ -1028,7 +1130,9 @@ def _suggestions(
             cpu_baseline_gb=cpu_baseline_gb,
         ).peak_gb_per_device
 
-    # Each candidate: (description, overrides) or a searched integer setting.
+    # Changes that keep the results (activation checkpointing, smaller micro-batches: the same
+    # gradients; fewer decode slots: the same responses) come first, then sharding, then LoRA (which
+    # changes what is trained).
     singles: list[tuple[str, list[str]]] = []
     if not (
         cfg.model.gradient_checkpointing or (cfg.model.gradient_checkpointing is None and device == "cuda")
@@ -1040,51 +1144,59 @@ def _suggestions(
     if cfg.rollout.engine == "hf" and cfg.rollout.batch_size > 1:
         searched.append(("fewer decode slots", "rollout.batch_size", cfg.rollout.batch_size))
     structural: list[tuple[str, list[str]]] = []
-    if gpus > 1 and cfg.train.strategy != "fsdp2":
+    if gpus > 1 and cfg.train.strategy != "fsdp2" and cfg.model.lora.rank == 0:
         structural.append((f"fsdp2 over {gpus} ranks", ["train.strategy=fsdp2"]))
+    if gpus == 1 and device == "cuda" and cfg.model.lora.rank == 0 and not cfg.train.offload_optimizer:
+        structural.append(("AdamW states in host memory", ["train.offload_optimizer=true"]))
     if cfg.model.lora.rank == 0:
         lora = [f"model.lora.rank={SUGGESTED_LORA_RANK}"]
         if device == "cuda":
             lora.append("model.dtype=bfloat16")
+        if cfg.train.strategy == "fsdp2":  # the trainer runs LoRA replicated (its state is small)
+            lora.append("train.strategy=ddp")
+        if cfg.train.offload_optimizer:
+            lora.append("train.offload_optimizer=false")
         structural.append(
             (f"LoRA rank {SUGGESTED_LORA_RANK}{' (bf16 base)' if device == 'cuda' else ''}", lora)
         )
 
     out: list[Suggestion] = []
 
+    def add(desc: str, overrides: list[str]) -> None:
+        p = peak(overrides)
+        if math.isfinite(p):  # a combination the trainer refuses is no suggestion
+            out.append(Suggestion(desc, overrides, round(p, 2), p <= usable))
+
     def try_searched(prefix: list[str], label: str) -> None:
         for desc, key, current in searched:
             found = _largest_fitting(1, current - 1, lambda v, k=key: peak([*prefix, f"{k}={v}"]), usable)
             if found is not None:
                 value, p = found
-                out.append(
-                    Suggestion(
-                        f"{label}{desc}: {key} {current} -> {value}",
-                        [*prefix, f"{key}={value}"],
-                        round(p, 2),
-                        True,
-                    )
-                )
+                change = f"{label}{desc}: {key} {current} -> {value}"
+                out.append(Suggestion(change, [*prefix, f"{key}={value}"], round(p, 2), True))
+            else:  # not enough alone: say how far its smallest value gets
+                add(f"{label}{desc}: {key} {current} -> 1", [*prefix, f"{key}=1"])
 
     for desc, overrides in singles:
-        p = peak(overrides)
-        out.append(Suggestion(desc, overrides, round(p, 2), p <= usable))
+        add(desc, overrides)
     try_searched([], "")
     for desc, overrides in structural:
-        p = peak(overrides)
-        out.append(Suggestion(desc, overrides, round(p, 2), p <= usable))
-    if not any(s.fits for s in out):  # pairs: a structural change plus a searched setting
+        add(desc, overrides)
+    if not any(s.fits for s in out):  # pairs: a structural change with a searched setting, then all
         for desc, overrides in structural:
             try_searched(overrides, f"{desc} + ")
-        if len(structural) > 1 and not any(s.fits for s in out):
-            both = [o for _, ov in structural for o in ov]
-            p = peak(both)
-            out.append(Suggestion(" + ".join(d for d, _ in structural), both, round(p, 2), p <= usable))
-            try_searched(both, " + ".join(d for d, _ in structural) + " + ")
-    fitting = [s for s in out if s.fits]
+        if searched and not any(s.fits for s in out):
+            smallest = [f"{key}=1" for _, key, _ in searched]
+            for desc, overrides in [("", []), *structural]:
+                add(f"{desc + ' + ' if desc else ''}" + " and ".join(d for d, _, _ in searched) + " to 1",
+                    [*overrides, *smallest])  # fmt: skip
+    unique: dict[tuple[str, ...], Suggestion] = {}
+    for sug in out:  # the first (cheapest) description of each set of overrides
+        unique.setdefault(tuple(sorted(sug.overrides)), sug)
+    fitting = [s for s in unique.values() if s.fits]
     if fitting:
         return fitting
-    return sorted(out, key=lambda s: s.peak_gb_per_device)[:3]
+    return sorted(unique.values(), key=lambda s: s.peak_gb_per_device)[:3]
 
 
 def gb(value: float) -> str:

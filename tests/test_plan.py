@@ -320,3 +320,27 @@ def test_vllm_share_counts_its_fraction_of_the_gpu() -> None:
     )
     assert _component(plan, "vLLM share", "rollout") == int(0.4 * 80 * P.GiB)
     assert "KV cache" not in {c.name for c in plan.components}
+
+
+@pytest.mark.parametrize("fixture", [QWEN7B, QWEN32B, R1_7B], ids=lambda p: p.parent.name)
+def test_known_configs_of_the_presets_equal_the_published_files(fixture: Path) -> None:
+    published = json.loads(fixture.read_text())
+    known = P.KNOWN_CONFIGS[published["_name_or_path"]]
+    assert {k: published[k] for k in known} == known
+    assert P.ModelShape.from_config(published) == P.ModelShape.from_config(known)
+
+
+def test_a_preset_plans_by_its_hub_id_without_a_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: nothing local
+    plan = P.plan_memory(load_config(PRESET_7B), gpus=8, gpu_memory_gb=80)
+    assert plan.parameters["total"] == 7_615_616_512
+
+
+def test_offloaded_optimizer_leaves_the_gpu() -> None:
+    plain = _plan(PRESET_7B, QWEN7B, gpus=1)
+    off = _plan(PRESET_7B, QWEN7B, "train.offload_optimizer=true", gpus=1)
+    assert "optimizer states" not in {c.name for c in off.components}
+    drop = plain.phase_bytes()["update"] - off.phase_bytes()["update"]
+    assert drop == _component(plain, "optimizer states", "update")
