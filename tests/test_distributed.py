@@ -172,6 +172,7 @@ def assert_same_weights(got: Path, expected: Path, atol: float = 1e-4) -> None:
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-4, msg=key)
 
 
+@pytest.mark.slow  # torchrun: several processes
 def test_torchrun_matches_one_process_and_resumes(model_dir: Path, data_file: Path, tmp_path: Path) -> None:
     expected = single_process(model_dir, data_file, tmp_path / "single", **{"train.total_steps": 3})
     ours = {"flowrl/log_z", *COMPARED}
@@ -198,6 +199,7 @@ def test_torchrun_matches_one_process_and_resumes(model_dir: Path, data_file: Pa
     assert_same_weights(run / "checkpoints" / "step_000003", tmp_path / "single/checkpoints/step_000003")
 
 
+@pytest.mark.slow  # torchrun: several processes
 def test_torchrun_reinforce_pp_failed_rewards_and_stop(
     model_dir: Path, data_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -285,6 +287,7 @@ def test_derived_seeds_differ_per_part() -> None:
     assert distributed.derive_seed(0, "rollout", 2, 0) != distributed.derive_seed(1, "rollout", 1, 0)
 
 
+@pytest.mark.slow  # torchrun: several processes
 def test_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(
     model_dir: Path, data_file: Path, tmp_path: Path
 ) -> None:
@@ -327,6 +330,7 @@ def test_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(
     assert [int(r["step"]) for r in read_metrics(run / "metrics.jsonl")] == list(range(1, total + 1))
 
 
+@pytest.mark.slow  # torchrun: several processes
 def test_fsdp2_matches_one_process_holds_half_and_resumes(
     model_dir: Path, data_file: Path, tmp_path: Path
 ) -> None:

@@ -343,6 +343,7 @@ def test_example_configs_parse() -> None:
     assert args.flowrl_beta == 15.0 and args.use_vllm and args.learning_rate == 1e-6
 
 
+@pytest.mark.slow  # torchrun: several processes
 def test_two_process_torchrun_trains_and_saves(model_dir: Path, tmp_path: Path) -> None:
     """The example script under torchrun: 2 gloo processes (accelerate MULTI_CPU); the script reports
     the world size it saw, since a launcher that silently starts one process would also pass."""
