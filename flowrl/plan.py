@@ -25,49 +25,52 @@ Legend (every symbol used in the formulas below and in ``docs/memory.md``):
 
 Components (bytes on one device; the phases they live in follow in brackets):
 
-    weights          P * b_w * s  (LoRA: P * b_w + P_t * 4)                        [all]
-    log Z head       Z * 4 * s                                                     [all]
-    reference        P * b_r * s, only for full fine-tuning when the objective reads pi_ref (FlowRL;
-                     GRPO / Dr. GRPO only at kl_coef > 0); with LoRA the reference is the base model
-                     with its adapters disabled, no copy                           [all]
-    gradients        (P_t * b_t + Z * 4) * s, b_t = b_w (full) or 4 (adapters); released right after
-                     each optimizer step                                           [update]
-    optimizer states 2 * (P_t * b_t + Z * 4) * s (AdamW's two moments in the parameter's dtype);
-                     0 on the device with train.offload_optimizer                  [all]
-    optimizer step   AdamW's temporaries: fused 0; for-each 1 x the states of one moment; for-loop
-                     2 x the largest trainable tensor                              [optimizer step]
-    autocast copies  2 * (linear weights of the policy), full fine-tuning of fp32 weights under bf16
-                     autocast: the cast of every trainable weight is cached for the forward and kept
-                     for backward                                                  [update, old log-probs]
-    fsdp2 unshard    update: (2 * P_l + P_r) * b_c (two layers gathered for compute and prefetch, the
-                     root's embedding / head / norm gathered from forward to backward) plus one layer's
-                     unsharded gradients; rollout: P * b_c (the full weights gathered once)
-    KV cache         2 * L * g * d * b_c * B * S, plus one layer's copy while a step grows the cache;
-                     while B/4 prompts are prefilled into freed slots      [rollout; 0 with vLLM]
-    prefill          one layer's no-grad working set for the prompts prefilled at once (all B slots
-                     at the start, B/4 later): (3I * b_c + 2H * b_s + 4H) per token, plus the
-                     attention mask (prompts x P_max^2 x b_c)                       [rollout]
+    runtime          CPU: a trainer process's baseline (CPU_BASELINE_GB, measured); CUDA: the CUDA
+                     context (CUDA_CONTEXT_GB; not in torch.cuda.max_memory_allocated)       [all]
+    weights          P * b_w * s  (LoRA: P * b_w + P_t * 4). Load: the whole model in every process
+                     (FSDP2 shards after loading)                                             [all]
+    log Z head       Z * 4 * s                                                                [all]
+    reference        P * b_r * s, for full fine-tuning when the objective reads pi_ref (FlowRL; GRPO /
+                     Dr. GRPO only at kl_coef > 0); with LoRA the base with adapters disabled: none
+    checkpoint being converted   CPU load of a checkpoint stored in another dtype: P * its bytes
+    gradients        (P_t * b_t + Z * 4) * s, b_t = b_w (full) or 4 (adapters); released after each
+                     optimizer step. In the update only those that exist while activations peak: all
+                     when a mini-batch has several micro-batches (accumulation), else the output head's
+    optimizer states 2 * (P_t * b_t + Z * 4) * s: AdamW's moments in the parameter's dtype; on the
+                     host with train.offload_optimizer (then, on CPU, 12 * P_t + 4 * P_t at the step)
+    end-of-backward temporaries   [optimizer step] the largest of: the embedding's dense gradient
+                     added into an existing one (V * H * b_w); FSDP2's root gathered with its
+                     gradients and float32 reduce-scatter buffer (P_r * (2 b_c + 4)); the gradient
+                     norm's float32 square of the largest tensor; AdamW's temporaries (fused: none)
+    autocast bf16 copies   2 * (L * linear weights per layer + V * H): full fine-tuning of fp32
+                     weights under bf16 autocast keeps the cast of every trainable weight while the
+                     context is open                         [rollout, update, old log-probs]
+    fsdp2 gathered   rollout P * b_c (the whole model, once per step); update (2 P_l + P_r) * b_c
+                     (two layers, the root) + one layer's gradients with their fp32 reduce-scatter
+                     buffer + the output head's gradient; log-prob passes (2 P_l + P_r) * b_r
+    KV cache         2 * L * g * d * b_c * B * S (+ one layer's copy while it grows), or, when the
+                     start is larger, the prompts of every slot                          [rollout]
+    prefill          the prompts admitted at once (B at the start, B/4 into freed slots) through one
+                     layer: (3I * b_c + 2H * b_s + 4H) per token + the mask P_max^2 * b_c [rollout]
     sampling         B * V * 28 bytes (float logits, softmax, float64 CDF, log-softmax) [rollout]
-    activations      update, per micro-batch of m * S tokens: without checkpointing L layers of
-                     :func:`layer_activation_bytes` per token; with checkpointing L layer inputs
-                     (H * b_s per token) plus one layer recomputed; plus the backward working set of
-                     one layer and the attention mask (m * S^2 * b_c, sdpa / eager)   [update]
-                     log-prob passes: one layer's no-grad working set for m_lp * S tokens [log-prob]
-    log-prob chunk   the fused log-softmax: c * V * 4 * 2 (float logits and logsumexp's exponentials;
-                     + c * V * b_c for the projection under autocast) in forward; in backward, with a
-                     trainable output head, its weight gradient V * H * b_c (+ a float copy)
-    rollout tensors  prompts, responses, masks (int64) and the per-token float arrays of the step
-    vLLM             rollout.gpu_memory_utilization x the GPU's memory, with rollout.engine=vllm (its
-                     weights and KV cache); 0 outside the rollout with rollout.enable_sleep_mode
-    runtime          CPU: the Python + torch + transformers + flowrl baseline of a process, measured;
-                     CUDA: the CUDA context (not counted by torch.cuda.max_memory_allocated)
+    rollout tensors  ids and masks (int64, 16 * S per sequence) and the per-token float arrays
+    activations      update, m * S tokens: without checkpointing L * layer_activation_bytes, with
+                     checkpointing L * H * b_s + one layer recomputed; + backward_working_bytes of one
+                     layer + the attention mask m * S^2 * b_c (sdpa / eager); log-prob passes: one
+                     layer's no-grad working set for m_lp * S tokens and the final hidden states
+    log-prob chunk   the fused log-softmax: 2 * c * V * 4 (+ c * V * b_c projection) forward; backward
+                     c * V * 4 (+ projection) + the output head's weight gradient in b_c (and in b_w
+                     beside an existing gradient)                                        [update]
+    vLLM share       rollout.gpu_memory_utilization * GPU memory with rollout.engine=vllm; outside the
+                     rollout 0 with rollout.enable_sleep_mode
+    freed heap kept (CPU)   FSDP2 on CPU: glibc keeps the heap of the weights gathered in each
+                     sharded model's first forward (P * b_w per model); later transients reuse it
 
-Phases: ``rollout``; ``log-prob passes`` (reference, and the policy's old log-probs when a step makes
-more than one optimizer step); ``update`` (forward and backward of a micro-batch, gradients
-accumulating); ``optimizer step``; and, on CPU, ``load`` (a checkpoint whose dtype differs from the
-one it is loaded in is read in full and converted: its pages count until the load ends). The peak is the
-largest phase; it fits when the peak is at most 95% of the device's memory (5% for the allocator's
-fragmentation).
+Phases: ``load``; ``rollout``; ``log-prob passes`` (reference, and the policy's old log-probs when a
+step makes more than one optimizer step); ``update`` (forward and backward of a micro-batch);
+``optimizer step`` (the end of backward and the step). The peak is the largest phase. It fits when the
+peak is at most 95% of the device's memory (5% for the allocator's fragmentation), or ``budget_gb``;
+on CPU the machine's memory is shared by the run's processes.
 
 Units: GB = 2**30 bytes, as nvidia-smi's MiB / 1024 and the "80 GB" of an 80 GB GPU.
 
@@ -75,8 +78,10 @@ Sources of constants: the per-token activation terms were read off the tensors a
 transformers 5.24 Qwen2 decoder layer (``torch.autograd.graph.saved_tensors_hooks``; reproduced by
 tests/test_plan.py); AdamW's temporaries from torch 2.13's ``torch/optim/adam.py``
 (``_single_tensor_adam``: ``(exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)``;
-``_multi_tensor_adam``: ``torch._foreach_sqrt(device_exp_avg_sqs)``); the CPU baseline and the load
-behaviour were measured on the project's CPU machine (benchmarks/memory.py, docs/memory.md).
+``_multi_tensor_adam``: ``torch._foreach_sqrt(device_exp_avg_sqs)``; the trainer uses ``fused=True``);
+the dtypes, load order and passes from flowrl.models, flowrl.sharding and flowrl.trainer; the CPU
+baseline, load and heap behaviour measured on the project's CPU machine (benchmarks/memory.py,
+docs/memory.md).
 """
 
 from __future__ import annotations
@@ -952,8 +957,7 @@ def _plan(
 
     # Activations.
     repeat_kv = masked_attention and shape.num_kv_heads != shape.num_heads
-    one_layer_lora = [x for x in lora_dims[: len(lora_dims)] if x[0] in LINEAR_MODULES]
-    one_layer_lora = one_layer_lora[: len({n for n, _, _ in one_layer_lora})]
+    one_layer_lora = list({n: (n, i, o) for n, i, o in lora_dims if n in LINEAR_MODULES}.values())
     a_layer = layer_activation_bytes(
         shape,
         compute_bytes=bc,
@@ -1197,11 +1201,6 @@ def _suggestions(
     if fitting:
         return fitting
     return sorted(unique.values(), key=lambda s: s.peak_gb_per_device)[:3]
-
-
-def gb(value: float) -> str:
-    """``value`` bytes as 'x.xx GB' (2**30 bytes)."""
-    return f"{value / GiB:.2f} GB"
 
 
 __all__ = [
