@@ -29,7 +29,7 @@
   produce the same responses (checked), so only the scheduling differs. Also counted: model forwards
   (prefills and decode steps), which is what a decode step costs on a memory-bound GPU, whatever its rows.
 
-* **micro-batch padding** (``flowrl.trainer.by_length``): tokens the update computes (every micro-batch
+* **micro-batch padding** (``flowrl.batching.by_length``): tokens the update computes (every micro-batch
   trimmed to its longest sequence) when micro-batches are cut from length-sorted rows, against cutting
   them in the mini-batch's shuffled order, for 256 sequences of RL-like lengths (prompts 50-300 tokens,
   responses log-normal around 1,000 tokens, capped at 4,096), micro-batches of 8. A count, not a time.
@@ -104,8 +104,8 @@ def micro_batch_padding(sequences: int = 256, micro: int = 8) -> dict[str, Any]:
     """Tokens computed per update with and without length grouping (see the module docstring)."""
     import torch
 
+    from flowrl.batching import by_length, micro_batch
     from flowrl.rollout import RolloutBatch
-    from flowrl.trainer import _micro, by_length
 
     g = torch.Generator().manual_seed(0)
     prompt_len = torch.randint(50, 301, (sequences,), generator=g)
@@ -119,7 +119,7 @@ def micro_batch_padding(sequences: int = 256, micro: int = 8) -> dict[str, Any]:
 
     def computed(order: Any) -> int:
         return sum(
-            _micro(rollout, order[i : i + micro]).input_ids.numel() for i in range(0, sequences, micro)
+            micro_batch(rollout, order[i : i + micro]).input_ids.numel() for i in range(0, sequences, micro)
         )
 
     real = int(prompt_len.sum() + response_len.sum())

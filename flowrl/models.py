@@ -25,6 +25,7 @@ What a checkpoint holds follows: ``model/`` (a full Hugging Face model) for full
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -293,3 +294,23 @@ def merged_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
 def no_adapters(model: nn.Module) -> AbstractContextManager[Any]:
     """A context with the adapters of a peft model switched off (nothing for a plain model)."""
     return model.disable_adapter() if is_peft_model(model) else nullcontext()
+
+
+def lr_factor(warmup_steps: int, total_steps: int, schedule: str) -> Any:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "cosine":
+            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up over ``optim.warmup_steps`` RL steps, then constant or cosine to 0 at the end."""
+    o = cfg.optim
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(o.warmup_steps, cfg.train.total_steps, o.schedule)
+    )

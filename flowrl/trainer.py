@@ -57,10 +57,9 @@ import signal
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +69,16 @@ from tqdm.auto import tqdm
 
 from flowrl import checkpoint as ckpt
 from flowrl import distributed, preflight, sharding
+from flowrl.batching import Micro, micro_batch, micro_batches, minibatch_plan, pad_to
 from flowrl.config import Config, to_yaml
+from flowrl.data.prompts import PromptSampler, load_prompts
 from flowrl.distributed import derive_seed
 from flowrl.logging import MetricsLogger, plot_metrics, read_metrics
-from flowrl.models import prepare_models
+from flowrl.models import build_scheduler, prepare_models
 from flowrl.objectives import OBJECTIVES, Objective
 from flowrl.objectives.masked import masked_mean
 from flowrl.partition import LOG_Z_PREFIX
-from flowrl.policy import Policy, encode_prompt, load_tokenizer
+from flowrl.policy import Policy, load_tokenizer
 from flowrl.preflight import InputError
 from flowrl.rewards.base import RewardResult, RewardStatus
 from flowrl.rewards.registry import check_batch_usable, score_batch, status_counts
@@ -86,123 +87,11 @@ from flowrl.stopping import StopRequested
 from flowrl.streams import stream_keys
 
 
-@dataclass
-class PromptSet:
-    """Training prompts after tokenization; over-long ones are skipped and listed in ``skipped``."""
-
-    examples: list[dict[str, Any]]
-    prompt_ids: list[list[int]]
-    skipped: list[dict[str, Any]] = field(default_factory=list)
-
-
-def load_prompts(
-    rows: list[dict[str, Any]], files: list[str], tokenizer: Any, max_prompt_length: int
-) -> PromptSet:
-    """Tokenize the prompts of ``rows`` (read from ``files``, one entry per row); skip (and record)
-    those over ``max_prompt_length``."""
-    examples, prompt_ids, skipped = [], [], []
-    position: dict[str, int] = defaultdict(int)  # row number within its file
-    for row, path in zip(rows, files, strict=True):
-        i = position[path]
-        position[path] += 1
-        ids = encode_prompt(tokenizer, row["prompt"])
-        if len(ids) > max_prompt_length:
-            skipped.append({"file": path, "row": i, "tokens": len(ids), "reason": "prompt too long"})
-            continue
-        examples.append(row)
-        prompt_ids.append(ids)
-    if not examples:
-        why = (
-            f" (all {len(skipped)} prompts exceed data.max_prompt_length={max_prompt_length})"
-            if skipped
-            else ""
-        )
-        raise InputError(
-            f"no training prompts in {sorted(set(files))}{why}; "
-            "check data.train_files / data.max_prompt_length"
-        )
-    return PromptSet(examples, prompt_ids, skipped)
-
-
-class PromptSampler:
-    """Seeded shuffled epochs over the prompts; its position is part of every checkpoint."""
-
-    def __init__(self, size: int, *, seed: int, shuffle: bool) -> None:
-        self.size, self.seed, self.shuffle = size, seed, shuffle
-        self.epoch, self.cursor = 0, 0
-
-    def _order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.size))
-        return torch.randperm(
-            self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)
-        ).tolist()
-
-    def next(self, k: int) -> list[int]:
-        out: list[int] = []
-        while len(out) < k:
-            order = self._order()
-            take = order[self.cursor : self.cursor + k - len(out)]
-            out += take
-            self.cursor += len(take)
-            if self.cursor >= self.size:
-                self.epoch, self.cursor = self.epoch + 1, 0
-        return out
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
-
-
-def _lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Any:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "cosine":
-            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return factor
-
-
-@dataclass
-class Micro:
-    """The tensors of one micro-batch, trimmed to its own longest prompt and response."""
-
-    input_ids: Tensor  # (m, P' + T')
-    attention_mask: Tensor  # (m, P' + T')
-    prompt_length: int  # P'
-    rows: Tensor  # (m,) indices into the step's sequences
-    response_width: int  # T'
-
-
-def _micro(rollout: RolloutBatch, rows: Tensor) -> Micro:
-    prompt_mask, response_mask = rollout.prompt_mask[rows], rollout.response_mask[rows]
-    first = int((prompt_mask.sum(0) > 0).nonzero()[0])  # left padding shared by every row
-    width = max(1, int(response_mask.sum(-1).max()))
-    ids = torch.cat([rollout.prompt_ids[rows, first:], rollout.response_ids[rows, :width]], dim=1)
-    mask = torch.cat([prompt_mask[:, first:], response_mask[:, :width]], dim=1)
-    return Micro(ids, mask, prompt_mask.shape[1] - first, rows, width)
-
-
-def by_length(rows: Tensor, rollout: RolloutBatch) -> Tensor:
-    """``rows`` ordered by prompt + response tokens, longest first (ties keep their order)."""
-    lengths = rollout.prompt_mask[rows].sum(-1) + rollout.response_mask[rows].sum(-1)
-    return rows[torch.argsort(lengths, descending=True, stable=True)]
-
-
 def _run_now(fn: Any, *args: Any, **kwargs: Any) -> Future:
     """``fn(*args, **kwargs)`` run on this thread, as a finished future (the executor's interface)."""
     future: Future = Future()
     future.set_result(fn(*args, **kwargs))
     return future
-
-
-def _pad_to(x: Tensor, width: int, value: float = 0) -> Tensor:
-    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
 
 
 @dataclass
@@ -264,10 +153,7 @@ class Trainer:
         self.policy, self.ref_policy, self.optimizer = models.policy, models.reference, models.optimizer
         self.units = models.units
         model = self.policy.model
-        o = cfg.optim
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(o.warmup_steps, cfg.train.total_steps, o.schedule)
-        )
+        self.scheduler = build_scheduler(cfg, self.optimizer)
         self.engine = self._build_engine(model)
         self._engine_stale = True  # its weights are synced before the first rollout (resume included)
         self.sampling = SamplingParams(
@@ -435,16 +321,6 @@ class Trainer:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def _micro_batches(self, rows: Tensor, rollout: RolloutBatch, size: int | None = None) -> Iterator[Micro]:
-        """``rows`` cut into micro-batches of ``size`` (default ``train.micro_batch_size``), grouped by
-        length: sorted by prompt + response tokens (longest first), so each micro-batch, trimmed to its
-        own longest sequence, carries little padding. Every loss is divided by its mini-batch's unit
-        count, so the grouping changes no gradient."""
-        size = size or self.cfg.train.micro_batch_size
-        rows = by_length(rows, rollout)
-        for start in range(0, len(rows), size):
-            yield _micro(rollout, rows[start : start + size])
-
     @torch.no_grad()
     def _logprobs_no_grad(
         self, policy: Policy, rollout: RolloutBatch, *, with_entropy: bool
@@ -458,7 +334,7 @@ class Trainer:
         policy.eval()  # no dropout: these are the log-probs the samples were drawn with
         t = self.cfg.train
         size = t.logprob_micro_batch_size or 2 * t.micro_batch_size
-        for mb in self._micro_batches(torch.arange(n, device=self.device), rollout, size):
+        for mb in micro_batches(torch.arange(n, device=self.device), rollout, size):
             with self._autocast():
                 out = policy(
                     mb.input_ids,
@@ -467,9 +343,9 @@ class Trainer:
                     temperature=self.sampling.temperature,
                     with_entropy=with_entropy,
                 )
-            logprobs[mb.rows] = _pad_to(out.logprobs, width)
+            logprobs[mb.rows] = pad_to(out.logprobs, width)
             if entropy is not None:
-                entropy[mb.rows] = _pad_to(out.entropy, width)
+                entropy[mb.rows] = pad_to(out.entropy, width)
         policy.train(was_training)
         return logprobs, entropy
 
@@ -502,125 +378,126 @@ class Trainer:
             old_logprobs: (N, T), or None when the batch makes one optimizer step.
             ref_logprobs: (N, T), or None when the objective does not read them.
 
-        The mini-batches are cut from one permutation of every rank's ``rows`` that all ranks compute
-        alike, so they are a single process's; each rank runs the members it holds.
+        The mini-batches are a single process's (:func:`~flowrl.batching.minibatch_plan` over every
+        rank's rows); each rank runs the members it holds and the gradients are summed across ranks.
         """
-        t, obj = self.cfg.train, self.objective
-        loss_kwargs = dict(self.cfg.algorithm.loss)
+        t, dp = self.cfg.train, self.dp
         num_local = rollout.response_ids.shape[0]
-        offset = self.dp.rank * num_local
+        offset = dp.rank * num_local
         mine = torch.zeros(num_local, dtype=torch.bool, device=self.device)
         mine[rows.to(self.device)] = True
-        step_rows = self.dp.gather(mine).nonzero().squeeze(-1)  # positions in the step's sequences
-        # Per-sequence sums over this rank's sequences, kept as detached tensors (no device sync per
-        # micro-batch); read once at the end and summed over the ranks.
-        zero = torch.zeros((), device=self.device)
-        sums: dict[str, Tensor] = defaultdict(lambda: zero)
+        step_rows = dp.gather(mine).nonzero().squeeze(-1)  # positions in the step's sequences
+        # Per-sequence sums, kept as detached tensors (no device sync per micro-batch), read once at the end.
+        sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         # the optimizer's own parameter objects: under fsdp2 the modules show gathered ones after a forward
         head_params = [
             p for g in self.optimizer.param_groups if g.get("name") == "log_z_head" for p in g["params"]
         ]
-        num_minibatches = math.ceil(len(step_rows) / t.mini_batch_size) * t.epochs_per_rollout
-        bar = tqdm(
-            total=num_minibatches,
-            desc="update",
-            disable=not (t.progress and self.dp.is_main and sys.stderr.isatty()),
-            leave=False,
-        )
-        for epoch in range(t.epochs_per_rollout):
-            shuffle = torch.Generator().manual_seed(derive_seed(t.seed, "minibatch", self.step, epoch))
-            order = step_rows[torch.randperm(len(step_rows), generator=shuffle).to(self.device)]
+        plans = [
+            minibatch_plan(step_rows, size=t.mini_batch_size, seed=t.seed, step=self.step, epoch=epoch)
+            for epoch in range(t.epochs_per_rollout)
+        ]
+        show = t.progress and dp.is_main and sys.stderr.isatty()
+        bar = tqdm(total=sum(map(len, plans)), desc="update", disable=not show, leave=False)
+        for epoch, plan in enumerate(plans):
             # the head's dropout: a stream per sequence, keyed by its position in the step (any K)
             base = torch.tensor([derive_seed(t.seed, "log_z_dropout", self.step, epoch)], device=self.device)
-            dropout_keys = stream_keys(base, num_local * self.dp.world_size)[offset : offset + num_local]
-            for start in range(0, len(order), t.mini_batch_size):
-                mini = order[start : start + t.mini_batch_size]
+            keys = stream_keys(base, num_local * dp.world_size)[offset : offset + num_local]
+            for mini in plan:
                 local = mini[(mini >= offset) & (mini < offset + num_local)] - offset
-                # The global mini-batch's unit count, so the summed gradients are its mean's.
-                normalizer = self.dp.sum(
-                    float(obj.count_units(rollout.response_mask[local].float(), **loss_kwargs))
-                )
                 self.optimizer.zero_grad(set_to_none=True)
-                mini_loss = zero
-                micro: list[Micro | None] = list(self._micro_batches(local, rollout))
-                if self.sharded:  # every rank runs as many forwards (collectives) as the busiest one
-                    micro += [None] * (sharding.lockstep_count(len(micro)) - len(micro))
-                for mb in micro:
-                    zero_weighted = mb is None  # a pass that only keeps this rank in step
-                    if mb is None:
-                        mb = _micro(rollout, torch.zeros(1, dtype=torch.long, device=self.device))
-                    with self._autocast():
-                        out = self.policy(
-                            mb.input_ids,
-                            mb.attention_mask,
-                            mb.prompt_length,
-                            temperature=self.sampling.temperature,
-                            with_log_z=obj.uses_log_z,
-                            with_entropy=old_logprobs is None,
-                            detach_log_z_input=self.cfg.log_z.detach_input,
-                            exclude_last_prompt_token=self.cfg.log_z.exclude_last_prompt_token,
-                            log_z_dropout_keys=dropout_keys[mb.rows] if obj.uses_log_z else None,
-                        )
-                    w = mb.response_width
-                    tensors: dict[str, Tensor] = {
-                        "logprobs": out.logprobs,
-                        "old_logprobs": out.logprobs.detach()
-                        if old_logprobs is None
-                        else old_logprobs[mb.rows, :w],
-                        "advantages": advantages[mb.rows]
-                        if advantages.dim() == 1
-                        else advantages[mb.rows, :w],
-                        "response_mask": rollout.response_mask[mb.rows, :w].float(),
-                    }
-                    if obj.uses_ref_logprobs:  # None without a reference model (GRPO at kl_coef 0)
-                        tensors["ref_logprobs"] = None if ref_logprobs is None else ref_logprobs[mb.rows, :w]
-                    if obj.uses_log_z:
-                        tensors["log_z"] = out.log_z
-                    loss, metrics = obj.loss_fn(**tensors, **loss_kwargs, normalizer=normalizer)
-                    if zero_weighted:
-                        (loss * 0).backward()
-                        continue
-                    loss.backward()
-                    mini_loss = mini_loss + loss.detach()
-                    m = len(mb.rows)
-                    for key, value in metrics.items():
-                        sums[key] = sums[key] + value.detach().float() * m
-                    if out.entropy is not None:
-                        mask = tensors["response_mask"]
-                        sums["entropy_sum"] = sums["entropy_sum"] + (out.entropy.detach() * mask).sum()
-                        sums["entropy_tokens"] = sums["entropy_tokens"] + mask.sum()
+                loss = self._accumulate(local, rollout, advantages, old_logprobs, ref_logprobs, keys, sums)
                 if not self.sharded:  # FSDP has reduce-scattered them already, in backward
-                    self.dp.all_reduce_grads(params)
+                    dp.all_reduce_grads(params)
                 if head_params:  # before clipping: how hard the loss pulls on the head itself
-                    head_norm = sharding.grad_norm(head_params)
-                    sums["log_z_grad_norm"] = sums["log_z_grad_norm"] + head_norm * len(mini)
+                    sums["log_z_grad_norm"] += sharding.grad_norm(head_params) * len(mini)
                 grad_norm = sharding.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)  # gradients are not held through the rollout
                 # Every metric is a mean over sequences: weight each mini-batch by its size. This rank's
-                # mini_loss is its part of the mini-batch loss, so the sum over ranks is the whole.
-                sums["loss"] = sums["loss"] + mini_loss * len(mini)
-                sums["grad_norm"] = sums["grad_norm"] + grad_norm.detach() * len(mini)  # alike on every rank
+                # loss is its part of the mini-batch loss, so the sum over ranks is the whole.
+                sums["loss"] += loss * len(mini)
+                sums["grad_norm"] += grad_norm.detach() * len(mini)  # alike on every rank
                 bar.update(1)
         bar.close()
-        keys = list(sums)
-        values = torch.stack([sums[k].float() for k in keys]).tolist() if keys else []  # the one sync
-        totals = dict(zip(keys, values, strict=True))
-        # quantities every rank holds alike (not summed): the gradient norms after the all-reduce
-        alike = {k: totals.pop(k) for k in ("grad_norm", "log_z_grad_norm") if k in totals}
-        totals = self.dp.sum_dict(totals)
+        keys_ = list(sums)
+        totals = dict(
+            zip(keys_, torch.stack([sums[k].float() for k in keys_]).tolist(), strict=True)
+        )  # 1 sync
+        alike = {k: totals.pop(k) for k in ("grad_norm", "log_z_grad_norm") if k in totals}  # not summed
+        totals = dp.sum_dict(totals)
         count = len(step_rows) * t.epochs_per_rollout
         entropy_sum, entropy_tokens = totals.pop("entropy_sum", None), totals.pop("entropy_tokens", None)
-        out_metrics = {k: v / count for k, v in totals.items()}
-        out_metrics["actor/loss"] = out_metrics.pop("loss")
+        out = {k: v / count for k, v in totals.items()}
+        out["actor/loss"] = out.pop("loss")
         if entropy_sum is not None:
-            out_metrics["actor/entropy"] = entropy_sum / max(entropy_tokens, 1.0)
-        out_metrics["optim/grad_norm"] = alike["grad_norm"] / count
+            out["actor/entropy"] = entropy_sum / max(entropy_tokens, 1.0)
+        out["optim/grad_norm"] = alike["grad_norm"] / count
         if "log_z_grad_norm" in alike:
-            out_metrics["flowrl/log_z_grad_norm"] = alike["log_z_grad_norm"] / count
-        out_metrics["optim/num_minibatches"] = float(num_minibatches)
-        return out_metrics
+            out["flowrl/log_z_grad_norm"] = alike["log_z_grad_norm"] / count
+        out["optim/num_minibatches"] = float(sum(map(len, plans)))
+        return out
+
+    def _accumulate(
+        self,
+        local: Tensor,
+        rollout: RolloutBatch,
+        advantages: Tensor,
+        old_logprobs: Tensor | None,
+        ref_logprobs: Tensor | None,
+        dropout_keys: Tensor,
+        sums: dict[str, Tensor],
+    ) -> Tensor:
+        """Forward and backward over this rank's members ``local`` of one mini-batch, in micro-batches;
+        adds their metrics (times their sizes) to ``sums`` and returns this rank's part of the loss."""
+        obj, options = self.objective, dict(self.cfg.algorithm.loss)
+        # The global mini-batch's unit count, so the summed gradients are its mean's.
+        normalizer = self.dp.sum(float(obj.count_units(rollout.response_mask[local].float(), **options)))
+        micro: list[Micro | None] = list(micro_batches(local, rollout, self.cfg.train.micro_batch_size))
+        if self.sharded:  # every rank runs as many forwards (collectives) as the busiest one
+            micro += [None] * (sharding.lockstep_count(len(micro)) - len(micro))
+        total = torch.zeros((), device=self.device)
+        for mb in micro:
+            zero_weighted = mb is None  # a pass that only keeps this rank in step
+            if mb is None:
+                mb = micro_batch(rollout, torch.zeros(1, dtype=torch.long, device=self.device))
+            w, rows = mb.response_width, mb.rows
+            with self._autocast():
+                out = self.policy(
+                    mb.input_ids,
+                    mb.attention_mask,
+                    mb.prompt_length,
+                    temperature=self.sampling.temperature,
+                    with_log_z=obj.uses_log_z,
+                    with_entropy=old_logprobs is None,
+                    detach_log_z_input=self.cfg.log_z.detach_input,
+                    exclude_last_prompt_token=self.cfg.log_z.exclude_last_prompt_token,
+                    log_z_dropout_keys=dropout_keys[rows] if obj.uses_log_z else None,
+                )
+            mask = rollout.response_mask[rows, :w].float()
+            tensors: dict[str, Tensor | None] = {
+                "logprobs": out.logprobs,
+                "old_logprobs": out.logprobs.detach() if old_logprobs is None else old_logprobs[rows, :w],
+                "advantages": advantages[rows] if advantages.dim() == 1 else advantages[rows, :w],
+                "response_mask": mask,
+            }
+            if obj.uses_ref_logprobs:  # None without a reference model (GRPO at kl_coef 0)
+                tensors["ref_logprobs"] = None if ref_logprobs is None else ref_logprobs[rows, :w]
+            if obj.uses_log_z:
+                tensors["log_z"] = out.log_z
+            loss, metrics = obj.loss_fn(**tensors, **options, normalizer=normalizer)
+            if zero_weighted:
+                (loss * 0).backward()
+                continue
+            loss.backward()
+            total = total + loss.detach()
+            for key, value in metrics.items():
+                sums[key] += value.detach().float() * len(rows)
+            if out.entropy is not None:
+                sums["entropy_sum"] += (out.entropy.detach() * mask).sum()
+                sums["entropy_tokens"] += mask.sum()
+        return total
 
     def _show_samples(
         self, step: int, indices: list[int], texts: list[str], results: list[RewardResult]

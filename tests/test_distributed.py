@@ -29,8 +29,9 @@ from flowrl import distributed
 from flowrl.checkpoint import HEAD_FILE, MODEL_DIR, list_checkpoints
 from flowrl.config import load_config
 from flowrl.data import synthetic
+from flowrl.data.prompts import PromptSampler
 from flowrl.logging import read_metrics
-from flowrl.trainer import PromptSampler, Trainer
+from flowrl.trainer import Trainer
 from tests.conftest import trainer_overrides, write_config
 
 REPO = Path(__file__).resolve().parents[1]

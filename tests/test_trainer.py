@@ -144,45 +144,6 @@ def test_update_does_not_depend_on_micro_batch_size(
         torch.testing.assert_close(grads, results[0][1], atol=1e-6, rtol=1e-4)
 
 
-def test_micro_batches_are_grouped_by_length(model_dir: Path, data_file: Path, tmp_path: Path) -> None:
-    from flowrl.rollout.base import RolloutBatch
-
-    trainer = Trainer(load_config(None, overrides(model_dir, data_file, tmp_path)))
-    assert trainer.overlap_reference is False  # the CPU default (see test_reference_pass_runs_beside_scoring)
-    torch.manual_seed(0)
-    n, width = 12, 40
-    lengths = torch.randint(1, width + 1, (n,))
-    response_mask = (torch.arange(width)[None] < lengths[:, None]).long()
-    prompt_mask = torch.ones(n, 5, dtype=torch.long)
-    prompt_mask[::3, :2] = 0  # some prompts are shorter (left-padded)
-    rollout = RolloutBatch(
-        prompt_ids=torch.randint(3, 20, (n, 5)) * prompt_mask,
-        prompt_mask=prompt_mask,
-        response_ids=torch.randint(3, 20, (n, width)) * response_mask,
-        response_mask=response_mask,
-        truncated=lengths == width,
-    )
-    rows = torch.randperm(n)
-    micro = list(trainer._micro_batches(rows, rollout, 4))
-    assert sorted(torch.cat([mb.rows for mb in micro]).tolist()) == list(range(n))  # each row once
-    widths = [mb.response_width for mb in micro]
-    assert widths == sorted(widths, reverse=True)
-    for mb in micro:  # each micro-batch holds exactly its rows' tokens, trimmed to its own longest
-        assert torch.equal(
-            mb.attention_mask[:, -mb.response_width :], response_mask[mb.rows, : mb.response_width]
-        )
-    computed = sum(mb.input_ids.numel() for mb in micro)
-    in_given_order = sum(mb.input_ids.numel() for mb in _cut_in_order(rows, rollout, 4))
-    real = int(prompt_mask.sum() + response_mask.sum())
-    assert real <= computed < in_given_order  # sorting removed padding the given order would compute
-
-
-def _cut_in_order(rows: torch.Tensor, rollout, size: int):
-    from flowrl.trainer import _micro
-
-    return [_micro(rollout, rows[i : i + size]) for i in range(0, len(rows), size)]
-
-
 REFERENCE_STARTED = threading.Event()
 REWARD_THREADS: list[tuple[str, bool]] = []
 
