@@ -665,6 +665,8 @@ _CPU_MODULE = types.SimpleNamespace(
     },
     mem_get_info=lambda *args, **kwargs: (0, 0),
     empty_cache=lambda: None,
+    get_rng_state=torch.get_rng_state,  # verl's checkpoints save and restore the device RNG
+    set_rng_state=torch.set_rng_state,
 )
 
 
@@ -685,7 +687,11 @@ def cpu_engine(model_dir: Path, tmp_path_factory):
     registry["cpu"] = FlowRLFSDPEngine
 
     def build(
-        *, forward_only: bool = False, initialize: bool = True, init_path: str | None = None
+        *,
+        forward_only: bool = False,
+        initialize: bool = True,
+        init_path: str | None = None,
+        lora_rank: int = 0,
     ) -> FlowRLFSDPEngine:
         settings = LogZSettings(num_layers=3, dropout=0.0, init_path=init_path)
         model_config = HFModelConfig(
@@ -694,6 +700,7 @@ def cpu_engine(model_dir: Path, tmp_path_factory):
             use_remove_padding=False,  # the packed path needs flash-attn's varlen kernels (GPU)
             enable_gradient_checkpointing=False,
             model_type=FLOWRL_MODEL_TYPE,
+            lora_rank=lora_rank,  # verl's defaults otherwise: target_modules all-linear, alpha 16
         )
         fp32 = {"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
         engine_config = FSDPEngineConfig(
@@ -865,7 +872,14 @@ def test_the_head_can_start_from_a_head_file_of_the_project(
 def test_checkpoints_write_the_projects_head_file_and_a_head_free_hf_model(
     cpu_engine, tmp_path: Path
 ) -> None:
+    """The head lives beside the policy in a checkpoint: out of verl's model shards, the HF model and
+    config.json; in its own per-rank shard file, log_z_head.safetensors (the project's format) and
+    log_z_head.json (its settings)."""
+    import json
+
     from transformers import AutoModelForCausalLM
+
+    from flowrl.integrations.verl.engine import HEAD_SETTINGS_FILE
 
     engine = cpu_engine()
     state = full_state(engine)
@@ -877,9 +891,128 @@ def test_checkpoints_write_the_projects_head_file_and_a_head_free_hf_model(
     load_log_z_head(head, tmp_path / HEAD_FILE)  # the project's loader (strict)
     for name, value in head.state_dict().items():
         torch.testing.assert_close(value, head_state[LOG_Z_PREFIX + name])
+    assert json.loads((tmp_path / HEAD_SETTINGS_FILE).read_text())["num_layers"] == 3
+    model_shards = torch.load(tmp_path / "model_world_size_1_rank_0.pt", weights_only=False)
+    head_shards = torch.load(tmp_path / "log_z_head_world_size_1_rank_0.pt", weights_only=False)
+    assert set(model_shards) == set(state) - set(head_state) and set(head_shards) == set(head_state)
     hf_weights = load_file(str(tmp_path / "huggingface" / "model.safetensors"))
     assert hf_weights and not any(map(is_log_z_param, hf_weights))
+    config = json.loads((tmp_path / "huggingface" / "config.json").read_text())
+    assert not [key for key in config if key.startswith("flowrl")], config
     model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "huggingface", output_loading_info=True)
     assert not info["unexpected_keys"] and not info["missing_keys"]
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, state[name].to(value.dtype), msg=name)
+
+
+def test_resume_restores_the_head_from_beside_the_model(cpu_engine, actor_config, tmp_path: Path) -> None:
+    """verl's load_checkpoint with the head saved beside the model: after another training step, loading
+    the checkpoint brings back every parameter (the head's included) and the head's AdamW state."""
+    engine = cpu_engine()
+    loss_fn = partial(flowrl_actor_loss, config=actor_config, options=OPTIONS)
+    with engine.train_mode():
+        engine.train_batch(engine_batch().data, loss_function=loss_fn)
+    saved = full_state(engine)
+    head_params = [p for n, p in engine.module.named_parameters() if is_log_z_param(n)]
+    saved_moments = [engine.optimizer.state[p]["exp_avg"].full_tensor().clone() for p in head_params]
+    engine.save_checkpoint(str(tmp_path), global_step=1)
+    with engine.train_mode():
+        engine.train_batch(engine_batch().data, loss_function=loss_fn)
+    assert not torch.equal(full_state(engine)[head_names(engine)[0]], saved[head_names(engine)[0]])
+    engine.load_checkpoint(str(tmp_path), del_local_after_load=False)
+    restored = full_state(engine)
+    assert set(restored) == set(saved)
+    for name, value in saved.items():
+        torch.testing.assert_close(restored[name], value, msg=name, rtol=0, atol=0)
+    for p, moment in zip(head_params, saved_moments, strict=True):
+        torch.testing.assert_close(engine.optimizer.state[p]["exp_avg"].full_tensor(), moment, rtol=0, atol=0)
+
+
+def head_names(engine) -> list[str]:
+    return [n for n in engine.module.state_dict() if is_log_z_param(n)]
+
+
+def test_verl_lora_trains_adapters_and_the_whole_head(cpu_engine, actor_config, tmp_path: Path) -> None:
+    """lora_rank > 0 with verl's default target_modules (all-linear): the head is not wrapped by peft
+    (plain Linear weights, trainable, updated by a step), the base policy is frozen and its adapters
+    train, and a checkpoint saves (it crashed when the head's layers were LoRA-wrapped)."""
+    engine = cpu_engine(lora_rank=4)
+    names = dict(engine.module.named_parameters())
+    head = {n: p for n, p in names.items() if is_log_z_param(n)}
+    assert head and not any("lora_" in n or "base_layer" in n for n in head), sorted(head)
+    assert all(p.requires_grad for p in head.values())
+    lora = {n for n, p in names.items() if "lora_" in n}
+    assert lora and all(names[n].requires_grad for n in lora)
+    frozen = {n for n, p in names.items() if not p.requires_grad}
+    assert frozen and not (frozen & set(head)) and not (frozen & lora)
+    optimized = {id(p) for group in engine.optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in optimized for p in head.values())
+    before = full_state(engine)
+    with engine.train_mode():
+        engine.train_batch(
+            engine_batch().data,
+            loss_function=partial(flowrl_actor_loss, config=actor_config, options=OPTIONS),
+        )
+    after = full_state(engine)
+    for name in head:
+        assert not torch.equal(before[name], after[name]), name
+    for name in frozen:
+        assert torch.equal(before[name], after[name]), name
+    engine.save_checkpoint(str(tmp_path), global_step=1)
+    loaded = LogZHead(engine.log_z.head.hidden_size, num_layers=3)
+    load_log_z_head(loaded, tmp_path / HEAD_FILE)
+    for name, value in loaded.state_dict().items():
+        (key,) = [n for n in head if n.endswith(LOG_Z_PREFIX + name)]
+        torch.testing.assert_close(value, after[key])
+    merged = tmp_path / "merged"  # verl's merger: the adapters to lora_adapter/, the base model clean
+    out = _run_model_merger(
+        "merge", "--backend", "fsdp", "--local_dir", str(tmp_path), "--target_dir", str(merged)
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    adapter = load_file(str(merged / "lora_adapter" / "adapter_model.safetensors"))
+    assert adapter and not any(map(is_log_z_param, adapter))
+    weights = load_file(str(merged / "model.safetensors"))
+    assert weights and not any(map(is_log_z_param, weights))
+
+
+def _run_model_merger(*args: str) -> subprocess.CompletedProcess:
+    """``python -m verl.model_merger ARGS`` in a fresh process, as a verl user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "verl.model_merger", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_verls_model_merger_makes_a_clean_model_of_a_flowrl_checkpoint(cpu_engine, tmp_path: Path) -> None:
+    """verl's own `model_merger merge --backend fsdp` on the engine's checkpoint: the merged model has no
+    head tensor and no flowrl_* config key, transformers loads it with no unexpected or missing key and
+    the weights of the trained policy, and `model_merger test` against the checkpoint's HF model passes."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    engine = cpu_engine()
+    state = full_state(engine)
+    actor = tmp_path / "global_step_1" / "actor"
+    engine.save_checkpoint(str(actor), global_step=1)
+    merged = tmp_path / "merged"
+    out = _run_model_merger(
+        "merge", "--backend", "fsdp", "--local_dir", str(actor), "--target_dir", str(merged)
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    weights = load_file(str(merged / "model.safetensors"))
+    assert weights and not any(map(is_log_z_param, weights)), sorted(weights)
+    config = json.loads((merged / "config.json").read_text())
+    assert not [k for k in config if k.startswith("flowrl")], config
+    model, info = AutoModelForCausalLM.from_pretrained(merged, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"], info
+    for name, value in model.state_dict().items():  # the merger writes bf16
+        torch.testing.assert_close(value, state[name].to(value.dtype), msg=name)
+    test = _run_model_merger(
+        "test", "--backend", "fsdp", "--local_dir", str(actor), "--test_hf_dir", str(actor / "huggingface")
+    )
+    assert test.returncode == 0, test.stdout[-2000:] + test.stderr[-3000:]
+    assert "FSDP checks passed" in test.stdout

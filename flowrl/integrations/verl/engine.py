@@ -2,7 +2,7 @@
 
 Selected with ``+actor_rollout_ref.model.model_type=flowrl_language_model`` (:data:`FLOWRL_MODEL_TYPE`;
 verl's own ``language_model`` engine stays registered and untouched). Relative to
-``verl.workers.engine.fsdp.transformer_impl.FSDPEngineWithLMHead`` it changes four things:
+``verl.workers.engine.fsdp.transformer_impl.FSDPEngineWithLMHead`` it changes five things:
 
 * **build**: after verl loads the Hugging Face model, a :class:`~flowrl.partition.LogZHead` is attached
   as its submodule ``log_z_head`` inside the same weight-init context (meta tensors on non-zero ranks,
@@ -17,19 +17,30 @@ verl's own ``language_model`` engine stays registered and untouched). Relative t
   stays gathered from its forward to its backward (see ``_build_fsdp_module``);
 * **rollout weight sync**: ``get_per_tensor_param`` and ``get_per_tensor_param_shard`` (which every
   checkpoint engine, colocated or not, streams from) drop the head's tensors from their streams;
-* **checkpoints**: verl's sharded checkpoint keeps the head and its optimizer state (resume restores
-  both); beside it the engine writes ``log_z_head.safetensors`` with ``log_z_head.``-prefixed keys, the
-  file of :mod:`flowrl.checkpoint`, so a head trained here loads into the project's trainer. When verl
-  also saves a Hugging Face model (``checkpoint.save_contents`` with ``hf_model``), the head's tensors
-  are removed from its weight files, as ``flowrl export`` does.
+* **checkpoints**: the head is saved *beside* the policy, never in it, so that verl's own
+  ``python -m verl.model_merger merge --backend fsdp`` turns the checkpoint into a plain Hugging Face
+  model (and ``model_merger test`` passes): the head's entries are taken out of the model state dicts
+  verl saves (``model_world_size_W_rank_R.pt`` and, with ``hf_model`` in ``checkpoint.save_contents``,
+  ``huggingface/``) and written per rank to ``log_z_head_world_size_W_rank_R.pt`` (its FSDP2 shards;
+  resume puts them back into the model state dict verl loads, and the optimizer file keeps the head's
+  AdamW state as before); rank 0 also writes ``log_z_head.safetensors`` with ``log_z_head.``-prefixed
+  keys, the file of :mod:`flowrl.checkpoint`, so a head trained here loads into the project's trainer,
+  and ``log_z_head.json``, the head's settings. The ``flowrl_log_z_*`` entries that verl copies from
+  ``override_config`` onto the Hugging Face config are removed from the model's config when it is
+  built, so no saved or merged ``config.json`` carries them;
+* **LoRA** (``actor_rollout_ref.model.lora_rank > 0``): the head is kept out of peft's reach while verl
+  wraps the policy (``target_modules: all-linear`` would wrap the head's Linear layers and freeze their
+  weights), so the policy trains adapters and the head trains in full.
 
 Supported: ``strategy=fsdp2``, ``ulysses_sequence_parallel_size=1``, text-only causal LMs, with or
-without ``use_remove_padding``. FSDP1 is refused (gathering the head out of FSDP1's flat parameters for
-its file is not implemented). None of this has run on a GPU; see ``docs/verl.md``.
+without ``use_remove_padding``, with or without LoRA. FSDP1 is refused (gathering the head out of
+FSDP1's flat parameters for its file is not implemented). None of this has run on a GPU; see
+``docs/verl.md``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -40,19 +51,30 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from verl.utils import tensordict_utils as tu
 from verl.utils.device import get_device_id
+from verl.utils.fs import copy_to_local
 from verl.utils.fsdp_utils import get_init_weight_context_manager
 from verl.workers.engine import EngineRegistry
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
 from flowrl.checkpoint import HEAD_FILE, load_log_z_head, save_log_z_head
-from flowrl.export import strip_head_tensors
-from flowrl.integrations.verl.head import LogZCapture, LogZSettings, prompt_positions, without_log_z_params
-from flowrl.partition import LogZHead
+from flowrl.integrations.verl.head import (
+    LOG_Z_MODULE,
+    OVERRIDE_KEY_PREFIX,
+    LogZCapture,
+    LogZSettings,
+    prompt_positions,
+    without_log_z_params,
+)
+from flowrl.partition import LogZHead, is_log_z_param
 
 FLOWRL_MODEL_TYPE = "flowrl_language_model"
 """verl ``model_type`` of the FlowRL actor (``+actor_rollout_ref.model.model_type=...``)."""
 
-_HF_INDEX = "model.safetensors.index.json"
+HEAD_SHARD_FILE = "log_z_head_world_size_{world_size}_rank_{rank}.pt"
+"""Per-rank file of the head's FSDP2 shards in a verl checkpoint, beside verl's ``model_world_size_*``."""
+
+HEAD_SETTINGS_FILE = "log_z_head.json"
+"""The head's settings (:class:`LogZSettings`) beside ``log_z_head.safetensors`` in a verl checkpoint."""
 
 
 def micro_batch_prompt_positions(micro_batch: TensorDict) -> tuple[Tensor, Tensor]:
@@ -95,14 +117,17 @@ def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
     return state
 
 
-def strip_log_z_from_hf_dir(hf_dir: Path) -> int:
-    """Remove head tensors from a Hugging Face model directory's weights (and index); returns the count."""
-    index_path = hf_dir / _HF_INDEX
-    index = json.loads(index_path.read_text()) if index_path.is_file() else None
-    removed = sum(strip_head_tensors(weights, index) for weights in sorted(hf_dir.glob("*.safetensors")))
-    if index is not None and removed:
-        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return removed
+def strip_log_z_settings(hf_config: Any) -> list[str]:
+    """Delete the ``flowrl_log_z_*`` attributes verl copied from ``override_config`` onto a HF config.
+
+    verl's ``HFModelConfig`` sets every ``override_config`` entry on the Hugging Face config; the head's
+    settings are not the policy's, and a config that kept them would write them into every saved
+    ``config.json`` (checkpoints, ``model_merger`` output). Returns the names removed.
+    """
+    names = [name for name in vars(hf_config) if name.startswith(OVERRIDE_KEY_PREFIX)]
+    for name in names:
+        delattr(hf_config, name)
+    return names
 
 
 @EngineRegistry.register(model_type=FLOWRL_MODEL_TYPE, backend=["fsdp", "fsdp2"], device=["cuda", "npu"])
@@ -135,6 +160,8 @@ class FlowRLFSDPEngine(FSDPEngineWithLMHead):
             module = super()._build_module()
         finally:
             self.model_config.model_type = FLOWRL_MODEL_TYPE
+        for config in {id(c): c for c in (module.config, self.model_config.hf_config)}.values():
+            strip_log_z_settings(config)
         if self.engine_config.forward_only:
             return module
         settings = self.log_z_settings
@@ -153,6 +180,20 @@ class FlowRLFSDPEngine(FSDPEngineWithLMHead):
                 load_log_z_head(head, settings.init_path)
         self.log_z = LogZCapture(module, head, settings)
         return module
+
+    def _build_lora_module(self, module: nn.Module) -> nn.Module:
+        if self.log_z is None:
+            return super()._build_lora_module(module)
+        # peft would wrap the head's Linear layers (verl's default target_modules is all-linear) and
+        # freeze their weights. Detach the head while verl wraps the policy, then put it back on the
+        # same model object (the forward hook and LogZCapture.head find it there): the head's
+        # parameters stay plain, trainable and in the optimizer; only the policy gets adapters.
+        head = module._modules.pop(LOG_Z_MODULE)
+        try:
+            wrapped = super()._build_lora_module(module)
+        finally:
+            module.add_module(LOG_Z_MODULE, head)
+        return wrapped
 
     def _build_fsdp_module(self, module: nn.Module) -> nn.Module:
         module = super()._build_fsdp_module(module)
@@ -197,10 +238,30 @@ class FlowRLFSDPEngine(FSDPEngineWithLMHead):
 
     # ------------------------------------------------------------------------------ checkpoints
 
+    def _head_shard_path(self, local_path: str) -> Path:
+        world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return Path(local_path) / HEAD_SHARD_FILE.format(world_size=world_size, rank=rank)
+
     def save_checkpoint(self, local_path: str, *args: Any, **kwargs: Any) -> None:
-        super().save_checkpoint(local_path, *args, **kwargs)
         if self.log_z is None or local_path is None:
+            super().save_checkpoint(local_path, *args, **kwargs)
             return
+        # verl saves `self.module.state_dict()` (and, for hf_model, a full state dict gathered from it):
+        # take the head's entries out of every state dict built during the save, keep the first (the
+        # sharded one verl writes per rank; later ones hold the same parameters).
+        head_shards: dict[str, Any] = {}
+
+        def take_head_out(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+            for key in [k for k in state_dict if is_log_z_param(k)]:
+                head_shards.setdefault(key, state_dict.pop(key))
+
+        handle = self.module.register_state_dict_post_hook(take_head_out)
+        try:
+            super().save_checkpoint(local_path, *args, **kwargs)
+        finally:
+            handle.remove()
+        if self.checkpoint_manager.should_save_model:
+            torch.save(head_shards, self._head_shard_path(local_path))
         state = full_state_dict(self.log_z.head)  # collective: all ranks
         if self.rank != 0:
             return
@@ -208,6 +269,27 @@ class FlowRLFSDPEngine(FSDPEngineWithLMHead):
         head = LogZHead(self.log_z.head.hidden_size, num_layers=settings.num_layers, dropout=settings.dropout)
         head.load_state_dict(state, strict=True)
         save_log_z_head(head, Path(local_path) / HEAD_FILE)
-        hf_dir = Path(local_path) / "huggingface"
-        if hf_dir.is_dir():
-            strip_log_z_from_hf_dir(hf_dir)
+        (Path(local_path) / HEAD_SETTINGS_FILE).write_text(
+            json.dumps(dataclasses.asdict(settings), indent=2) + "\n"
+        )
+
+    def load_checkpoint(self, local_path: str, *args: Any, **kwargs: Any) -> None:
+        shard_path = None if self.log_z is None or local_path is None else self._head_shard_path(local_path)
+        if shard_path is None or not self.checkpoint_manager.should_load_model:
+            super().load_checkpoint(local_path, *args, **kwargs)
+            return
+        local_shards = Path(copy_to_local(str(shard_path)))
+        if not local_shards.is_file():  # a checkpoint that kept the head inside the model's state dict
+            super().load_checkpoint(local_path, *args, **kwargs)
+            return
+        head_shards = torch.load(local_shards, weights_only=False)
+
+        def put_head_back(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+            for key, value in head_shards.items():
+                state_dict.setdefault(prefix + key, value)
+
+        handle = self.module.register_load_state_dict_pre_hook(put_head_back)
+        try:
+            super().load_checkpoint(local_path, *args, **kwargs)
+        finally:
+            handle.remove()

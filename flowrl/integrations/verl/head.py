@@ -37,7 +37,8 @@ LOG_Z_MODULE = LOG_Z_PREFIX.rstrip(".")
 OVERRIDE_KEY_PREFIX = "flowrl_log_z_"
 """Prefix of the head's settings in verl's ``actor_rollout_ref.model.override_config``: the one
 free-form mapping of the model config that reaches the engine in every worker process. verl also
-copies these keys onto the Hugging Face config, so saved ``config.json`` files record them."""
+copies these keys onto the Hugging Face config; the FlowRL engine deletes them from it again
+(:func:`flowrl.integrations.verl.engine.strip_log_z_settings`), so no saved ``config.json`` has them."""
 
 
 @dataclass(frozen=True)
