@@ -176,3 +176,31 @@ def check_run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> 
     rows, origin = read_training_rows(list(cfg.data.train_files))
     reward_fn = check_rewards(rows, origin, cfg.reward.function)
     return Checked(rows, origin, reward_fn)
+
+
+def check_memory(cfg: Config, *, world_size: int, device: Any, force: bool, report: Any = print) -> None:
+    """Give ``report`` the run's memory plan on its device (:func:`flowrl.plan.plan_memory`).
+
+    Raises:
+        InputError: the plan says the run cannot fit and ``force`` is not set (the message names the
+            changes that fit).
+    """
+    import torch
+
+    from flowrl.plan import plan_memory
+
+    total = None  # on CPU the plan reads the machine's memory
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    try:
+        plan = plan_memory(cfg, gpus=world_size, gpu_memory_gb=total, device=device.type, suggest=True)
+    except (OSError, ValueError, KeyError) as exc:  # a hub id not downloaded yet, an unknown layout
+        report(f"note: no memory plan for {cfg.model.path}: {exc}")
+        return
+    report(plan.summary())
+    if not plan.fits and not force:
+        fixes = [f"{s.change} ({' '.join(s.overrides)})" for s in plan.suggestions if s.fits]
+        raise InputError(
+            f"this run needs about {plan.peak_gb_per_device:.1f} GB per device and does not fit "
+            f"(changes that fit: {'; '.join(fixes) or 'none found'}); pass --force to try anyway"
+        )

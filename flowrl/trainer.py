@@ -51,12 +51,11 @@ Data parallelism (``torchrun --nproc_per_node K -m flowrl.cli train CONFIG.yaml`
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -68,7 +67,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flowrl import checkpoint as ckpt
-from flowrl import distributed, preflight, sharding
+from flowrl import distributed, preflight, reports, sharding
 from flowrl.batching import Micro, micro_batch, micro_batches, minibatch_plan, pad_to
 from flowrl.config import Config, to_yaml
 from flowrl.data.prompts import PromptSampler, load_prompts
@@ -79,10 +78,9 @@ from flowrl.objectives import OBJECTIVES, Objective
 from flowrl.objectives.masked import masked_mean
 from flowrl.partition import LOG_Z_PREFIX
 from flowrl.policy import Policy, load_tokenizer
-from flowrl.preflight import InputError
 from flowrl.rewards.base import RewardResult, RewardStatus
 from flowrl.rewards.registry import check_batch_usable, score_batch, status_counts
-from flowrl.rollout import HFRolloutEngine, RolloutBatch, RolloutEngine, SamplingParams
+from flowrl.rollout import RolloutBatch, SamplingParams, build_engine
 from flowrl.stopping import StopRequested
 from flowrl.streams import stream_keys
 
@@ -135,7 +133,9 @@ class Trainer:
             f"flowrl train | {cfg.algorithm.name} | device {self.device}{processes} | run dir {self.run_dir}"
         )
         self._print(to_yaml(cfg))
-        self._check_memory(force=force)
+        preflight.check_memory(
+            cfg, world_size=self.dp.world_size, device=self.device, force=force, report=self._print
+        )
 
         m = cfg.model
         self.tokenizer = load_tokenizer(m.path, trust_remote_code=m.trust_remote_code)
@@ -154,7 +154,8 @@ class Trainer:
         self.units = models.units
         model = self.policy.model
         self.scheduler = build_scheduler(cfg, self.optimizer)
-        self.engine = self._build_engine(model)
+        show = cfg.train.progress and self.dp.is_main and sys.stderr.isatty()
+        self.engine = build_engine(cfg, model, self.tokenizer, show_progress=show)
         self._engine_stale = True  # its weights are synced before the first rollout (resume included)
         self.sampling = SamplingParams(
             n=cfg.rollout.num_samples_per_prompt,
@@ -188,7 +189,10 @@ class Trainer:
                     print(f"--overwrite: removed {', '.join(removed)} from {self.run_dir}", flush=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-            self._report_skipped()
+            if self.prompts.skipped:
+                total = len(self.prompts.skipped) + len(self.prompts.examples)
+                limit = cfg.data.max_prompt_length
+                self._print(reports.write_skipped(self.run_dir, self.prompts.skipped, total, limit))
         self.logger = (
             MetricsLogger(
                 self.run_dir,
@@ -205,66 +209,7 @@ class Trainer:
         )
         self.dp.barrier()  # the run directory exists for every rank
 
-    def _check_memory(self, *, force: bool) -> None:
-        """Print the memory plan of this run on its device; refuse a run that cannot fit (unless forced)."""
-        from flowrl.plan import plan_memory
-
-        device = self.device
-        total = (
-            torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
-        )
-        try:
-            plan = plan_memory(
-                self.cfg, gpus=self.dp.world_size, gpu_memory_gb=total, device=device.type, suggest=True
-            )
-        except (OSError, ValueError, KeyError) as exc:  # a hub id not downloaded yet, an unknown layout
-            self._print(f"note: no memory plan for {self.cfg.model.path}: {exc}")
-            return
-        self._print(plan.summary())
-        if not plan.fits and not force:
-            fixes = [f"{s.change} ({' '.join(s.overrides)})" for s in plan.suggestions if s.fits]
-            raise InputError(
-                f"this run needs about {plan.peak_gb_per_device:.1f} GB per device and does not fit "
-                f"(changes that fit: {'; '.join(fixes) or 'none found'}); pass --force to try anyway"
-            )
-
-    def _report_skipped(self) -> None:
-        if not self.prompts.skipped:
-            return
-        report = self.run_dir / "skipped_prompts.jsonl"
-        report.write_text("".join(json.dumps(s) + "\n" for s in self.prompts.skipped))
-        skipped, total = len(self.prompts.skipped), len(self.prompts.skipped) + len(self.prompts.examples)
-        print(
-            f"skipped {skipped} of {total} prompts longer than "
-            f"data.max_prompt_length={self.cfg.data.max_prompt_length} (listed in {report})",
-            flush=True,
-        )
-
     # -- pieces of one step ------------------------------------------------------------------------
-
-    def _build_engine(self, model: torch.nn.Module) -> RolloutEngine:
-        r, m = self.cfg.rollout, self.cfg.model
-        if r.engine == "vllm":
-            from flowrl.rollout.vllm import VLLMRolloutEngine  # vLLM is imported only when chosen
-
-            return VLLMRolloutEngine(
-                m.path,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-                dtype=r.vllm_dtype,
-                gpu_memory_utilization=r.gpu_memory_utilization,
-                max_model_len=self.cfg.data.max_prompt_length + r.max_new_tokens,
-                seed=self.cfg.train.seed,
-                enable_sleep_mode=r.enable_sleep_mode,
-                trust_remote_code=m.trust_remote_code,
-            )
-        return HFRolloutEngine(
-            model,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            batch_size=r.batch_size,
-            show_progress=self.cfg.train.progress and self.dp.is_main and sys.stderr.isatty(),
-        )
 
     def _print(self, text: str) -> None:
         if self.dp.is_main:  # through tqdm, so a progress bar on the terminal is not torn
@@ -499,29 +444,18 @@ class Trainer:
                 sums["entropy_tokens"] += mask.sum()
         return total
 
-    def _show_samples(
-        self, step: int, indices: list[int], texts: list[str], results: list[RewardResult]
-    ) -> None:
-        k = self.cfg.train.num_samples_to_show
+    def _show_samples(self, indices: list[int], texts: list[str], results: list[RewardResult]) -> None:
         n = self.sampling.n
-        lines = []
-        with (self.run_dir / "samples.jsonl").open("a") as f:
-            for j in range(min(k, len(indices))):
-                row = j * n  # the first sample of the first k prompts
-                messages = self.prompts.examples[indices[row // n]]["prompt"]
-                record = {
-                    "step": step,
-                    "prompt": messages[-1]["content"],
-                    "response": texts[row],
-                    "reward": results[row].score,
-                    "status": results[row].status.value,
-                }
-                f.write(json.dumps(record) + "\n")
-                lines.append(
-                    f"  [{record['status']} {record['reward']:+.2f}] {record['prompt'][:80]!r} -> "
-                    f"{record['response'][:160]!r}"
-                )
-        self._print(f"samples at step {step}:\n" + "\n".join(lines))
+        records = [
+            {
+                "prompt": self.prompts.examples[indices[j]]["prompt"][-1]["content"],
+                "response": texts[j * n],  # the first sample of the first k prompts
+                "reward": results[j * n].score,
+                "status": results[j * n].status.value,
+            }
+            for j in range(min(self.cfg.train.num_samples_to_show, len(indices)))
+        ]
+        self._print(reports.write_samples(self.run_dir, self.step, records))
 
     def _save(self) -> None:
         """Rank 0 writes the checkpoint (every rank holds the same weights and state, or, sharded, every
@@ -576,31 +510,15 @@ class Trainer:
     def _reward_metrics(
         self, results: list[RewardResult], indices: list[int], rewards: Tensor, valid: Tensor
     ) -> dict[str, float]:
-        """Reward statistics over every rank's samples: mean, spread, range, accuracy (share of scored
-        samples marked correct), status counts, and mean and accuracy per ``data_source``."""
-        dp = self.dp
+        """Every rank's reward statistics (:func:`flowrl.reports.reward_metrics`) and status counts."""
         correct = torch.tensor([r.status is RewardStatus.CORRECT for r in results], device=self.device)
-        n = self.sampling.n
         ids = [self._source_ids[str(self.prompts.examples[i].get("data_source"))] for i in indices]
-        source = torch.tensor(ids, device=self.device).repeat_interleave(n)
-        rewards, valid, correct, source = (dp.gather(x) for x in (rewards, valid, correct, source))
-        scored = rewards[valid]
-        out = {
-            "reward/mean": float(scored.mean()),
-            "reward/std": float(scored.std()) if len(scored) > 1 else 0.0,
-            "reward/min": float(scored.min()),
-            "reward/max": float(scored.max()),
-            "reward/accuracy": float(correct[valid].float().mean()),
-            "reward/failed": float((~valid).sum()),
-            **dp.sum_dict(status_counts(results)),
+        source = torch.tensor(ids, device=self.device).repeat_interleave(self.sampling.n)
+        gathered = [self.dp.gather(x) for x in (rewards, valid, correct, source)]
+        return {
+            **reports.reward_metrics(*gathered, list(self._source_ids)),
+            **self.dp.sum_dict(status_counts(results)),
         }
-        if len(self._source_ids) > 1:
-            for name, k in self._source_ids.items():
-                mine = valid & (source == k)
-                if mine.any():
-                    out[f"reward/by_source/{name}/mean"] = float(rewards[mine].mean())
-                    out[f"reward/by_source/{name}/accuracy"] = float(correct[mine].float().mean())
-        return out
 
     def _report_failures(self, results: list[RewardResult], indices: list[int]) -> None:
         """Failed rewards counted by reason: one console line and ``reward_failures.jsonl``."""
@@ -611,18 +529,8 @@ class Trainer:
             if not r.ok
         ]
         every = [f for part in self.dp.gather_object(mine) for f in part]
-        if not every or not self.dp.is_main:
-            return
-        counts = Counter(every)
-        with (self.run_dir / "reward_failures.jsonl").open("a") as f:
-            for (status, reason, source), count in counts.most_common():
-                record = {"step": self.step, "status": status, "data_source": source, "reason": reason}
-                f.write(json.dumps({**record, "count": count}) + "\n")
-        top = "; ".join(f"{c}x {st} ({src}): {why[:120]!r}" for (st, why, src), c in counts.most_common(3))
-        self._print(
-            f"step {self.step}: {len(every)} rewards failed, left out of the update: {top} "
-            f"(all reasons in {self.run_dir / 'reward_failures.jsonl'})"
-        )
+        if every and self.dp.is_main:
+            self._print(reports.write_failures(self.run_dir, self.step, every))
 
     def _abandon_step(self, sampler_state: dict[str, int]) -> bool:
         """Undo the start of a step that applied nothing (the prompts go back to the sampler)."""
@@ -741,7 +649,7 @@ class Trainer:
                 console = self.step % max(t.log_every, 1) == 0 or self.step == t.total_steps
                 self.logger.log(self.step, metrics, console=console)
             if t.sample_every and self.step % t.sample_every == 0 and dp.is_main:
-                self._show_samples(self.step, indices, texts, results)
+                self._show_samples(indices, texts, results)
             if (t.save_every and self.step % t.save_every == 0) or self.step == t.total_steps:
                 self._save()
             if self._stop_agreed():
