@@ -26,6 +26,13 @@ from where the adapters say, or ``--base``), so the export is the same plain mod
 A path is resolved by :func:`flowrl.checkpoint.resolve_checkpoint`: a checkpoint directory (``step_N/``
 with ``model/`` and ``COMPLETE``) is used as it is; a run directory (``train.output_dir``, with
 ``checkpoints/``) or its ``checkpoints/`` folder gives its newest complete checkpoint.
+
+A checkpoint of the verl adapter (:func:`verl_actor_dir`: ``global_step_N/actor``, ``global_step_N`` or
+verl's ``trainer.default_local_dir``, whose ``latest_checkpointed_iteration.txt`` names the newest step)
+exports the same way: its ``actor/huggingface/`` weights when verl saved them (``checkpoint.save_contents``
+with ``hf_model``), else the model merged from its FSDP shards by verl's own ``model_merger`` (needs verl
+installed); the head comes from ``actor/log_z_head.safetensors``. verl LoRA checkpoints are refused (see
+:func:`verl_actor_dir`'s error for the merger command that exports them).
 """
 
 from __future__ import annotations
@@ -50,6 +57,13 @@ from flowrl.partition import LOG_Z_PREFIX, is_log_z_param
 EXPORT_INFO_FILE = "flowrl_export.json"
 HEAD_SUBDIR = "log_z_head"
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
+# verl checkpoints (flowrl.integrations.verl): the names verl and the adapter's engine write.
+_VERL_ACTOR = "actor"
+_VERL_FSDP_CONFIG = "fsdp_config.json"
+_VERL_LATEST = "latest_checkpointed_iteration.txt"
+_VERL_STEP_DIR = "global_step_"
+_VERL_HEAD_SETTINGS = "log_z_head.json"
+_VERL_HEAD_CONFIG_PREFIX = "flowrl_log_z_"  # head settings an older adapter left in config.json
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,6 +93,12 @@ def _training_dropout(checkpoint: Path) -> float | None:
     return float(value) if value is not None else None
 
 
+def _verl_head_dropout(actor: Path) -> float | None:
+    """``flowrl.log_z.dropout`` of a verl run, from the settings its engine saved beside the head."""
+    settings = actor / _VERL_HEAD_SETTINGS
+    return float(json.loads(settings.read_text())["dropout"]) if settings.is_file() else None
+
+
 def load_exported_head(output_dir: str | Path) -> Any:
     """Build the :class:`~flowrl.partition.LogZHead` of an export and load its weights (None: no head)."""
     from flowrl.checkpoint import load_log_z_head
@@ -95,6 +115,80 @@ def load_exported_head(output_dir: str | Path) -> Any:
     )
     load_log_z_head(head, output_dir / shape["file"])
     return head
+
+
+# ---------------------------------------------------------------------------------------------
+# verl checkpoints
+
+
+def verl_actor_dir(path: str | Path) -> Path | None:
+    """The actor directory of the verl checkpoint ``path`` names; None if ``path`` is not a verl checkpoint.
+
+    ``path`` may be the actor directory (it holds verl's ``fsdp_config.json``), a ``global_step_N``
+    directory, or verl's ``trainer.default_local_dir`` (newest step from
+    ``latest_checkpointed_iteration.txt``).
+
+    Raises:
+        ValueError: a verl checkpoint that cannot be exported (a LoRA one; a missing step).
+    """
+    path = Path(path).expanduser()
+    latest = path / _VERL_LATEST
+    if latest.is_file():
+        step_dir = path / f"{_VERL_STEP_DIR}{latest.read_text().strip()}"
+        if not (step_dir / _VERL_ACTOR / _VERL_FSDP_CONFIG).is_file():
+            raise ValueError(f"{latest} names {step_dir.name}, which holds no verl actor checkpoint")
+        path = step_dir
+    if (path / _VERL_ACTOR / _VERL_FSDP_CONFIG).is_file():
+        path = path / _VERL_ACTOR
+    if not (path / _VERL_FSDP_CONFIG).is_file():
+        return None
+    if (path / "lora_train_meta.json").is_file():
+        raise ValueError(
+            f"{path} is a verl LoRA checkpoint, which flowrl export does not merge; run verl's merger "
+            f"(python -m verl.model_merger merge --backend fsdp --local_dir {path} --target_dir OUT: the "
+            f"base model and OUT/lora_adapter/) and take the head from {path / HEAD_FILE}"
+        )
+    return path
+
+
+def _verl_step(actor: Path) -> int | None:
+    name = actor.parent.name
+    return int(name[len(_VERL_STEP_DIR) :]) if name.startswith(_VERL_STEP_DIR) else None
+
+
+def _merge_verl_shards(actor: Path, out: Path) -> None:
+    """verl's ``model_merger`` (FSDP backend) on ``actor``'s shards: the model and tokenizer in ``out``."""
+    try:
+        from verl.model_merger.base_model_merger import ModelMergerConfig
+        from verl.model_merger.fsdp_model_merger import FSDPModelMerger
+    except ImportError as exc:
+        raise ValueError(
+            f"{actor} holds no Hugging Face weights (huggingface/*.safetensors), and merging its FSDP shards "
+            "needs verl: run flowrl export where verl is installed (e.g. .venv-verl), or save checkpoints "
+            "with actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]"
+        ) from exc
+    out.mkdir(parents=True)
+    config = ModelMergerConfig(
+        operation="merge",
+        backend="fsdp",
+        local_dir=str(actor),
+        target_dir=str(out),
+        hf_model_config_path=str(actor / "huggingface"),
+    )
+    FSDPModelMerger(config).merge_and_save()
+
+
+def _drop_head_settings(config_path: Path) -> int:
+    """Remove the head's ``flowrl_log_z_*`` settings from a ``config.json``; returns how many."""
+    if not config_path.is_file():
+        return 0
+    config = json.loads(config_path.read_text())
+    dropped = [k for k in config if k.startswith(_VERL_HEAD_CONFIG_PREFIX)]
+    if dropped:
+        config_path.write_text(
+            json.dumps({k: v for k, v in config.items() if k not in dropped}, indent=2) + "\n"
+        )
+    return len(dropped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +225,8 @@ def export_checkpoint(
     """Write the Hugging Face model directory of a checkpoint (see the module docstring for the layout).
 
     Args:
-        source: a checkpoint, a run directory, or a run's ``checkpoints/`` folder.
+        source: a checkpoint, a run directory, or a run's ``checkpoints/`` folder; or a verl checkpoint
+            (:func:`verl_actor_dir`).
         output_dir: where to write; must not exist, be empty, or (with ``overwrite``) be a previous export.
         overwrite: replace a previous export at ``output_dir``.
         adapter: for a LoRA checkpoint, write peft's adapter directory instead of the merged model.
@@ -146,7 +241,8 @@ def export_checkpoint(
     """
     from safetensors.torch import load_file, save_file
 
-    checkpoint = resolve_checkpoint(source)
+    verl_actor = verl_actor_dir(source)
+    checkpoint = verl_actor if verl_actor is not None else resolve_checkpoint(source)
     out = Path(output_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
@@ -156,7 +252,7 @@ def export_checkpoint(
                 f"{out} is not a previous flowrl export (no {EXPORT_INFO_FILE}); --overwrite only replaces "
                 "an export, choose a new OUTPUT_DIR"
             )
-    model_dir = model_dir_of(checkpoint)
+    model_dir = checkpoint / "huggingface" if verl_actor is not None else model_dir_of(checkpoint)
     lora = model_dir.name == ADAPTER_DIR
     if not lora and not (model_dir / "config.json").is_file():
         raise ValueError(f"{model_dir} has no config.json; the checkpoint was not written by flowrl train")
@@ -167,8 +263,11 @@ def export_checkpoint(
         shutil.rmtree(tmp)
     if lora and not adapter:
         _write_merged(model_dir, tmp, base=base)
+    elif verl_actor is not None and not list(model_dir.glob("*.safetensors")):
+        _merge_verl_shards(verl_actor, tmp)
     else:
         shutil.copytree(model_dir, tmp)
+    _drop_head_settings(tmp / "config.json")
     index_path = tmp / _SAFETENSORS_INDEX
     index = json.loads(index_path.read_text()) if index_path.is_file() else None
     removed = sum(strip_head_tensors(w, index) for w in sorted(tmp.glob("*.safetensors")))
@@ -190,11 +289,13 @@ def export_checkpoint(
             "file": str(head_file),
             "key_prefix": LOG_Z_PREFIX,
             **head_shape(head_tensors),
-            "dropout": _training_dropout(checkpoint),
+            "dropout": _verl_head_dropout(checkpoint)
+            if verl_actor is not None
+            else _training_dropout(checkpoint),
         }
     info = {
         "source_checkpoint": str(checkpoint.resolve()),
-        "step": checkpoint_step(checkpoint),
+        "step": _verl_step(checkpoint) if verl_actor is not None else checkpoint_step(checkpoint),
         "format": ("lora adapter" if adapter else "merged model") if lora else "model",
         "log_z_head": head_info,
         "head_tensors_removed_from_weights": removed,
@@ -238,7 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
         "goes to OUTPUT_DIR/log_z_head/, outside the model weights).",
         epilog="example: flowrl export runs/flowrl OUTPUT_DIR  (the run's newest complete checkpoint)",
     )
-    parser.add_argument("source", help="a run directory (train.output_dir) or a checkpoints/step_N directory")
+    parser.add_argument(
+        "source",
+        help="a run directory (train.output_dir) or a checkpoints/step_N directory; or a verl checkpoint "
+        "(trainer.default_local_dir, global_step_N or global_step_N/actor)",
+    )
     parser.add_argument("output_dir", help="the model directory to write")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous export at OUTPUT_DIR")
     parser.add_argument(

@@ -170,3 +170,72 @@ def test_bad_paths_name_the_fix(run_dir: Path, tmp_path: Path, capsys: pytest.Ca
     assert "flowrl export: error:" in capsys.readouterr().err
     assert cli.main(["export", str(run_dir), str(tmp_path / "out5")]) == 0
     assert "log Z head" in capsys.readouterr().out
+
+
+def _verl_checkpoint(run_dir: Path, root: Path, *, hf_weights: bool) -> Path:
+    """The layout the verl adapter writes (trainer.default_local_dir): global_step_2/actor/ with verl's
+    fsdp_config.json, huggingface/ (config and tokenizer; weights only with hf_model in save_contents),
+    the head file and its settings. This one is in the shape an older adapter left it: the head inside the
+    weights and its flowrl_log_z_* settings in config.json (the export removes both)."""
+    step = run_dir / "checkpoints" / "step_000002"
+    actor = root / "global_step_2" / "actor"
+    shutil.copytree(step / MODEL_DIR, actor / "huggingface")
+    (actor / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": 1}))
+    shutil.copy(step / HEAD_FILE, actor / HEAD_FILE)
+    (actor / "log_z_head.json").write_text(json.dumps({"num_layers": HEAD_LAYERS, "dropout": 0.0}))
+    (root / "latest_checkpointed_iteration.txt").write_text("2")
+    config_path = actor / "huggingface" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "flowrl_log_z_num_layers": HEAD_LAYERS}))
+    weights = actor / "huggingface" / "model.safetensors"
+    if hf_weights:
+        tensors = load_file(str(weights))
+        tensors[LOG_Z_PREFIX + "layers.0.weight"] = torch.zeros(1, TINY["hidden_size"])
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+    else:
+        weights.unlink()
+    return root
+
+
+@pytest.mark.parametrize("name", ["default_local_dir", "global_step_2", "actor"])
+def test_a_verl_checkpoint_exports_like_a_flowrl_one(
+    run_dir: Path, tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """flowrl export takes the verl adapter's checkpoints: its root, a step or the actor directory."""
+    from transformers import AutoModelForCausalLM
+
+    root = _verl_checkpoint(run_dir, tmp_path / "verl", hf_weights=True)
+    source = {"default_local_dir": root, "global_step_2": root / "global_step_2"}.get(
+        name, root / "global_step_2" / "actor"
+    )
+    assert cli.main(["export", str(source), str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    info = json.loads((tmp_path / "out" / EXPORT_INFO_FILE).read_text())
+    assert info["step"] == 2 and info["head_tensors_removed_from_weights"] == 1
+    assert info["log_z_head"]["dropout"] == 0.0 and info["log_z_head"]["num_layers"] == HEAD_LAYERS
+    exported, loading = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(loading[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    step = run_dir / "checkpoints" / "step_000002"
+    torch.testing.assert_close(_logits(exported), _logits(load_model(str(step / MODEL_DIR))), rtol=0, atol=0)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert not [k for k in config if k.startswith("flowrl")]
+    head = load_exported_head(tmp_path / "out")
+    saved = load_file(str(step / HEAD_FILE))
+    assert all(torch.equal(v, saved[LOG_Z_PREFIX + k]) for k, v in head.state_dict().items())
+
+
+def test_verl_checkpoints_export_cannot_do_name_the_fix(run_dir: Path, tmp_path: Path) -> None:
+    """Only FSDP shards (no huggingface/ weights) without verl: merging needs verl; LoRA: verl's merger;
+    a step that is not there: named."""
+    root = _verl_checkpoint(run_dir, tmp_path / "verl", hf_weights=False)
+    try:
+        import verl  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="needs verl.*hf_model"):
+            export_checkpoint(root, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+    (root / "global_step_2" / "actor" / "lora_train_meta.json").write_text("{}")
+    with pytest.raises(ValueError, match="LoRA checkpoint.*verl.model_merger merge"):
+        export_checkpoint(root, tmp_path / "out")
+    (root / "latest_checkpointed_iteration.txt").write_text("7")
+    with pytest.raises(ValueError, match="global_step_7"):
+        export_checkpoint(root, tmp_path / "out")

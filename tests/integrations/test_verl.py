@@ -1016,3 +1016,25 @@ def test_verls_model_merger_makes_a_clean_model_of_a_flowrl_checkpoint(cpu_engin
     )
     assert test.returncode == 0, test.stdout[-2000:] + test.stderr[-3000:]
     assert "FSDP checks passed" in test.stdout
+
+    # flowrl export takes the checkpoint too: from huggingface/ as saved, and from the FSDP shards
+    # through verl's merger when verl saved no Hugging Face weights (save_contents without hf_model)
+    from flowrl.export import export_checkpoint, load_exported_head
+
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("1")
+    for source, out in [(tmp_path, tmp_path / "export"), (actor, tmp_path / "export_merged")]:
+        if out.name == "export_merged":
+            for weights in (actor / "huggingface").glob("*.safetensors"):
+                weights.unlink()
+        info = export_checkpoint(source, out)
+        assert (
+            info["step"] == 1 and info["log_z_head"]["num_layers"] == 3 and info["log_z_head"]["dropout"] == 0
+        )
+        model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+        assert not info["unexpected_keys"] and not info["missing_keys"], info
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(value, state[name].to(value.dtype), msg=name)
+        assert not [k for k in json.loads((out / "config.json").read_text()) if k.startswith("flowrl")]
+        head = load_exported_head(out)
+        for name, value in head.state_dict().items():
+            torch.testing.assert_close(value, state[LOG_Z_PREFIX + name])
