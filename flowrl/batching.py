@@ -9,12 +9,14 @@ Shape legend: N sequences of the step on this rank, P prompt tokens (left-padded
   first) and cut into micro-batches of ``micro_batch_size``, each trimmed to its own longest prompt and
   response (:class:`Micro`), so little padding is computed. The loss of every micro-batch is divided by
   its mini-batch's unit count, so how the rows are grouped changes no gradient.
+* :func:`logprobs_no_grad`: the passes without gradient (reference, old policy) in micro-batches too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -68,3 +70,38 @@ def minibatch_plan(step_rows: Tensor, *, size: int, seed: int, step: int, epoch:
 def pad_to(x: Tensor, width: int, value: float = 0) -> Tensor:
     """(n, w) -> (n, width), right-padded with ``value``."""
     return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+
+@torch.no_grad()
+def logprobs_no_grad(
+    policy: Any,
+    rollout: RolloutBatch,
+    *,
+    size: int,
+    temperature: float,
+    autocast: Callable[[], Any],
+    with_entropy: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """(N, T) log-probs (and entropies) of every sequence of ``rollout`` under ``policy`` (a
+    :class:`~flowrl.policy.Policy` or a module called like one), without gradient and in eval mode (no
+    dropout: the log-probs the samples were drawn with), in length-grouped micro-batches of ``size``."""
+    n, width = rollout.response_ids.shape
+    device = rollout.response_ids.device
+    logprobs = torch.zeros(n, width, device=device)
+    entropy = torch.zeros(n, width, device=device) if with_entropy else None
+    was_training = policy.training
+    policy.eval()
+    for mb in micro_batches(torch.arange(n, device=device), rollout, size):
+        with autocast():
+            out = policy(
+                mb.input_ids,
+                mb.attention_mask,
+                mb.prompt_length,
+                temperature=temperature,
+                with_entropy=with_entropy,
+            )
+        logprobs[mb.rows] = pad_to(out.logprobs, width)
+        if entropy is not None:
+            entropy[mb.rows] = pad_to(out.entropy, width)
+    policy.train(was_training)
+    return logprobs, entropy

@@ -1,8 +1,7 @@
 """Data parallelism under ``torchrun``: this process's rank and the few collectives the trainer needs.
 
 Launch ``torchrun --nproc_per_node K -m flowrl.cli train CONFIG.yaml`` and every process runs the same
-loop on its share of the step's prompts (see :mod:`flowrl.trainer` for what is split and how the
-results stay those of one process). This module only knows about processes, not about RL:
+loop on its share of the step's prompts. This module only knows about processes, not about RL:
 
 * :func:`setup` joins the process group when torchrun launched us (``RANK`` and ``WORLD_SIZE`` set):
   NCCL when the rank trains on a GPU (``cuda:LOCAL_RANK``), gloo on CPU. A plain ``python`` launch
@@ -16,6 +15,31 @@ Gradients are all-reduced explicitly once per optimizer step, in flat buckets, r
 ``DistributedDataParallel``: a rank's share of a mini-batch can be any size, including zero, which
 DDP's backward hooks (one all-reduce per backward, the same number of backwards on every rank) do not
 allow. The cost is no overlap of communication with the backward pass.
+
+How the trainer uses it. The design goal is that K processes compute what one process computes:
+
+* Prompts: every rank draws the same ``prompts_per_step`` prompts (same sampler, same seed, so the
+  data position in checkpoints is global) and takes a contiguous slice of ``prompts_per_step / K``
+  (it must divide). All samples of a prompt live on one rank, so group statistics are local.
+* Random numbers: each prompt's samples draw from streams keyed by ``(seed, step, position of the
+  prompt in the step)`` (the engine's counter-based per-sequence streams), so the responses depend on
+  neither K nor ``rollout.batch_size``. The log Z head's dropout masks come from a stream per sequence,
+  keyed by ``(seed, step, epoch)`` and the sequence's position in the step, so they too are the same in
+  any K and any micro-batching. Only dropout inside the model (0 in Qwen2 / Llama configs) uses torch's
+  generator, seeded by ``(seed, step, rank)``. Every stream is re-seeded each step, so a resumed run
+  equals a straight one.
+* Advantages: the advantage function sees the whole step (its inputs are all-gathered), so batch
+  statistics such as REINFORCE++'s whitening are global; each rank keeps its rows.
+* Mini-batches: one permutation of the step's valid sequences, the same on every rank (seeded by
+  ``(seed, step, epoch)``), cut into ``mini_batch_size`` pieces: the mini-batches one process would
+  draw. Each rank runs the members it holds (any number, possibly none), divides its loss by the
+  global mini-batch's unit count, and the gradients (policy and log Z head) are summed across ranks:
+  exactly the single-process mini-batch gradient. The price: a rank's share of a mini-batch varies,
+  so ranks wait for the busiest one when there are several mini-batches per step.
+* Metrics are reduced across ranks (sums and counts, then divided), and only rank 0 prints, logs,
+  plots, shows samples and writes checkpoints; the others wait at a barrier after each save. Parameters
+  stay identical on every rank (same start, broadcast from rank 0; same summed gradients), so rank
+  0's checkpoint is the run's. A step where no rank has a usable reward raises on every rank.
 """
 
 from __future__ import annotations

@@ -114,6 +114,20 @@ class Models:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
 
+def needs_reference(cfg: Config) -> bool:
+    """Whether the run reads reference log-probs (FlowRL's residual, a KL penalty or a KL in the reward).
+
+    GRPO at ``kl_coef`` 0, what most users run, has no reference model at all.
+    """
+    from flowrl.objectives import OBJECTIVES
+
+    objective = OBJECTIVES[cfg.algorithm.name]
+    kl_coef = cfg.algorithm.loss.get("kl_coef", 0.0) or cfg.algorithm.advantage.get("kl_coef", 0.0)
+    if objective.ref_logprobs_only_for_kl:
+        return kl_coef > 0
+    return objective.uses_ref_logprobs or objective.advantage_uses_ref_logprobs or kl_coef > 0
+
+
 def load_policy_model(cfg: Config, device: torch.device, checkpoint_model: Path | None) -> nn.Module:
     """The policy's transformers model: full, or the base with LoRA adapters (new, or a checkpoint's).
 

@@ -167,3 +167,19 @@ def load_full_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str,
 
     entries = {i: {k: shard(params[i], v) for k, v in st.items()} for i, st in state["state"].items()}
     optimizer.load_state_dict({**state, "state": entries})
+
+
+def gather_checkpoint(
+    policy: Policy, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
+    """What a checkpoint of a sharded run holds, gathered to rank 0: the model's state dict (as the
+    transformers model names it, tied weights once), the log Z head's, and the optimizer's (the layout
+    of one process). Every rank must call it."""
+    from flowrl.partition import LOG_Z_PREFIX
+
+    full = full_state_dict(policy)  # keys as the Policy names them
+    model = {k[len("model.") :]: v for k, v in full.items() if k.startswith("model.")}
+    for name in tied_duplicates(policy.model):  # saved once, as a plain run saves them
+        model.pop(name, None)
+    head = {k[len(LOG_Z_PREFIX) :]: v for k, v in full.items() if k.startswith(LOG_Z_PREFIX)}
+    return model, head, full_optimizer_state(optimizer)

@@ -22,31 +22,9 @@ SIGTERM (:mod:`flowrl.stopping`) is honoured at three points of a step, agreed a
 rollout and after scoring, where the step is abandoned (nothing of it is applied), and at its end; then
 the checkpoint of the last completed step is written and :meth:`Trainer.fit` returns.
 
-Data parallelism (``torchrun --nproc_per_node K -m flowrl.cli train CONFIG.yaml``, see
-:mod:`flowrl.distributed`). The design goal is that K processes compute what one process computes:
-
-* Prompts: every rank draws the same ``prompts_per_step`` prompts (same sampler, same seed, so the
-  data position in checkpoints is global) and takes a contiguous slice of ``prompts_per_step / K``
-  (it must divide). All samples of a prompt live on one rank, so group statistics are local.
-* Random numbers: each prompt's samples draw from streams keyed by ``(seed, step, position of the
-  prompt in the step)`` (the engine's counter-based per-sequence streams), so the responses depend on
-  neither K nor ``rollout.batch_size``. The log Z head's dropout masks come from a stream per sequence,
-  keyed by ``(seed, step, epoch)`` and the sequence's position in the step, so they too are the same in
-  any K and any micro-batching. Only dropout inside the model (0 in Qwen2 / Llama configs) uses torch's
-  generator, seeded by ``(seed, step, rank)``. Every stream is re-seeded each step, so a resumed run
-  equals a straight one.
-* Advantages: the advantage function sees the whole step (its inputs are all-gathered), so batch
-  statistics such as REINFORCE++'s whitening are global; each rank keeps its rows.
-* Mini-batches: one permutation of the step's valid sequences, the same on every rank (seeded by
-  ``(seed, step, epoch)``), cut into ``mini_batch_size`` pieces: the mini-batches one process would
-  draw. Each rank runs the members it holds (any number, possibly none), divides its loss by the
-  global mini-batch's unit count, and the gradients (policy and log Z head) are summed across ranks:
-  exactly the single-process mini-batch gradient. The price: a rank's share of a mini-batch varies,
-  so ranks wait for the busiest one when there are several mini-batches per step.
-* Metrics are reduced across ranks (sums and counts, then divided), and only rank 0 prints, logs,
-  plots, shows samples and writes checkpoints; the others wait at a barrier after each save. Parameters
-  stay identical on every rank (same start, broadcast from rank 0; same summed gradients), so rank
-  0's checkpoint is the run's. A step where no rank has a usable reward raises on every rank.
+Data parallelism (``torchrun --nproc_per_node K -m flowrl.cli train CONFIG.yaml``): K processes compute
+what one process computes; :mod:`flowrl.distributed` says how (prompts, random streams, advantages,
+mini-batches, metrics), :mod:`flowrl.sharding` what ``train.strategy=fsdp2`` adds.
 """
 
 from __future__ import annotations
@@ -68,15 +46,14 @@ from tqdm.auto import tqdm
 
 from flowrl import checkpoint as ckpt
 from flowrl import distributed, preflight, reports, sharding
-from flowrl.batching import Micro, micro_batch, micro_batches, minibatch_plan, pad_to
+from flowrl.batching import Micro, logprobs_no_grad, micro_batch, micro_batches, minibatch_plan
 from flowrl.config import Config, to_yaml
 from flowrl.data.prompts import PromptSampler, load_prompts
 from flowrl.distributed import derive_seed
 from flowrl.logging import MetricsLogger, plot_metrics, read_metrics
-from flowrl.models import build_scheduler, prepare_models
+from flowrl.models import build_scheduler, needs_reference, prepare_models
 from flowrl.objectives import OBJECTIVES, Objective
 from flowrl.objectives.masked import masked_mean
-from flowrl.partition import LOG_Z_PREFIX
 from flowrl.policy import Policy, load_tokenizer
 from flowrl.rewards.base import RewardResult, RewardStatus
 from flowrl.rewards.registry import check_batch_usable, score_batch, status_counts
@@ -146,7 +123,7 @@ class Trainer:
             cfg,
             self.device,
             checkpoint=resume_from,
-            needs_reference=self._needs_reference(),
+            needs_reference=needs_reference(cfg),
             uses_log_z=self.objective.uses_log_z,
             shard=self.sharded,
         )
@@ -253,46 +230,26 @@ class Trainer:
             **self.cfg.algorithm.advantage,
         )
 
-    def _needs_reference(self) -> bool:
-        kl_coef = self.cfg.algorithm.loss.get("kl_coef", 0.0) or self.cfg.algorithm.advantage.get(
-            "kl_coef", 0.0
-        )
-        if self.objective.ref_logprobs_only_for_kl:  # GRPO at kl_coef 0 (what most users run): no pi_ref
-            return kl_coef > 0
-        return self.objective.uses_ref_logprobs or self.objective.advantage_uses_ref_logprobs or kl_coef > 0
-
     def _autocast(self) -> Any:
         if self.bf16:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    @torch.no_grad()
     def _logprobs_no_grad(
-        self, policy: Policy, rollout: RolloutBatch, *, with_entropy: bool
+        self, policy: torch.nn.Module, rollout: RolloutBatch, *, with_entropy: bool
     ) -> tuple[Tensor, Tensor | None]:
         """(N, T) log-probs (and entropies) of every sequence, without gradient, in micro-batches of
         ``train.logprob_micro_batch_size`` (no activations are kept, so they can be larger)."""
-        n, width = rollout.response_ids.shape
-        logprobs = torch.zeros(n, width, device=self.device)
-        entropy = torch.zeros(n, width, device=self.device) if with_entropy else None
-        was_training = policy.training
-        policy.eval()  # no dropout: these are the log-probs the samples were drawn with
         t = self.cfg.train
         size = t.logprob_micro_batch_size or 2 * t.micro_batch_size
-        for mb in micro_batches(torch.arange(n, device=self.device), rollout, size):
-            with self._autocast():
-                out = policy(
-                    mb.input_ids,
-                    mb.attention_mask,
-                    mb.prompt_length,
-                    temperature=self.sampling.temperature,
-                    with_entropy=with_entropy,
-                )
-            logprobs[mb.rows] = pad_to(out.logprobs, width)
-            if entropy is not None:
-                entropy[mb.rows] = pad_to(out.entropy, width)
-        policy.train(was_training)
-        return logprobs, entropy
+        return logprobs_no_grad(
+            policy,
+            rollout,
+            size=size,
+            temperature=self.sampling.temperature,
+            autocast=self._autocast,
+            with_entropy=with_entropy,
+        )
 
     def _score(self, rollout: RolloutBatch, indices: list[int]) -> tuple[list[str], list[RewardResult]]:
         texts = self.tokenizer.batch_decode(
@@ -462,13 +419,10 @@ class Trainer:
         rank first gathers its shards to rank 0); the rest wait."""
         state = {"scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict()}
         model_state = head_state = None
-        if self.sharded:
-            full = sharding.full_state_dict(self.policy)  # keys as the Policy names them
-            model_state = {k[len("model.") :]: v for k, v in full.items() if k.startswith("model.")}
-            for name in sharding.tied_duplicates(self.policy.model):  # saved once, as a plain run does
-                model_state.pop(name, None)
-            head_state = {k[len(LOG_Z_PREFIX) :]: v for k, v in full.items() if k.startswith(LOG_Z_PREFIX)}
-            state["optimizer"] = sharding.full_optimizer_state(self.optimizer)
+        if self.sharded:  # every rank gathers its shards to rank 0
+            model_state, head_state, state["optimizer"] = sharding.gather_checkpoint(
+                self.policy, self.optimizer
+            )
         else:
             state["optimizer"] = self.optimizer.state_dict()
         if self.dp.is_main:
