@@ -14,10 +14,15 @@ provide. The trainer calls::
     loss, metrics = objective.loss_fn(logprobs=..., old_logprobs=..., advantages=..., response_mask=...,
                                       [ref_logprobs=...,] [log_z=...,] normalizer=normalizer, **loss_kwargs)
 
-and the micro-batch losses add up to the loss of the whole mini-batch. ``metrics`` holds detached
-scalars named as in docs/metrics.md: the shared ``actor/`` names (``actor/ppo_kl``, ``actor/ref_kl``,
-``actor/pg_loss``, ...) mean the same quantity in every objective, ``flowrl/`` ones are FlowRL's own. A
-metric is only reported for what was computed: no ``actor/ref_kl`` without reference log-probs.
+and the micro-batch losses add up to the loss of the whole mini-batch. For an objective that takes
+``log_z``, the trainer's ``log_z.mode`` says where it comes from: a partition head (``"head"``, the
+policy's forward returns it) or, with ``"group"``, ``objective.group_log_z_fn`` computed once per step
+before the update, from the log-probs without gradient, and passed per sequence like the advantages.
+
+``metrics`` holds detached scalars named as in docs/metrics.md: the shared ``actor/`` names
+(``actor/ppo_kl``, ``actor/ref_kl``, ``actor/pg_loss``, ...) mean the same quantity in every objective,
+``flowrl/`` ones are FlowRL's own. A metric is only reported for what was computed: no
+``actor/ref_kl`` without reference log-probs.
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ from flowrl.objectives.advantages import (
 )
 from flowrl.objectives.flowrl import (
     IMPORTANCE_WEIGHT_MODES,
+    LOG_Z_MODES,
     REFERENCES,
     SEQUENCE_WEIGHTINGS,
     flowrl_loss,
+    group_log_z,
     importance_weight_clipped,
     sequence_importance_weight,
 )
@@ -95,6 +102,17 @@ class Objective:
     ``actor/kl_loss`` / ``actor/ref_kl`` metrics (GRPO, Dr. GRPO): at ``kl_coef=0`` the trainer skips the
     reference model and passes ``ref_logprobs=None`` (never a stand-in, whose KL would be logged as if
     real), and those metrics are left out. With ``kl_coef != 0``, None raises a ValueError."""
+    group_log_z_fn: Callable[..., Tensor] | None = None
+    """For an objective with ``uses_log_z``: the group estimate that replaces the head under
+    ``log_z.mode="group"``, ``group_log_z_fn(logprobs, old_logprobs, ref_logprobs, advantages,
+    response_mask, *, num_samples_per_prompt, valid, **loss_kwargs)`` -> (N,) without gradient (it takes
+    the loss's own options, so its weights are the loss's)."""
+
+    def needs_log_z_head(self, log_z_mode: str) -> bool:
+        """Whether a run in ``log_z_mode`` builds, trains, saves and exports a partition head."""
+        if log_z_mode not in LOG_Z_MODES:
+            raise ValueError(f"log_z.mode={log_z_mode!r} is not one of {', '.join(LOG_Z_MODES)}")
+        return self.uses_log_z and log_z_mode == "head"
 
 
 def _default(fn: Callable[..., Any], argument: str) -> Any:
@@ -195,6 +213,7 @@ OBJECTIVES: dict[str, Objective] = {
         uses_ref_logprobs=True,
         needs_values=False,
         count_units=_flowrl_units,
+        group_log_z_fn=group_log_z,
     ),
     "grpo": Objective(
         name="grpo",
@@ -241,6 +260,7 @@ OBJECTIVES: dict[str, Objective] = {
 __all__ = [
     "IMPORTANCE_WEIGHT_MODES",
     "KL_ESTIMATORS",
+    "LOG_Z_MODES",
     "LOSS_AGG_MODES",
     "OBJECTIVES",
     "REFERENCES",
@@ -252,6 +272,7 @@ __all__ = [
     "dr_grpo_loss",
     "flowrl_loss",
     "gae",
+    "group_log_z",
     "group_normalized_rewards",
     "grpo_loss",
     "importance_weight_clipped",

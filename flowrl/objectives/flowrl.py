@@ -10,6 +10,15 @@ KL(pi || p*) is, in gradient, the trajectory-balance loss of GFlowNets: a square
 ``log Z(x) + log pi(y|x)`` and ``beta r_hat + log pi_ref(y|x)``, with length-normalized log-probs and a
 sequence-level importance weight for off-policy samples. The switches below are the choices on which
 the paper, its reference code and the verl recipe differ (docs/flowrl-spec.md, section 3).
+
+``log Z(x)`` comes from one of two places (``log_z.mode`` in the trainer's config):
+
+* ``head``: a learned partition head on the prompt's hidden states (the paper's);
+* ``group``: :func:`group_log_z`, the value that minimizes the loss of each prompt's group of n
+  samples, the importance-weighted group mean of ``beta r_hat + ell_ref - ell``. The loss becomes the
+  weighted variance of ``ell - ell_ref - beta r_hat`` within each group (VarGrad, Richter et al. 2020,
+  arXiv 2010.10436; used for GFlowNets as a partition-free objective, e.g. Malkin et al. 2023,
+  arXiv 2210.00580); no head is trained.
 """
 
 from __future__ import annotations
@@ -234,3 +243,102 @@ def flowrl_loss(
         "actor/ref_kl": masked_kl_k3(logprobs, ref_logprobs, response_mask),
     }
     return loss, {name: value.detach() for name, value in metrics.items()}
+
+
+LOG_Z_MODES = ("head", "group")
+"""Where ``log Z(x)`` comes from: ``head``, a learned partition head (the paper); ``group``, the group
+estimate of :func:`group_log_z` (no head)."""
+
+
+def group_log_z(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    ref_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    *,
+    num_samples_per_prompt: int,
+    valid: Tensor | None = None,
+    beta: float = BETA,
+    importance_weight: str = "clamp",
+    max_importance_weight: float = MAX_IMPORTANCE_WEIGHT,
+    clip_eps: float = CLIP_EPS,
+    reference: str = "ref",
+    sequence_weighting: str = "mean",
+) -> Tensor:
+    """The log Z(x) that minimizes each group's FlowRL loss: a group mean instead of a partition head.
+
+    For the n samples of one prompt, :func:`flowrl_loss` is ``sum_i u_i (log_z + ell_i - b_i)^2 / D``
+    with ``b_i = beta r_hat_i + ell_ref_i``, ``u_i = w_i`` (times the length ``|y_i|`` when
+    ``sequence_weighting="length"``) and D the normalizer. It is a parabola in log_z, least at::
+
+        log_z* = sum_i u_i (beta r_hat_i + ell_ref_i - ell_i) / sum_i u_i
+
+    the weighted group mean; the loss there is the weighted variance of ``ell - b`` within the group.
+    The options are :func:`flowrl_loss`'s, so ``u`` is exactly the loss's weight: pass the same ones.
+
+    **Detached, and why.** The result carries no gradient history. Writing the group loss as
+    ``L(theta, c)`` with ``c = log_z``, the total derivative through an estimate ``c*(theta)`` is
+    ``dL/dtheta = dL/dtheta|_c* + dL/dc|_c* * dc*/dtheta``, and ``dL/dc|_c* = 2 sum_i u_i delta_i / D
+    = 0`` by the definition of ``c*``. So when the estimate is the exact minimizer of the loss being
+    differentiated (same ``ell``, same weights, the whole group), letting gradient flow through it
+    changes nothing: detaching costs no accuracy, and it lets the estimate be computed ahead of the
+    update, from a pass without gradient, and handed to micro-batches that cut across groups, like the
+    advantages. When it is not the exact minimizer (weights that differ from the loss's, or ``ell``
+    from a policy a few optimizer steps older), a gradient through it would add ``dL/dc * dc/dtheta``,
+    a pull on every sample of the group towards moving the group mean, which no FlowRL term asks for;
+    detached, it stays what log Z is in the loss: a per-prompt baseline. The policy gradient then equals
+    the head mode's with the head at this optimum (the head's own backbone term,
+    ``2 sum_i u_i delta_i grad log Z(x) / D``, is zero there as well).
+
+    A group of one valid sample gets that sample's own value (residual 0: no gradient); a group with
+    no valid sample gets 0.
+
+    Args:
+        logprobs: (N, T) log-probs of the policy whose ``ell`` the loss will differentiate (in the
+            trainer: the policy before the update, whose log-probs equal ``old_logprobs``).
+        old_logprobs: (N, T) log-probs of the policy that sampled the responses.
+        ref_logprobs: (N, T) log-probs of the reference policy.
+        advantages: (N,) r_hat, the reward term that ``beta`` multiplies, as in :func:`flowrl_loss`.
+        response_mask: (N, T), 1 on real response tokens.
+        num_samples_per_prompt: n, the group size; groups are contiguous rows, and n must divide N.
+        valid: (N,) bool, optional: False for samples left out of the update (failed rewards), which
+            are left out of their group's mean too.
+        beta, importance_weight, max_importance_weight, clip_eps, reference, sequence_weighting:
+            as in :func:`flowrl_loss`.
+
+    Returns:
+        (N,) log Z of each sample's prompt (the same within a group), without gradient history.
+    """
+    _check_choice("reference", reference, REFERENCES)
+    _check_choice("sequence_weighting", sequence_weighting, SEQUENCE_WEIGHTINGS)
+    check_batch_shapes(
+        response_mask,
+        per_token={"logprobs": logprobs, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs},
+        per_sequence={"advantages": advantages, **({} if valid is None else {"valid": valid})},
+    )
+    n = num_samples_per_prompt
+    if n < 1 or advantages.shape[0] % n != 0:
+        raise ValueError(
+            f"num_samples_per_prompt={n} must be a positive divisor of the number of responses "
+            f"N={advantages.shape[0]}; responses come in contiguous groups of num_samples_per_prompt"
+        )
+    logprobs, advantages = logprobs.detach(), advantages.detach()
+    ell = masked_mean(logprobs, response_mask, dim=-1)
+    ell_ref = masked_mean(
+        ref_logprobs if reference == "ref" else old_logprobs, response_mask, dim=-1
+    ).detach()
+    target = beta * advantages + ell_ref - ell  # (N,) the log_z that zeroes each residual
+    log_w = masked_sum(logprobs - old_logprobs.detach(), response_mask, dim=-1)
+    bounds = dict(max_importance_weight=max_importance_weight, clip_eps=clip_eps)
+    weight = sequence_importance_weight(log_w, importance_weight, **bounds)
+    if sequence_weighting == "length":
+        weight = weight * sequence_lengths(response_mask).to(weight.dtype)
+    if valid is not None:
+        weight = torch.where(valid.to(torch.bool), weight, torch.zeros_like(weight))
+    groups, weights = target.view(-1, n), weight.view(-1, n)  # (N / n, n)
+    total = weights.sum(dim=1, keepdim=True)
+    # where() rather than a product: a left-out sample's target may be NaN (no reward)
+    weighted = torch.where(weights > 0, weights * groups, torch.zeros_like(groups)).sum(dim=1, keepdim=True)
+    log_z = torch.where(total > 0, weighted / torch.where(total > 0, total, torch.ones_like(total)), 0.0)
+    return log_z.expand(-1, n).reshape(-1)
