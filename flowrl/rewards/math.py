@@ -112,6 +112,8 @@ FALLBACK_TAIL_CHARS = 20_000
 milliseconds). verl's math_dapo reads 300, which misses a "final answer is" a paragraph before the end."""
 WORKER_MEMORY_MB = 4096
 """Address-space limit of a verifier worker; SymPy blowing up then fails fast instead of swapping."""
+MAX_START_FAILURES = 3
+"""Workers of a working pool that may die while starting, in a row, before the pool gives up."""
 MAX_DEDUP_PARTS = 16
 """Several candidates are deduplicated by equivalence (pairwise Math-Verify checks) up to this many."""
 
@@ -711,7 +713,8 @@ class VerifierPool:
 
     Safe to call from any thread (calls are serialized by a lock; one call scores a whole batch in
     parallel). A worker whose task passes its deadline is killed and a fresh one started; a worker
-    that dies is replaced and its task reported as ``error``. Workers are plain subprocesses
+    that dies is replaced and its task reported as ``error``; one that dies while starting is restarted
+    (a broken install instead raises, see :meth:`_started_worker_died`). Workers are plain subprocesses
     (``sys.executable -c ...``), so they never re-import the caller's ``__main__``.
 
     Args:
@@ -745,6 +748,8 @@ class VerifierPool:
         self._workers: list[_Worker] = []
         self._pid = os.getpid()
         self.replaced = 0  # workers killed for overrunning or dying; for tests and logs
+        self._ever_ready = False  # a worker has started here once: the install works
+        self._start_failures = 0  # workers that died while starting since the last one started
 
     def _replace(self, worker: _Worker) -> None:
         worker.kill()
@@ -764,51 +769,79 @@ class VerifierPool:
                 self._workers.append(_Worker(self.memory_mb))
             pending = collections.deque(_Task(i, t) for i, t in enumerate(tasks))
             busy: dict[_Worker, _Task] = {}
-            while pending or busy:
-                for worker in list(self._workers):
-                    if pending and worker.ready and worker not in busy:
-                        task = pending.popleft()
-                        try:
-                            worker.conn.send(task.payload)
-                        except OSError:  # died while idle: retry the task on a fresh worker
-                            pending.appendleft(task)
-                            self._replace(worker)
-                            continue
-                        task.deadline = time.monotonic() + timeout
-                        busy[worker] = task
-                deadlines = [t.deadline for t in busy.values()]
-                wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-                by_conn = {w.conn: w for w in self._workers if w in busy or not w.ready}
-                for conn in wait(list(by_conn), timeout=wait_s):
-                    worker = by_conn[conn]
-                    try:
-                        message = conn.recv()
-                    except (EOFError, OSError) as exc:
-                        if not worker.ready:  # died while starting: a broken install, not one bad answer
-                            worker.kill()
-                            self._workers.remove(worker)
-                            raise RuntimeError(
-                                f"a Math-Verify worker exited with code {worker.proc.returncode} while "
-                                f"starting; run `{sys.executable} -c 'import math_verify'` to see why"
-                            ) from exc
-                        task = busy.pop(worker)
-                        results[task.index] = (RewardStatus.ERROR, f"verifier worker died ({exc!r})")
-                        self._replace(worker)
-                        continue
-                    if message == "ready":
-                        worker.ready = True
-                    else:
-                        task = busy.pop(worker)
-                        results[task.index] = (RewardStatus(message[0]), message[1])
-                now = time.monotonic()
-                for worker, task in list(busy.items()):
-                    if now >= task.deadline:
-                        del busy[worker]
-                        detail = f"Math-Verify took longer than {timeout:g} s"
-                        results[task.index] = (RewardStatus.TIMEOUT, detail)
-                        self._replace(worker)
+            try:
+                self._run_loop(pending, busy, results, timeout)
+            except BaseException:
+                # Workers still holding a task would answer it into the next call: stop them.
+                for worker in busy:
+                    worker.kill()
+                    self._workers.remove(worker)
+                raise
         assert all(r is not None for r in results), "every task gets a result"
         return results  # type: ignore[return-value]
+
+    def _run_loop(
+        self,
+        pending: collections.deque[_Task],
+        busy: dict[_Worker, _Task],
+        results: list[tuple[RewardStatus, str] | None],
+        timeout: float,
+    ) -> None:
+        while pending or busy:
+            for worker in list(self._workers):
+                if pending and worker.ready and worker not in busy:
+                    task = pending.popleft()
+                    try:
+                        worker.conn.send(task.payload)
+                    except OSError:  # died while idle: retry the task on a fresh worker
+                        pending.appendleft(task)
+                        self._replace(worker)
+                        continue
+                    task.deadline = time.monotonic() + timeout
+                    busy[worker] = task
+            deadlines = [t.deadline for t in busy.values()]
+            wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            by_conn = {w.conn: w for w in self._workers if w in busy or not w.ready}
+            for conn in wait(list(by_conn), timeout=wait_s):
+                worker = by_conn[conn]
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError) as exc:
+                    if not worker.ready:
+                        self._started_worker_died(worker, exc)
+                        continue
+                    task = busy.pop(worker)
+                    results[task.index] = (RewardStatus.ERROR, f"verifier worker died ({exc!r})")
+                    self._replace(worker)
+                    continue
+                if message == "ready":
+                    worker.ready = True
+                    self._ever_ready = True
+                    self._start_failures = 0
+                else:
+                    task = busy.pop(worker)
+                    results[task.index] = (RewardStatus(message[0]), message[1])
+            now = time.monotonic()
+            for worker, task in list(busy.items()):
+                if now >= task.deadline:
+                    del busy[worker]
+                    detail = f"Math-Verify took longer than {timeout:g} s"
+                    results[task.index] = (RewardStatus.TIMEOUT, detail)
+                    self._replace(worker)
+
+    def _started_worker_died(self, worker: _Worker, exc: BaseException) -> None:
+        """A worker died before saying "ready". Before any worker of this pool started, or three times in a
+        row, that is a broken install: raise. Otherwise (killed from outside while starting, e.g. by
+        the OOM killer) start another one."""
+        if not self._ever_ready or self._start_failures >= MAX_START_FAILURES:
+            worker.kill()
+            self._workers.remove(worker)
+            raise RuntimeError(
+                f"a Math-Verify worker exited with code {worker.proc.returncode} while starting; run "
+                f"`{sys.executable} -c 'import math_verify'` to see why"
+            ) from exc
+        self._start_failures += 1
+        self._replace(worker)
 
     def close(self) -> None:
         """Stop all workers (idempotent)."""

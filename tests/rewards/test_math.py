@@ -555,7 +555,7 @@ def test_timeout_scores_wrong_is_counted_and_the_worker_is_replaced() -> None:
     assert result.status is RewardStatus.TIMEOUT
     assert result.score == 0.0 and result.ok  # trained on, as a wrong answer
     assert pool.replaced == replaced + 1
-    assert fm.is_correct("\\boxed{5}", "5.0")  # the replacement worker answers
+    assert fm.is_correct("\\boxed{\\sqrt{25}}", "5")  # the replacement worker answers (no fast path)
 
 
 def test_default_deadline_from_a_non_main_thread() -> None:
@@ -571,7 +571,7 @@ def test_default_deadline_from_a_non_main_thread() -> None:
 
 
 def test_concurrent_callers_from_many_threads() -> None:
-    cases = [(f"\\boxed{{\\frac{{{k}}}{{2}}}}", str(k / 2)) for k in range(12)]
+    cases = [(f"\\boxed{{\\sqrt{{{k * k}}}}}", str(k)) for k in range(12)]  # sqrt: no fast path
     with ThreadPoolExecutor(max_workers=4) as pool:
         verdicts = list(pool.map(lambda c: fm.is_correct(*c), cases))
     assert all(verdicts)
@@ -585,13 +585,30 @@ def test_batch_with_a_pathological_answer_scores_the_rest() -> None:
 
 def test_pool_heals_after_a_worker_is_killed_from_outside() -> None:
     pool = fm.get_pool()
-    assert fm.is_correct("\\boxed{1}", "1.0")  # workers are up
+    assert fm.is_correct("\\boxed{\\sqrt{1}}", "1")  # workers are up (no fast path: Math-Verify)
     replaced = pool.replaced
-    pool._workers[0].proc.kill()  # e.g. the kernel's OOM killer
-    pool._workers[0].proc.wait()
-    first = fm.score_many(["\\boxed{0.5}"] * 4, ["\\frac{1}{2}"] * 4)
+    victim = next(w for w in pool._workers if w.ready)
+    victim.proc.kill()  # e.g. the kernel's OOM killer
+    victim.proc.wait()
+    # Answers that need Math-Verify (no fast path), so every worker gets a task.
+    first = fm.score_many(["\\boxed{\\sqrt{8}}"] * 4, ["2\\sqrt{2}"] * 4)
     # The dead worker's task (if it got one) is an error, never a silent wrong answer.
     assert {r.status for r in first} <= {RewardStatus.CORRECT, RewardStatus.ERROR}
     assert sum(r.status is RewardStatus.ERROR for r in first) <= 1
-    assert all(r.status is RewardStatus.CORRECT for r in fm.score_many(["\\boxed{0.5}"] * 4, ["1/2"] * 4))
+    again = fm.score_many(["\\boxed{\\sqrt{8}}"] * 4, ["2\\sqrt{2}"] * 4)
+    assert all(r.status is RewardStatus.CORRECT for r in again)
     assert pool.replaced == replaced + 1
+
+
+def test_a_worker_killed_while_starting_is_restarted_not_a_broken_install() -> None:
+    """Once the pool has worked, a worker that dies before it is ready (killed from outside) is replaced
+    and the batch is scored; raising would fail a whole training step for one killed process."""
+    pool = fm.get_pool()
+    assert fm.is_correct("\\boxed{\\sqrt{4}}", "2")  # the pool works
+    pool._replace(pool._workers[0])  # a fresh worker, still starting
+    starting = next(w for w in pool._workers if not w.ready)
+    starting.proc.kill()
+    starting.proc.wait()
+    results = fm.score_many(["\\boxed{\\sqrt{9}}"] * 3, ["3"] * 3)
+    assert [r.status for r in results] == [RewardStatus.CORRECT] * 3
+    assert starting not in pool._workers
