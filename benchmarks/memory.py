@@ -25,7 +25,8 @@ set size", the largest over a torchrun's ranks; each process's own ``VmHWM`` is 
 CUDA ``torch.cuda.max_memory_allocated`` (the plan's peak minus the CUDA context, which that figure does
 not count). Beside each: the plan's peak for the same config (``flowrl.plan.plan_memory``; for the TRL
 rows the plan of the project's equivalent run, GRPO at kl_coef 0 with or without LoRA, with TRL's own
-process baseline) and the relative error. A ``baseline`` pair of rows (the project's trainer and TRL on
+process baseline and, named in :func:`trl_terms_gb`, what TRL's generation holds beyond it) and the
+relative error. A ``baseline`` pair of rows (the project's trainer and TRL on
 a 0.2M-parameter model) measures what a process holds besides the model. The cumulative peak after
 each phase of the project's trainer (load, rollout, log-prob passes, update, optimizer step) is
 recorded per step, so the phase that set the peak can be read off.
@@ -418,6 +419,23 @@ def plan_row(
     return plan.to_dict()
 
 
+def trl_terms_gb(s: dict[str, Any], w: dict[str, Any], plan: dict[str, Any], device: str) -> dict[str, float]:
+    """What TRL's run holds that the project's equivalent does not, found by measurement.
+
+    ``peft_generate_head_copy``: TRL generates through peft's ``generate``, which on CPU makes a
+    contiguous copy of the output head's weight for every sequence of the generation batch in a batched
+    matmul (``aten::contiguous`` of a [4, 896, 151936] bf16 tensor, 1.04 GB, in torch's profiler on the
+    Qwen2.5-0.5B shape; a bare peft model's ``generate`` peaks 1.0 GB above its resident set, the same
+    model without peft does not). The project's decode loop calls the model's forward for the last
+    position only.
+    """
+    if s["trainer"] != "trl" or not s["lora_rank"] or device != "cpu":
+        return {}
+    m = plan["model"]
+    copy = w["prompts"] * w["samples"] * m["hidden_size"] * m["vocab_size"] * 2  # bf16 base
+    return {"peft_generate_head_copy": round(copy / GiB, 3)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -477,6 +495,12 @@ def main() -> int:
                 params = plan["parameters"]["total"]
                 measured = entry["peak_rss_gb"] if args.device == "cpu" else entry["cuda_max_allocated_gb"]
                 planned = plan["peak_gb_per_device"] - (plan["runtime_gb"] if args.device == "cuda" else 0)
+                extra = trl_terms_gb(s, w, plan, args.device)
+                if extra:  # TRL's own generation path: beside the plan of the project's equivalent run
+                    entry["planned_gb_project_equivalent"] = round(planned, 3)
+                    entry["trl_terms_gb"] = extra
+                    rollout = plan["phases_gb"]["rollout"] + sum(extra.values())
+                    planned = max(planned, rollout - (plan["runtime_gb"] if args.device == "cuda" else 0))
                 entry["plan"] = {
                     k: plan[k]
                     for k in (
@@ -487,6 +511,7 @@ def main() -> int:
                         "runtime_gb",
                         "setup",
                         "parameters",
+                        "model",
                     )
                 }
                 entry["measured_gb"] = measured
