@@ -79,6 +79,14 @@ class AlgorithmConfig:
 
 @dataclass
 class LogZConfig:
+    """Where FlowRL's log Z(x) comes from, and the partition head's settings."""
+
+    # "head": a learned partition head on the prompt's hidden states (the paper's, spec section 2);
+    # "group": no head, log Z of a prompt = the importance-weighted mean over its n samples of
+    # beta * r_hat + ell_ref - ell, the value that minimizes the group's loss, computed before the update
+    # without gradient (flowrl.objectives.group_log_z says why detaching changes no gradient). The
+    # settings below are the head's, unused in group mode.
+    mode: str = "head"
     num_layers: int = 3  # MLP depth (spec section 2); 0 = no head, log Z = 0 (the authors' ablation)
     dropout: float = 0.1
     lr: float | None = None  # None: the policy's learning rate (the reference code shares the optimizer)
@@ -284,7 +292,7 @@ def _check_kwargs(fn: Any, kwargs: dict[str, Any], where: str, reserved: set[str
 
 def validate(cfg: Config) -> None:
     """Check combinations OmegaConf's types cannot; raise ``ValueError`` saying what to change."""
-    from flowrl.objectives import OBJECTIVES
+    from flowrl.objectives import LOG_Z_MODES, OBJECTIVES
 
     name = cfg.algorithm.name
     if name not in OBJECTIVES:
@@ -335,6 +343,11 @@ def validate(cfg: Config) -> None:
         raise ValueError("rollout.temperature must be > 0 for training (log-probs are divided by it)")
     if cfg.log_z.num_layers < 0:
         raise ValueError("log_z.num_layers must be >= 0 (0 = no head, log Z fixed at 0)")
+    if cfg.log_z.mode not in LOG_Z_MODES:
+        raise ValueError(
+            f"log_z.mode={cfg.log_z.mode!r}: choose 'head' (a learned partition head) or 'group' "
+            "(the group estimate, no head)"
+        )
     dtypes = ("float32", "bfloat16", "float16", "auto")
     for key, value in (("model.dtype", cfg.model.dtype), ("model.ref_dtype", cfg.model.ref_dtype)):
         if value is not None and value not in dtypes:

@@ -223,6 +223,8 @@ def prepare_models(
 
     Args:
         checkpoint: a training checkpoint to resume from (its model or adapters and its head).
+        uses_log_z: the objective's loss takes log Z; a head is built only when ``log_z.mode`` is
+            ``"head"`` (``"group"`` estimates it from the samples: nothing to build, save or export).
         shard: shard the policy and the reference with FSDP2 (under torchrun, ``train.strategy=fsdp2``).
     """
     m = cfg.model
@@ -234,7 +236,7 @@ def prepare_models(
             model.enable_input_require_grads()
     model.config.use_cache = True
     head = None
-    if uses_log_z:
+    if uses_log_z and cfg.log_z.mode == "head":  # log_z.mode=group estimates log Z: no head at all
         head = LogZHead(model.config.hidden_size, num_layers=cfg.log_z.num_layers, dropout=cfg.log_z.dropout)
         head.to(device)
     if checkpoint is not None:

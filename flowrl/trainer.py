@@ -11,6 +11,8 @@ One RL step:
      step 2 scores: ``train.overlap_reference``); old log-probs too when the batch makes more than one
      optimizer step (for exactly one, they equal the current ones and are skipped);
   4. advantages with the objective's advantage function (group-normalized rewards for FlowRL and GRPO);
+     with ``log_z.mode=group``, FlowRL's log Z per prompt from the same no-gradient log-probs
+     (:func:`~flowrl.objectives.group_log_z`), passed to the loss like the advantages;
   5. mini-batch AdamW steps with micro-batch gradient accumulation. Every micro-batch loss is divided
      by the mini-batch's unit count (``normalizer``), so the summed gradient is the mini-batch mean's,
      whatever the micro-batch size; micro-batches are cut from length-sorted rows and trimmed to their
@@ -128,6 +130,8 @@ class Trainer:
             shard=self.sharded,
         )
         self.policy, self.ref_policy, self.optimizer = models.policy, models.reference, models.optimizer
+        # log_z.mode=group: log Z estimated per group before each update (no head; prepare_models built none)
+        self.group_log_z = self.objective.uses_log_z and not self.objective.needs_log_z_head(cfg.log_z.mode)
         self.units = models.units
         model = self.policy.model
         self.scheduler = build_scheduler(cfg, self.optimizer)
@@ -230,6 +234,28 @@ class Trainer:
             **self.cfg.algorithm.advantage,
         )
 
+    def _group_log_z(
+        self, valid: Tensor, advantages: Tensor, logprobs: Tensor, ref_logprobs: Tensor | None, mask: Tensor
+    ) -> Tensor:
+        """(N,) this rank's log Z per sequence under ``log_z.mode=group``: each prompt's group estimate.
+
+        Computed once, before the update, from the log-probs of the policy as it is now (no gradient),
+        over whole groups (a rank holds whole prompts); micro-batches then cut across groups freely.
+        With one optimizer step per batch this is the exact minimizer at the policy being updated; with
+        several, the one at the sampling policy, held for the batch like the advantages (log Z is a
+        per-prompt baseline: see :func:`~flowrl.objectives.group_log_z`).
+        """
+        return self.objective.group_log_z_fn(
+            logprobs,
+            logprobs,
+            ref_logprobs,
+            advantages,
+            mask,
+            num_samples_per_prompt=self.sampling.n,
+            valid=valid,
+            **self.cfg.algorithm.loss,
+        )
+
     def _autocast(self) -> Any:
         if self.bf16:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
@@ -270,6 +296,7 @@ class Trainer:
         advantages: Tensor,
         old_logprobs: Tensor | None,
         ref_logprobs: Tensor | None,
+        log_z: Tensor | None = None,
     ) -> dict[str, float]:
         """Mini-batch AdamW steps over the step's valid sequences; returns metrics averaged over them.
 
@@ -279,6 +306,8 @@ class Trainer:
             advantages: (N,) or (N, T) this rank's advantages.
             old_logprobs: (N, T), or None when the batch makes one optimizer step.
             ref_logprobs: (N, T), or None when the objective does not read them.
+            log_z: (N,) log Z per sequence under ``log_z.mode=group`` (:meth:`_group_log_z`); None when
+                the head computes it (or the objective has none).
 
         The mini-batches are a single process's (:func:`~flowrl.batching.minibatch_plan` over every
         rank's rows); each rank runs the members it holds and the gradients are summed across ranks.
@@ -309,7 +338,9 @@ class Trainer:
             for mini in plan:
                 local = mini[(mini >= offset) & (mini < offset + num_local)] - offset
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = self._accumulate(local, rollout, advantages, old_logprobs, ref_logprobs, keys, sums)
+                loss = self._accumulate(
+                    local, rollout, advantages, old_logprobs, ref_logprobs, keys, sums, log_z
+                )
                 if not self.sharded:  # FSDP has reduce-scattered them already, in backward
                     dp.all_reduce_grads(params)
                 if head_params:  # before clipping: how hard the loss pulls on the head itself
@@ -350,10 +381,12 @@ class Trainer:
         ref_logprobs: Tensor | None,
         dropout_keys: Tensor,
         sums: dict[str, Tensor],
+        log_z: Tensor | None = None,
     ) -> Tensor:
         """Forward and backward over this rank's members ``local`` of one mini-batch, in micro-batches;
         adds their metrics (times their sizes) to ``sums`` and returns this rank's part of the loss."""
         obj, options = self.objective, dict(self.cfg.algorithm.loss)
+        head = obj.uses_log_z and log_z is None  # the policy's head gives log Z (else: given, per sequence)
         # The global mini-batch's unit count, so the summed gradients are its mean's.
         normalizer = self.dp.sum(float(obj.count_units(rollout.response_mask[local].float(), **options)))
         micro: list[Micro | None] = list(micro_batches(local, rollout, self.cfg.train.micro_batch_size))
@@ -371,11 +404,11 @@ class Trainer:
                     mb.attention_mask,
                     mb.prompt_length,
                     temperature=self.sampling.temperature,
-                    with_log_z=obj.uses_log_z,
+                    with_log_z=head,
                     with_entropy=old_logprobs is None,
                     detach_log_z_input=self.cfg.log_z.detach_input,
                     exclude_last_prompt_token=self.cfg.log_z.exclude_last_prompt_token,
-                    log_z_dropout_keys=dropout_keys[rows] if obj.uses_log_z else None,
+                    log_z_dropout_keys=dropout_keys[rows] if head else None,
                 )
             mask = rollout.response_mask[rows, :w].float()
             tensors: dict[str, Tensor | None] = {
@@ -387,7 +420,7 @@ class Trainer:
             if obj.uses_ref_logprobs:  # None without a reference model (GRPO at kl_coef 0)
                 tensors["ref_logprobs"] = None if ref_logprobs is None else ref_logprobs[rows, :w]
             if obj.uses_log_z:
-                tensors["log_z"] = out.log_z
+                tensors["log_z"] = out.log_z if head else log_z[rows]
             loss, metrics = obj.loss_fn(**tensors, **options, normalizer=normalizer)
             if zero_weighted:
                 (loss * 0).backward()
@@ -556,7 +589,8 @@ class Trainer:
             # 3-4. old log-probs (no gradient) when the batch makes several optimizer steps, then advantages
             updates_per_rollout = math.ceil(int(step_valid.sum()) / t.mini_batch_size) * t.epochs_per_rollout
             old_logprobs = entropy = None
-            if updates_per_rollout > 1 or obj.advantage_uses_ref_logprobs:  # REINFORCE++ KL needs both
+            # REINFORCE++'s KL needs both; the group log Z needs ell before the update
+            if updates_per_rollout > 1 or obj.advantage_uses_ref_logprobs or self.group_log_z:
                 old_logprobs, entropy = self._logprobs_no_grad(self.policy, rollout, with_entropy=True)
             mask = rollout.response_mask.float()
             step_advantages = self._advantages(step_rewards, step_valid, mask, old_logprobs, ref_logprobs)
@@ -568,7 +602,10 @@ class Trainer:
 
             # 5. update on the sequences whose reward was computed (a stop signal now waits for it)
             rows = valid.nonzero().squeeze(-1)
-            metrics = self._update(rollout, rows, advantages, old_logprobs, ref_logprobs)
+            log_z = None
+            if self.group_log_z:  # old_logprobs: this policy's log-probs, computed above
+                log_z = self._group_log_z(valid, advantages, old_logprobs, ref_logprobs, mask)
+            metrics = self._update(rollout, rows, advantages, old_logprobs, ref_logprobs, log_z)
             self.scheduler.step()
             self._engine_stale = True
 

@@ -13,11 +13,15 @@ import torch
 from safetensors.torch import load_file
 
 from flowrl import cli
+from flowrl.batching import micro_batch
 from flowrl.checkpoint import HEAD_FILE, MODEL_DIR, latest_checkpoint
 from flowrl.config import load_config
 from flowrl.data import synthetic
 from flowrl.data.schema import write_rows
+from flowrl.export import export_checkpoint
 from flowrl.logging import read_metrics
+from flowrl.objectives.flowrl import BETA, flowrl_loss, sequence_importance_weight
+from flowrl.objectives.masked import masked_mean, masked_sum
 from flowrl.partition import LOG_Z_PREFIX
 from flowrl.policy import Policy, load_model, load_tokenizer
 from flowrl.rollout import HFRolloutEngine, SamplingParams
@@ -89,7 +93,42 @@ def test_logprobs_equal_independent_recomputation(model_dir: Path) -> None:
     assert torch.all(ours.logprobs[batch.response_mask == 0] == 0)
 
 
-@pytest.mark.parametrize("algorithm", ["flowrl", "grpo"])
+def _one_rollout(trainer: Trainer) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fixed batch of 4 prompts x 4 samples, rewards spread over [0, 1], and its advantages, sampled
+    from a policy moved away from the reference (at the reference, FlowRL's group log Z would be 0)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in trainer.policy.model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    indices = trainer.sampler.next(4)
+    rollout = trainer.engine.generate([trainer.prompts.prompt_ids[i] for i in indices], trainer.sampling)
+    rewards = torch.linspace(0, 1, rollout.response_ids.shape[0])
+    valid = torch.ones_like(rewards, dtype=torch.bool)
+    advantages = trainer.objective.advantage_fn(
+        rewards, rollout.response_mask.float(), None, None, num_samples_per_prompt=4, valid=valid
+    )
+    return rollout, rewards, valid, advantages
+
+
+def _recorded_update(trainer: Trainer, *args: Any) -> tuple[dict[str, float], torch.Tensor]:
+    """``trainer._update(*args)`` over one mini-batch: its metrics and the gradient it stepped with."""
+    seen: list[torch.Tensor] = []
+    step, policy = trainer.optimizer.step, trainer.policy
+
+    def recording_step() -> None:
+        seen.append(torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]))
+        step()
+
+    trainer.optimizer.step = recording_step  # type: ignore[method-assign]
+    torch.manual_seed(2)
+    metrics = trainer._update(*args)
+    (grads,) = seen
+    assert grads.abs().sum() > 0
+    assert all(p.grad is None for p in trainer.policy.parameters()), "released right after the step"
+    return metrics, grads
+
+
+@pytest.mark.parametrize("algorithm", ["flowrl", "flowrl_group", "grpo"])
 def test_update_does_not_depend_on_micro_batch_size(
     algorithm: str, model_dir: Path, data_file: Path, tmp_path: Path
 ) -> None:
@@ -106,42 +145,100 @@ def test_update_does_not_depend_on_micro_batch_size(
                     "train.logprob_micro_batch_size": micro + 1,  # the reference pass's own size
                     "train.mini_batch_size": 16,  # all 16 sequences: the one mini-batch the test means
                     "log_z.dropout": 0.0,
-                    "algorithm.name": algorithm,
+                    "algorithm.name": algorithm.removesuffix("_group"),
+                    "log_z.mode": "group" if algorithm.endswith("_group") else "head",
                 },
             ),
         )
         trainer = Trainer(cfg)
-        torch.manual_seed(1)
-        indices = trainer.sampler.next(4)
-        rollout = trainer.engine.generate([trainer.prompts.prompt_ids[i] for i in indices], trainer.sampling)
-        rewards = torch.linspace(0, 1, rollout.response_ids.shape[0])
-        valid = torch.ones_like(rewards, dtype=torch.bool)
-        advantages = trainer.objective.advantage_fn(
-            rewards, rollout.response_mask.float(), None, None, num_samples_per_prompt=4, valid=valid
-        )
+        rollout, rewards, valid, advantages = _one_rollout(trainer)
         ref = (
             trainer._logprobs_no_grad(trainer.ref_policy, rollout, with_entropy=False)[0]
             if trainer.ref_policy is not None
             else None
         )
-        torch.manual_seed(2)
-        seen: list[torch.Tensor] = []  # one mini-batch: the accumulated gradient the optimizer steps with
-
-        def recording_step(
-            step: Any = trainer.optimizer.step, policy: Policy = trainer.policy, seen: list = seen
-        ) -> None:
-            seen.append(torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]))
-            step()
-
-        trainer.optimizer.step = recording_step  # type: ignore[method-assign]
-        metrics = trainer._update(rollout, torch.arange(len(rewards)), advantages, None, ref)
-        (grads,) = seen
-        assert grads.abs().sum() > 0
-        assert all(p.grad is None for p in trainer.policy.parameters()), "released right after the step"
+        old = log_z = None
+        if trainer.group_log_z:  # as the loop does: log-probs before the update, then the group estimate
+            old = trainer._logprobs_no_grad(trainer.policy, rollout, with_entropy=False)[0]
+            log_z = trainer._group_log_z(valid, advantages, old, ref, rollout.response_mask.float())
+            assert log_z.view(4, 4)[:, 0].std() > 1e-3  # one value per prompt, and they differ
+        metrics, grads = _recorded_update(
+            trainer, rollout, torch.arange(len(rewards)), advantages, old, ref, log_z
+        )
         results.append((metrics["actor/loss"], grads))
     for loss, grads in results[1:]:
         assert loss == pytest.approx(results[0][0], rel=1e-5, abs=1e-7)
         torch.testing.assert_close(grads, results[0][1], atol=1e-6, rtol=1e-4)
+
+
+def test_group_mode_update_equals_the_group_estimate_inside_the_graph(
+    model_dir: Path, data_file: Path, tmp_path: Path
+) -> None:
+    """The trainer's group mode (estimate computed before the update, detached, micro-batches of 3 that
+    cut across groups) steps with the gradient of the whole batch's loss with the estimate computed in
+    the same forward and the gradient flowing through it (objectives.group_log_z: the envelope argument)."""
+    items = overrides(
+        model_dir,
+        data_file,
+        tmp_path / "run",
+        **{
+            "train.micro_batch_size": 3,
+            "train.mini_batch_size": 16,
+            "log_z.mode": "group",
+            "optim.max_grad_norm": 1e9,  # the raw gradient: no clipping
+        },
+    )
+    trainer = Trainer(load_config(None, items))
+    assert trainer.group_log_z and trainer.policy.log_z_head is None
+    rollout, rewards, valid, advantages = _one_rollout(trainer)
+    mask = rollout.response_mask.float()
+    ref = trainer._logprobs_no_grad(trainer.ref_policy, rollout, with_entropy=False)[0]
+    old = trainer._logprobs_no_grad(trainer.policy, rollout, with_entropy=False)[0]
+
+    # expected: one forward over all 16 rows, the group mean of beta r_hat + ell_ref - ell in the graph
+    mb = micro_batch(rollout, torch.arange(16))
+    w = mb.response_width
+    out = trainer.policy(mb.input_ids, mb.attention_mask, mb.prompt_length, temperature=1.0)
+    m = mask[:, :w]
+    target = BETA * advantages + masked_mean(ref[:, :w], m, dim=-1) - masked_mean(out.logprobs, m, dim=-1)
+    weight = sequence_importance_weight(masked_sum(out.logprobs.detach() - old[:, :w], m, dim=-1), "clamp")
+    in_graph = ((weight * target).view(4, 4).sum(1) / weight.view(4, 4).sum(1)).repeat_interleave(4)
+    assert in_graph.requires_grad
+    loss, _ = flowrl_loss(out.logprobs, old[:, :w], ref[:, :w], in_graph, advantages, m)
+    loss.backward()
+    expected = torch.cat([p.grad.flatten() for p in trainer.policy.parameters() if p.grad is not None])
+    trainer.policy.zero_grad(set_to_none=True)
+
+    log_z = trainer._group_log_z(valid, advantages, old, ref, mask)
+    torch.testing.assert_close(log_z, in_graph.detach(), atol=1e-6, rtol=1e-6)
+    assert log_z.view(4, 4)[:, 0].std() > 1e-3
+    metrics, grads = _recorded_update(trainer, rollout, torch.arange(16), advantages, old, ref, log_z)
+    assert metrics["actor/loss"] == pytest.approx(loss.item(), rel=1e-5)
+    torch.testing.assert_close(grads, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_group_mode_builds_saves_and_exports_no_head(
+    model_dir: Path, data_file: Path, tmp_path: Path
+) -> None:
+    items = overrides(model_dir, data_file, tmp_path / "run", **{"log_z.mode": "group"})
+    trainer = Trainer(load_config(None, items))
+    assert trainer.policy.log_z_head is None
+    assert all(g.get("name") != "log_z_head" for g in trainer.optimizer.param_groups)
+    before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    rows = trainer.fit().metrics
+    assert all(math.isfinite(r["actor/loss"]) and math.isfinite(r["flowrl/log_z"]) for r in rows)
+    assert all("flowrl/log_z_grad_norm" not in r for r in rows)  # no head to pull on
+    assert all(not torch.equal(p, before[n]) for n, p in trainer.policy.named_parameters())
+    final = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert not (final / HEAD_FILE).exists() or not load_file(str(final / HEAD_FILE))
+    info = export_checkpoint(final, tmp_path / "exported")
+    assert info["log_z_head"] is None and not (tmp_path / "exported" / "log_z_head").exists()
+
+
+def test_unknown_log_z_mode_is_refused_with_the_choices(tmp_path: Path) -> None:
+    items = [f"model.path={tmp_path}", f"data.train_files=[{tmp_path / 'x.jsonl'}]", "log_z.mode=mean"]
+    with pytest.raises(ValueError, match="log_z.mode='mean': choose 'head' .* or 'group'"):
+        load_config(None, items)
 
 
 REFERENCE_STARTED = threading.Event()
