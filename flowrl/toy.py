@@ -16,6 +16,10 @@ a one-token "sequence" (T = 1, ``response_mask`` all ones), so the losses are ex
   distribution matching can recover every mode (and log Z should converge to ``log(1/101)``, the mass
   of ``exp(r) * pi_ref``). The paper's LLM setting uses group-normalized rewards and beta = 15; with
   group normalization the optimum would be a tempered ``p*``, not ``p*``, so the toy departs from it.
+- ``flowrl_group``: the same loss with no learned log Z: each step's log Z is the group estimate
+  :func:`flowrl.objectives.group_log_z` over the step's samples (one prompt, one group), the value that
+  minimizes the step's loss (``log_z.mode=group`` of the trainer). Not in the default run (the paper's
+  figure); ``--methods flowrl,flowrl_group,grpo`` compares it.
 - ``grpo``: GRPO (arXiv 2402.03300) with the step's samples as one group, no KL term.
 - ``reinforce_pp``: REINFORCE++ (arXiv 2501.03262), batch-whitened returns with a small k1 KL penalty
   towards the uniform reference.
@@ -58,7 +62,7 @@ import torch
 from torch import Tensor, nn
 
 from flowrl.objectives.advantages import gae, group_normalized_rewards, reinforce_pp_advantages
-from flowrl.objectives.flowrl import flowrl_loss
+from flowrl.objectives.flowrl import flowrl_loss, group_log_z
 from flowrl.objectives.grpo import grpo_loss
 from flowrl.objectives.masked import masked_whiten
 from flowrl.objectives.ppo import clipped_surrogate, value_loss
@@ -67,11 +71,15 @@ from flowrl.objectives.reinforce_pp import reinforce_pp_loss
 NUM_STATES = 101
 """The states are {0, ..., NUM_STATES - 1}, the 1-D space of the paper's Figure 1."""
 
-METHODS: tuple[str, ...] = ("flowrl", "grpo", "reinforce_pp", "ppo")
+METHODS: tuple[str, ...] = ("flowrl", "flowrl_group", "grpo", "reinforce_pp", "ppo")
 """The methods of the experiment, in the order of the table."""
+
+DEFAULT_METHODS: tuple[str, ...] = ("flowrl", "grpo", "reinforce_pp", "ppo")
+"""The methods of the paper's Figure 1, which ``flowrl toy`` runs by default."""
 
 METHOD_LABELS: dict[str, str] = {
     "flowrl": "FlowRL",
+    "flowrl_group": "FlowRL-group",
     "grpo": "GRPO",
     "reinforce_pp": "REINFORCE++",
     "ppo": "PPO",
@@ -79,6 +87,7 @@ METHOD_LABELS: dict[str, str] = {
 
 METHOD_COLORS: dict[str, str] = {
     "flowrl": "#D55E00",  # vermillion
+    "flowrl_group": "#E69F00",  # orange: FlowRL with the group estimate of log Z instead of a head
     "grpo": "#0072B2",  # blue
     "reinforce_pp": "#CC79A7",  # reddish purple
     "ppo": "#009E73",  # bluish green
@@ -125,7 +134,7 @@ class ToyConfig:
     """Adam learning rate, shared by the policy logits and the method's scalar (log Z or value)."""
     seed: int = 0
     """Seed of the sampling generator; every method starts from the same seed."""
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     """Which methods to run, a subset of ``METHODS``."""
 
     def __post_init__(self) -> None:
@@ -230,23 +239,27 @@ def _method_loss(
         method: one of ``METHODS``.
         logprobs: (N, 1) log pi_theta of the sampled states (one-token sequences), with gradient.
         rewards: (N,) log p* of the sampled states.
-        log_z: () the learned log partition function (used by flowrl).
+        log_z: () the learned log partition function (used by flowrl); flowrl_group writes its
+            estimate into it (without gradient), so the caller can read it.
         value: () the learned value baseline (used by ppo).
     """
     num_samples = logprobs.shape[0]
     response_mask = torch.ones_like(logprobs)  # (N, 1)
     old_logprobs = logprobs.detach()  # one update per batch: the sampling policy is the current one
     ref_logprobs = torch.full_like(logprobs, -math.log(NUM_STATES))  # uniform reference
-    if method == "flowrl":
+    if method in ("flowrl", "flowrl_group"):
+        options = dict(beta=FLOWRL_BETA, importance_weight="clamp")
+        if method == "flowrl":
+            log_z_per_sample = log_z.expand(num_samples)
+        else:  # the step's samples are one prompt's group
+            log_z_per_sample = group_log_z(
+                logprobs, old_logprobs, ref_logprobs, rewards, response_mask,
+                num_samples_per_prompt=num_samples, **options,
+            )  # fmt: skip
+            with torch.no_grad():
+                log_z.copy_(log_z_per_sample[0])
         loss, _ = flowrl_loss(
-            logprobs,
-            old_logprobs,
-            ref_logprobs,
-            log_z.expand(num_samples),
-            rewards,
-            response_mask,
-            beta=FLOWRL_BETA,
-            importance_weight="clamp",
+            logprobs, old_logprobs, ref_logprobs, log_z_per_sample, rewards, response_mask, **options
         )
         return loss
     if method == "grpo":
@@ -291,7 +304,8 @@ def train_policy(method: str, target_log_p: Tensor, cfg: ToyConfig) -> tuple[Ten
         cfg: the experiment's configuration.
 
     Returns:
-        (S,) float64 final log pi_theta, and the final scalars ``{"log_z": .., "value": ..}``.
+        (S,) float64 final log pi_theta, and the final scalars ``{"log_z": .., "value": ..}`` (for
+        flowrl_group, ``log_z`` is the last step's group estimate).
     """
     generator = torch.Generator().manual_seed(cfg.seed)
     logits = nn.Parameter(torch.zeros(NUM_STATES))  # uniform initial policy
@@ -326,8 +340,9 @@ def run_toy(cfg: ToyConfig, *, verbose: bool = False) -> dict:
         A JSON-serializable dict: ``"methods"`` maps each method to ``{"kl_target_policy",
         "kl_policy_target", "modes_covered"}``; ``"config"`` is the configuration, ``"target"`` the
         target's probabilities, ``"policies"`` each final policy's probabilities, ``"num_modes"`` the
-        number of modes and ``"flowrl_log_z"`` FlowRL's learned log Z (when flowrl ran). Deterministic
-        for a given configuration.
+        number of modes, ``"flowrl_log_z"`` FlowRL's learned log Z (when flowrl ran) and
+        ``"flowrl_group_log_z"`` the last group estimate (when flowrl_group ran). Deterministic for a
+        given configuration.
     """
     target_log_p = target_log_probs(cfg.modes, cfg.weights, cfg.width)
     target_probs = target_log_p.exp()
@@ -352,8 +367,8 @@ def run_toy(cfg: ToyConfig, *, verbose: bool = False) -> dict:
                 "modes_covered": modes_covered(policy_probs, target_probs, cfg.modes, cfg.width),
             }
             result["policies"][method] = policy_probs.tolist()
-            if method == "flowrl":
-                result["flowrl_log_z"] = scalars["log_z"]
+            if method in ("flowrl", "flowrl_group"):
+                result[f"{method}_log_z"] = scalars["log_z"]
             if verbose:
                 print(
                     f"{METHOD_LABELS[method]:<12} {cfg.steps} steps | {time.perf_counter() - start:.1f}s",
@@ -490,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         type=_name_list,
         default=defaults.methods,
-        help=f"subset of {','.join(METHODS)} (default all)",
+        help=f"subset of {','.join(METHODS)} (default {','.join(DEFAULT_METHODS)})",
     )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON")
     parser.add_argument("--plot", type=Path, default=None, metavar="PATH", help="draw Figure 1 to a PNG")

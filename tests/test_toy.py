@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from flowrl.toy import (
+    DEFAULT_METHODS,
     METHOD_COLORS,
     METHOD_LABELS,
     METHODS,
@@ -45,9 +46,13 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def _assert_flowrl_matches_and_maximizers_collapse(result: dict, num_modes: int) -> None:
     methods = result["methods"]
-    assert methods["flowrl"]["kl_target_policy"] <= PAPER_FLOWRL_KL
-    assert methods["flowrl"]["modes_covered"] == num_modes
+    for name in ("flowrl", "flowrl_group"):
+        if name in methods:
+            assert methods[name]["kl_target_policy"] <= PAPER_FLOWRL_KL, name
+            assert methods[name]["modes_covered"] == num_modes, name
     for name in ("grpo", "reinforce_pp"):
+        if name not in methods:
+            continue
         assert methods[name]["modes_covered"] < num_modes, name
         # A collapsed policy misses whole modes: its KL(target||policy) is far above FlowRL's.
         assert methods[name]["kl_target_policy"] > 10 * PAPER_FLOWRL_KL, name
@@ -58,7 +63,7 @@ def _assert_flowrl_matches_and_maximizers_collapse(result: dict, num_modes: int)
 
 def test_default_json_has_the_documented_schema(default_run: dict) -> None:
     result = default_run["result"]
-    assert list(result["methods"]) == list(METHODS)
+    assert list(result["methods"]) == list(DEFAULT_METHODS)  # the paper's figure: flowrl_group left out
     for row in result["methods"].values():
         assert set(row) == {"kl_target_policy", "kl_policy_target", "modes_covered"}
         assert row["kl_target_policy"] >= 0 and row["kl_policy_target"] >= 0
@@ -91,6 +96,15 @@ def test_flowrl_log_z_learns_the_partition_function(default_run: dict) -> None:
     assert default_run["result"]["flowrl_log_z"] == pytest.approx(-math.log(NUM_STATES), abs=0.1)
 
 
+def test_group_estimate_of_log_z_matches_the_target_without_a_learned_log_z() -> None:
+    # FlowRL with log Z from each step's samples (log_z.mode=group) instead of a learned scalar
+    result = run_toy(ToyConfig(methods=("flowrl_group",)))
+    _assert_flowrl_matches_and_maximizers_collapse(result, num_modes=3)
+    # the estimate of the last step is the partition function the learned one converges to: log(1/101)
+    assert result["flowrl_group_log_z"] == pytest.approx(-math.log(NUM_STATES), abs=0.1)
+    assert "flowrl_log_z" not in result
+
+
 def test_goal_holds_for_another_three_mode_target() -> None:
     result = run_toy(ToyConfig(modes=(15, 45, 85), weights=(2.0, 1.0, 1.0)))
     _assert_flowrl_matches_and_maximizers_collapse(result, num_modes=3)
@@ -106,11 +120,11 @@ def test_goal_holds_for_a_four_mode_target_from_the_command_line(tmp_path: Path)
         "--width",
         "4",
         "--methods",
-        "flowrl,grpo,reinforce_pp",
+        "flowrl,flowrl_group,grpo,reinforce_pp",
     ]
     assert main([*argv, "--json", str(json_path)]) == 0
     result = json.loads(json_path.read_text())
-    assert list(result["methods"]) == ["flowrl", "grpo", "reinforce_pp"]
+    assert list(result["methods"]) == ["flowrl", "flowrl_group", "grpo", "reinforce_pp"]
     _assert_flowrl_matches_and_maximizers_collapse(result, num_modes=4)
 
 
@@ -229,7 +243,7 @@ def test_modes_covered_counts_windows_with_a_quarter_of_the_target_mass() -> Non
         (["--modes=-5,50", "--weights=1,1"], "0..100"),
         (["--modes", "20,20", "--weights", "1,1"], "each mode once"),
         (["--modes", "a,b"], "comma-separated integers"),
-        (["--methods", "flowrl,dpo"], "flowrl,grpo,reinforce_pp,ppo"),
+        (["--methods", "flowrl,dpo"], "flowrl,flowrl_group,grpo,reinforce_pp,ppo"),
         (["--samples-per-step", "1"], "at least 2"),
         (["--steps", "0"], "at least 1"),
         (["--lr", "0"], "positive"),
