@@ -8,7 +8,10 @@
    pass@k, distinct correct answers per prompt from n samples, and, because the answer set is
    enumerable, the exact probability mass on correct answers and the exact KL from FlowRL's target
    p*(y|x) = pi_ref(y|x) 1[y correct] / Z(x) (the large-beta limit of exp(beta r_hat) pi_ref / Z);
-4. with ``--compare``, runs GRPO with the same budget and seeds and prints both side by side, with a plot.
+4. with ``--compare``, runs GRPO with the same budget and seeds and prints both side by side, with a plot;
+5. ``--log-z group`` runs FlowRL without a partition head (``log_z.mode=group``: each prompt's log Z is
+   the group estimate from its 16 samples), ``--log-z both`` runs both modes (``flowrl`` and
+   ``flowrl_group``).
 
 Every number printed is computed in the run.
 """
@@ -141,14 +144,18 @@ ROWS = (
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
     names = list(results)
-    header = f"{'metric':<42}" + "".join(f"{n:>12}" for n in names)
+    widths = [max(12, len(n) + 2) for n in names]
+    header = f"{'metric':<42}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths, strict=True))
     lines = [
         header,
         "-" * len(header),
-        f"{'RL step':<42}" + "".join(f"{int(results[n]['step']):>12}" for n in names),
+        f"{'RL step':<42}"
+        + "".join(f"{int(results[n]['step']):>{w}}" for n, w in zip(names, widths, strict=True)),
     ]
     for key, label in ROWS:
-        lines.append(f"{label:<42}" + "".join(f"{results[n][key]:>12.3f}" for n in names))
+        lines.append(
+            f"{label:<42}" + "".join(f"{results[n][key]:>{w}.3f}" for n, w in zip(names, widths, strict=True))
+        )
     return "\n".join(lines)
 
 
@@ -347,8 +354,27 @@ def prepare(out: Path, *, seed: int, sft_steps: int) -> tuple[Path, Path]:
     return sft_dir, data
 
 
+RUNS: dict[str, tuple[str, str]] = {
+    "flowrl": ("flowrl", "head"),
+    "flowrl_group": ("flowrl", "group"),
+    "grpo": ("grpo", "head"),
+}
+"""Each run the demo can make: its ``algorithm.name`` and ``log_z.mode`` (``flowrl_group``: no head)."""
+
+LOG_Z_RUNS = {"head": ["flowrl"], "group": ["flowrl_group"], "both": ["flowrl", "flowrl_group"]}
+"""The FlowRL runs of each ``--log-z`` choice."""
+
+
 def demo_config(
-    model_dir: Path, data: Path, run_dir: Path, algorithm: str, seed: int, steps: int, save_every: int
+    model_dir: Path,
+    data: Path,
+    run_dir: Path,
+    algorithm: str,
+    seed: int,
+    steps: int,
+    save_every: int,
+    *,
+    log_z_mode: str = "head",
 ) -> Config:
     return load_config(
         None,
@@ -362,6 +388,7 @@ def demo_config(
             f"train.total_steps={steps}",
             f"train.save_every={save_every}",
             *([f"algorithm.loss.beta={DEMO_BETA}"] if algorithm == "flowrl" else []),
+            f"log_z.mode={log_z_mode}",
         ],
     )
 
@@ -396,6 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-every", type=int, default=0, help="checkpoint and evaluate every k steps (0: steps / 8)"
     )
     parser.add_argument("--sft-steps", type=int, default=400)
+    parser.add_argument(
+        "--log-z",
+        choices=list(LOG_Z_RUNS),
+        default="head",
+        help="FlowRL's log Z: a learned head (the paper's), the group estimate of each prompt's samples "
+        "(no head; the run is named flowrl_group), or both runs",
+    )
     parser.add_argument("--json", help="write every number to this file")
     return parser
 
@@ -419,17 +453,21 @@ def main(argv: list[str] | None = None) -> int:
     results = {"sft (start)": start}
     trajectories: dict[str, list[dict[str, float]]] = {}
     dists = {"sft (start)": ref[PLOT_SUM]}
-    for algorithm in ["flowrl", "grpo"] if args.compare else ["flowrl"]:
-        print(f"\n== {algorithm}: {args.steps} RL steps ==")
-        run_dir = out / algorithm
-        cfg = demo_config(sft_dir, data, run_dir, algorithm, args.seed, args.steps, eval_every)
+    flowrl_runs = LOG_Z_RUNS[args.log_z]
+    for name in [*flowrl_runs, "grpo"] if args.compare else flowrl_runs:
+        print(f"\n== {name}: {args.steps} RL steps ==")
+        run_dir = out / name
+        algorithm, mode = RUNS[name]
+        cfg = demo_config(
+            sft_dir, data, run_dir, algorithm, args.seed, args.steps, eval_every, log_z_mode=mode
+        )
         run = train(cfg, overwrite=True)  # the demo always starts afresh
-        trajectories[algorithm] = [start, *trajectory(run_dir, tokenizer, ref, seed=args.seed)]
-        results[algorithm] = trajectories[algorithm][-1]
-        dists[algorithm] = answer_distribution(run.policy.model, tokenizer, PLOT_SUM)
+        trajectories[name] = [start, *trajectory(run_dir, tokenizer, ref, seed=args.seed)]
+        results[name] = trajectories[name][-1]
+        dists[name] = answer_distribution(run.policy.model, tokenizer, PLOT_SUM)
     if args.compare:
         # GRPO climbs faster; compare coverage where the two are equally accurate as well
-        matched = closest(trajectories["grpo"], results["flowrl"]["accuracy"])
+        matched = closest(trajectories["grpo"], results[flowrl_runs[0]]["accuracy"])
         results[f"grpo@{int(matched['step'])}"] = matched
     elapsed = time.perf_counter() - started
     print(
@@ -439,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     if args.compare:
         print(
-            f"grpo@{int(matched['step'])}: the GRPO checkpoint closest to FlowRL's final accuracy "
+            f"grpo@{int(matched['step'])}: the GRPO checkpoint closest to {flowrl_runs[0]}'s final accuracy "
             f"(checkpoints every {eval_every} steps)"
         )
     figure = out / "demo.png"

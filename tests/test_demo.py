@@ -17,7 +17,7 @@ from flowrl.policy import load_model, load_tokenizer
 @pytest.fixture(scope="module")
 def compare_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
     out = tmp_path_factory.mktemp("demo")
-    argv = ["demo", "--compare", "--steps", "4", "--eval-every", "2", "--sft-steps", "30"]
+    argv = ["demo", "--compare", "--log-z", "both", "--steps", "4", "--eval-every", "2", "--sft-steps", "30"]
     argv += ["--output-dir", str(out / "demo"), "--json", str(out / "demo.json")]
     capture = pytest.MonkeyPatch()
     import io
@@ -36,8 +36,8 @@ def test_compare_prints_both_methods_and_a_matched_grpo_checkpoint(compare_run) 
     out, report, stdout = compare_run
     results = report["results"]
     matched = [name for name in results if name.startswith("grpo@")]
-    assert list(results)[:3] == ["sft (start)", "flowrl", "grpo"] and len(matched) == 1
-    for name in ["flowrl", "grpo"]:
+    assert list(results)[:4] == ["sft (start)", "flowrl", "flowrl_group", "grpo"] and len(matched) == 1
+    for name in ["flowrl", "flowrl_group", "grpo"]:
         assert [p["step"] for p in report["trajectories"][name]] == [0, 2, 4]
         assert results[name]["step"] == 4
     # the matched column is the GRPO checkpoint closest to FlowRL's final accuracy
@@ -52,6 +52,23 @@ def test_compare_prints_both_methods_and_a_matched_grpo_checkpoint(compare_run) 
         assert label in stdout
     assert (out / "demo" / "demo.png").stat().st_size > 0
     assert (out / "demo" / "flowrl" / "metrics.jsonl").exists()
+
+
+def test_log_z_group_run_has_no_head(compare_run) -> None:
+    from safetensors.torch import load_file
+
+    from flowrl.checkpoint import HEAD_FILE, latest_checkpoint
+    from flowrl.config import load_config
+
+    out, _, stdout = compare_run
+    for name, mode in (("flowrl", "head"), ("flowrl_group", "group")):
+        run = out / "demo" / name
+        assert load_config(run / "config.yaml").log_z.mode == mode
+        head = latest_checkpoint(run / "checkpoints") / HEAD_FILE
+        has_head = head.exists() and bool(load_file(str(head)))
+        assert has_head == (mode == "head"), name
+    header = next(line for line in stdout.splitlines() if line.startswith("metric"))
+    assert header.split()[1:5] == ["sft", "(start)", "flowrl", "flowrl_group"]  # columns stay apart
 
 
 def test_exact_metrics_match_enumeration(compare_run) -> None:
@@ -214,7 +231,7 @@ def test_demo_png_uses_the_fixed_colours(compare_run) -> None:
     def present(color: str) -> bool:
         return bool((np.abs(pixels - np.array(to_rgb(color))).max(-1) < 0.02).any())
 
-    for method in ("flowrl", "grpo", "reference"):
+    for method in ("flowrl", "flowrl_group", "grpo", "reference"):
         assert present(METHOD_COLORS[method]), method
     for default in ("#1f77b4", "#ff7f0e", "#2ca02c"):  # matplotlib's colour cycle, which the old plot used
         assert not present(default), default
