@@ -166,3 +166,27 @@ def test_memory_smoke_every_row(tmp_path: Path) -> None:
     _memory_rows_check(report, rows)
     assert len(report["rows"]["flowrl_fsdp2"]["processes"]) == 2  # one report per rank
     assert set(report["baselines_gb"]) == {"baseline", "trl_baseline"}
+
+
+@pytest.mark.slow
+def test_log_z_ablation_smoke(tmp_path: Path) -> None:
+    plot = tmp_path / "log_z_ablation.png"
+    report = run_script("log_z_ablation", "--preset", "smoke", "--plot", str(plot), tmp_path=tmp_path)
+    methods = ["flowrl", "flowrl_group", "grpo"]
+    toy = report["toy"]["mean_over_seeds"]["default"]
+    for method in methods:
+        row = toy[method]["10"]
+        assert row["kl_target_policy"] > 0 and 0 <= row["modes_covered"] <= 1 and row["ms_per_step"] > 0
+        assert 0 < row["in_mode_mass"] < 1
+    assert toy["flowrl"]["10"] != toy["flowrl_group"]["10"]  # two different runs, not one copied
+    demo = report["demo"]["mean_over_seeds"]
+    for method in methods:
+        assert demo[method]["kl_to_target"] > 0 and 0 <= demo[method]["accuracy"] <= 1
+        assert demo[method]["perf/step_time_s"] > 0
+    # the group run made the extra pass without gradient (its log-probs before the update); GRPO no
+    # reference pass at all
+    perf = report["demo"]["per_seed"]["0"]["perf_median_s"]
+    assert (
+        perf["grpo"]["perf/score_and_logprob_time_s"] < perf["flowrl_group"]["perf/score_and_logprob_time_s"]
+    )
+    assert plot.read_bytes()[:4] == b"\x89PNG"
