@@ -7,6 +7,13 @@ a mix of answers: the gold verbatim in ``\\boxed{}`` (decided without SymPy), an
 (fraction vs decimal, radicals, ``x = ...``, an ``Answer:`` line), and wrong answers, all scored through
 :func:`flowrl.rewards.math.score_many` (Math-Verify in the worker pool).
 
+With ``--repeats N`` N such batches are scored (the first drawn with seed 0 as before, the others with
+other seeds, so no parsed gold is reused from an earlier batch) and the median rate is reported with
+every run's rate and the load average, because other jobs share the machine; the CPU time the caller
+and the worker processes spend per response (``cpu_ms_per_response``, from ``/proc``) depends much less
+on that load. A worker caches parsed golds, so golds repeated within a batch (about 2.3 responses per
+gold here; a training batch has a group of samples per prompt) are parsed once.
+
 Code: APPS-style stdin/stdout problems with ``--tests`` tests each and a mix of correct, wrong and
 crashing programs, run through :func:`flowrl.rewards.code.run_many` in the bubblewrap sandbox with
 ``--workers`` concurrent sandboxes. Programs that time out are not in the mix: each would cost its full
@@ -20,6 +27,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -30,6 +38,19 @@ FILLER = (
     "We proceed step by step. First we rewrite the expression, then collect like terms and simplify. "
     "Checking the boundary cases confirms the result. "
 ) * 12  # about 1,500 characters of "reasoning"
+
+
+def worker_cpu_seconds(pool: math_rewards.VerifierPool) -> float:
+    """CPU time (user + system) used so far by the pool's worker processes, from ``/proc``."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for worker in pool._workers:
+        try:
+            fields = Path(f"/proc/{worker.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / ticks
 
 
 def math_cases(n: int, rng: random.Random) -> tuple[list[str], list[str]]:
@@ -82,6 +103,7 @@ def main() -> None:
     parser.add_argument(
         "--workers", type=int, default=2, help="math worker processes and concurrent sandboxes"
     )
+    parser.add_argument("--repeats", type=int, default=3, help="times the math batch is scored (median)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
     rng = random.Random(0)
@@ -90,9 +112,20 @@ def main() -> None:
     math_rewards.get_pool(args.workers).run([("1", "", "1")] * args.workers)  # start the workers
     math_startup = time.perf_counter() - start
     responses, golds = math_cases(args.math_responses, rng)
-    start = time.perf_counter()
-    results = math_rewards.score_many(responses, golds, num_workers=args.workers)
-    math_s = time.perf_counter() - start
+    load_start = os.getloadavg()[0]
+    pool = math_rewards.get_pool(args.workers)
+    runs, cpu = [], []
+    for repeat in range(max(1, args.repeats)):
+        if repeat:  # new responses and golds: a worker's cache of parsed golds must not carry over
+            responses, golds = math_cases(args.math_responses, random.Random(1000 + repeat))
+        cpu_start = time.process_time() + worker_cpu_seconds(pool)
+        start = time.perf_counter()
+        results = math_rewards.score_many(responses, golds, num_workers=args.workers)
+        runs.append(time.perf_counter() - start)
+        cpu.append(time.process_time() + worker_cpu_seconds(pool) - cpu_start)
+    math_s = statistics.median(runs)
+    cpu_ms = 1000 * statistics.median(cpu) / len(responses)
+    load_end = os.getloadavg()[0]
     math_counts = {
         s: sum(r.status.value == s for r in results) for s in sorted({r.status.value for r in results})
     }
@@ -117,6 +150,9 @@ def main() -> None:
             "workers": args.workers,
             "seconds": round(math_s, 3),
             "responses_per_s": round(len(responses) / math_s, 1),
+            "responses_per_s_runs": [round(len(responses) / t, 1) for t in runs],
+            "load_average_1min": [round(load_start, 2), round(load_end, 2)],
+            "cpu_ms_per_response": round(cpu_ms, 3),
             "pool_startup_s": round(math_startup, 3),
             "statuses": math_counts,
         },
@@ -132,7 +168,9 @@ def main() -> None:
     }
     print(
         f"math: {report['math']['responses_per_s']} responses/s ({len(responses)} in {math_s:.2f} s, "
-        f"{args.workers} workers) {math_counts}"
+        f"{args.workers} workers, median of {len(runs)}: {report['math']['responses_per_s_runs']}; "
+        f"load {load_start:.2f} -> {load_end:.2f}; {cpu_ms:.2f} CPU ms per response, caller and workers) "
+        f"{math_counts}"
     )
     print(
         f"code: {report['code']['programs_per_s']} programs/s ({len(programs)} x {args.tests} tests in "

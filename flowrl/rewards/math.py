@@ -85,6 +85,7 @@ import atexit
 import collections
 import decimal
 import fractions
+import functools
 import logging
 import math
 import os
@@ -112,6 +113,8 @@ FALLBACK_TAIL_CHARS = 20_000
 milliseconds). verl's math_dapo reads 300, which misses a "final answer is" a paragraph before the end."""
 WORKER_MEMORY_MB = 4096
 """Address-space limit of a verifier worker; SymPy blowing up then fails fast instead of swapping."""
+GOLD_CACHE_SIZE = 4096
+"""Parsed gold answers each worker keeps (a training step asks about each gold once per sample)."""
 MAX_START_FAILURES = 3
 """Workers of a working pool that may die while starting, in a row, before the pool gives up."""
 MAX_DEDUP_PARTS = 16
@@ -605,19 +608,25 @@ def _check_answer(parts: tuple[str, ...] | None, text: str, gold_parsed: list[An
     return (RewardStatus.CORRECT if ok else RewardStatus.WRONG).value, f"parsed {shown!r}"
 
 
+@functools.lru_cache(maxsize=GOLD_CACHE_SIZE)
+def _parse_gold(gold: str) -> tuple[Any, ...]:
+    """The gold parsed by Math-Verify (as a box), cached per worker: the samples of one prompt share it."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    boxed_first = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+    return tuple(parse(_boxed(gold), boxed_first, parsing_timeout=None))
+
+
 def _verify_task(parts: tuple[str, ...] | str | None, text: str, gold: str) -> tuple[str, str]:
     """One Math-Verify check; returns ``(status value, detail)``. ``parts=None`` means use the fallback.
 
     A failure on the gold is an ``error`` (the data's fault); a failure on the answer is ``wrong`` (the
     candidate's). Missing modules propagate and become ``error`` in the worker loop.
     """
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
-
     if isinstance(parts, str):
         parts = (parts,)
-    boxed_first = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
     try:
-        gold_parsed = parse(_boxed(gold), boxed_first, parsing_timeout=None)
+        gold_parsed = list(_parse_gold(gold))
     except ImportError:
         raise
     except Exception as exc:  # noqa: BLE001 - the gold's fault: reported as an error
