@@ -23,13 +23,16 @@ for committing to the right answer in any of the forms models write, and never f
   inside it is its answer, and boxes after it replace it (only the boxes after it count then). A
   statement written as a sentence is reduced to its answer: the first sentence only (``... $28\\%$. I
   hope it is correct.``), then, when there is prose, the part after the last copula (``n is 34`` ->
-  ``34``, ``The largest $n$ is 34.`` -> ``34``).
+  ``34``, ``The largest $n$ is 34.`` -> ``34``), then, when prose is still left, the one number or
+  ``$...$`` formula in it (``Jane started 3 hours ago`` -> ``3``; with several, nothing is picked and
+  the sentence will not match). A sentence that negates (``5 is not the answer``) is not reduced.
 * *Cleaning* (:func:`clean_answer`): surrounding ``$``, ``\\(...\\)``, markdown bold and a trailing period
   are removed; a plain number with thousands separators (``1,000``, ``1{,}000``, ``1\\,000``) loses
   them, but only when its first group has no leading zero (``0,111`` and ``0,500`` are not thousands:
   Math-Verify reads them as the decimals 0.111 and 0.5). A number in E notation (``1e+16``, ``1e-05``,
-  how Python prints large and small floats) is written out (``10000000000000000``, ``0.00001``);
-  Math-Verify would read the ``e`` as Euler's number.
+  how Python prints large and small floats) is written out (``10000000000000000``, ``0.00001``; beyond
+  an exponent of 100 as ``1 \\times 10^{300}``); Math-Verify would read the ``e`` as Euler's number.
+  The same applies to a gold given as a number.
 * *Hedges become lists.* ``or``, ``either``, ``and/or``, ``\\lor``, ``\\vee`` (also inside ``\\text{}`` and
   ``(or ...)`` asides) and LaTeX line breaks ``\\\\`` outside an environment split an answer into
   candidates: ``\\boxed{3 \\text{ (or 4)}}`` is the list 3, 4, never 3. A list is right only for a
@@ -53,20 +56,21 @@ and ``a = 3`` are not letters and score wrong; so do boxes naming different lett
 **3. Math-Verify** (``math-verify``, huggingface/Math-Verify, the field's standard) in a worker process:
 gold and answer are each wrapped as ``\\boxed{...}`` (Skywork-OR1#16: parsing a raw gold can change it),
 parsed, then ``verify(gold, answer)`` (gold first: it is asymmetric by design) with its default options
-(6 significant digits for floats, strict variables, no set-relation comparison). This covers fractions
+(floats rounded to 6 decimal places, strict variables, no set-relation comparison). This covers fractions
 and decimals, radicals, intervals, tuples, sets, ``x = 5`` against ``5``, LaTeX text and units. A range
 or set that merely contains the gold (``[4, 6]``, ``\\{4,5,6\\}``, ``5 \\pm 1``, ``x \\ge 5``) is not
 equal to it and scores wrong. Several candidates are first deduplicated by equivalence, then joined
-into one list.
+into one list. Each worker caches parsed golds (the samples of a prompt share one).
 
 **Time bound.** Math-Verify's own timeouts use ``signal.alarm``, which fails off the main thread, and an
 alarm cannot interrupt SymPy inside C code (``9^{9^{9^{9}}}``). So both are disabled and every check runs
 in a persistent pool of worker processes (:class:`VerifierPool`) with a deadline per task measured from
-the moment a worker takes it; a worker that overruns is killed and replaced. This works from any
-thread. Answers longer than :data:`MAX_ANSWER_CHARS` are ``wrong`` without being parsed. Workers are
-plain subprocesses of this interpreter (``python -c``, exec'd, so safe when the parent holds CUDA or
-threads, and they never re-import the caller's ``__main__`` as multiprocessing's spawn would); a
-replacement starts in the background (about 0.3 s to import Math-Verify) while the others keep working.
+the moment a worker takes it; a worker that overruns is killed and replaced, and one that dies is
+replaced too (its task is an ``error``). This works from any thread. Answers longer than
+:data:`MAX_ANSWER_CHARS` are ``wrong`` without being parsed. Workers are plain subprocesses of this
+interpreter (``python -c``, exec'd, so safe when the parent holds CUDA or threads, and they never
+re-import the caller's ``__main__`` as multiprocessing's spawn would); a replacement starts in the
+background (about 0.3 s to import Math-Verify) while the others keep working.
 
 **Scores** (:func:`score`): ``correct_score`` (1) when correct, ``wrong_score`` otherwise. What the
 candidate's answer causes is the candidate's fault and scores ``wrong_score``: a wrong or missing
