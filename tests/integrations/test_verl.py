@@ -206,21 +206,54 @@ def test_a_fresh_verl_process_registers_flowrl_through_verls_plugin_loading(
 ) -> None:
     """What every Ray worker does: `import verl` alone must register FlowRL, through the env var the
     launcher sets, or through the entry point proposed for pyproject.toml (simulated by a dist-info)."""
-    env = {**os.environ, "VERL_USE_EXTERNAL_PLUGINS": "auto"}
-    env.pop("VERL_USE_EXTERNAL_MODULES", None)
     if route == "VERL_USE_EXTERNAL_MODULES":
+        env = {**os.environ, "VERL_USE_EXTERNAL_PLUGINS": "auto"}
         env["VERL_USE_EXTERNAL_MODULES"] = "flowrl.integrations.verl"
     else:
-        info = tmp_path / "flowrl_verl_probe-0.0.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: flowrl-verl-probe\nVersion: 0.0\n")
-        (info / "entry_points.txt").write_text("[verl.plugins]\nflowrl = flowrl.integrations.verl\n")
-        env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+        env = _entry_point_env(tmp_path)
     out = subprocess.run(
         [sys.executable, "-c", PROBE], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "True True True", out.stderr[-3000:]
+
+
+def _entry_point_env(tmp_path: Path) -> dict[str, str]:
+    """An environment whose `import verl` loads FlowRL through a verl.plugins entry point only (the
+    one pyproject.toml declares, simulated by a dist-info on PYTHONPATH)."""
+    info = tmp_path / "flowrl_verl_probe-0.0.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: flowrl-verl-probe\nVersion: 0.0\n")
+    (info / "entry_points.txt").write_text("[verl.plugins]\nflowrl = flowrl.integrations.verl\n")
+    env = {**os.environ, "VERL_USE_EXTERNAL_PLUGINS": "auto"}
+    env.pop("VERL_USE_EXTERNAL_MODULES", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_a_plugin_that_fails_to_import_says_why_where_verl_would_not(tmp_path: Path) -> None:
+    """verl logs a failing entry point at DEBUG and a flowrl_sync run then dies with "Unknown trainer";
+    the plugin logs the cause at ERROR and leaves a flowrl_sync trainer that raises it."""
+    probe = (
+        "import sys\n"
+        "sys.modules['flowrl.objectives'] = None  # a broken dependency of the plugin\n"
+        "import verl\n"
+        "from verl.trainer.ppo.v1.trainer_base import get_trainer_cls\n"
+        "try:\n"
+        "    get_trainer_cls('flowrl_sync')(config=None)\n"
+        "except RuntimeError as exc:\n"
+        "    print('RAISED', exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=_entry_point_env(tmp_path), cwd=REPO, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "FlowRL's verl plugin (flowrl.integrations.verl) failed to import" in out.stderr
+    assert "flowrl.objectives" in out.stderr
+    raised = [line for line in out.stdout.splitlines() if line.startswith("RAISED")]
+    assert raised and "failed to import" in raised[0] and "flowrl.objectives" in raised[0], out.stdout[-2000:]
+    assert "Unknown trainer" not in out.stdout + out.stderr
 
 
 def test_the_trainer_installs_a_picklable_flowrl_closure_on_the_actor_workers(
@@ -372,6 +405,67 @@ def test_the_reduction_does_not_change_with_micro_batches_or_data_parallel_size(
             torch.testing.assert_close(g, w, msg=name)
 
 
+@pytest.mark.parametrize(
+    ("loss_agg_mode", "loss_scale_factor"),
+    [
+        ("seq-mean-token-mean", None),
+        ("token-mean", None),
+        ("seq-mean-token-sum-norm", None),  # verl's default factor: the padded response length
+        ("seq-mean-token-sum-norm", 4096),  # actor.loss_scale_factor, a constant
+    ],
+)
+def test_each_mode_aggregates_as_verls_agg_loss_does(actor_config, loss_agg_mode, loss_scale_factor) -> None:
+    """verl's own agg_loss (with loss_scale_factor, as ppo_loss passes it) on a loss matrix that holds each
+    sequence's w * delta**2 on its response tokens is the oracle: loss and gradients match on two
+    data-parallel shards, and the factor divides the loss."""
+    from verl.trainer.ppo.core_algos import agg_loss
+
+    config = dataclasses.replace(
+        actor_config, loss_agg_mode=loss_agg_mode, loss_scale_factor=loss_scale_factor, global_batch_info={}
+    )
+    batch = make_batch(seed=5, filler=True)
+    counts = dict(global_batch_size=len(LENGTHS), batch_num_tokens=int(batch.mask.sum()))
+    total = 0.0
+    for rows in ([0, 2, 4], [1, 3, 5]):
+        shard = tu.index_select_tensor_dict(batch.data, rows)
+        set_global_counts(shard, **counts, dp_size=2)
+        loss, _ = flowrl_actor_loss(config, _model_output_for(batch, shard), shard, options=OPTIONS)
+        total = total + loss / 2  # FSDP averages the ranks' gradients
+    terms = torch.cat(
+        [
+            flowrl_loss(
+                batch.logprobs[i : i + 1], batch.old[i : i + 1], batch.ref[i : i + 1], batch.log_z[i : i + 1],
+                masked_mean(batch.advantages, batch.mask, dim=-1)[i : i + 1], batch.mask[i : i + 1],
+                beta=OPTIONS.beta,
+            )[0].reshape(1)
+            if batch.mask[i].any() else torch.zeros(1)
+            for i in range(len(LENGTHS))
+        ]
+    )  # fmt: skip
+    expected = 0.0
+    for rows in ([0, 2, 4], [1, 3, 5]):
+        horizon = max(LENGTHS[i][1] for i in rows)  # the shard's padded response length
+        mask = batch.mask[rows][:, :horizon].float()
+        loss_mat = terms[rows].unsqueeze(1) * mask
+        expected = expected + agg_loss(
+            loss_mat, mask, loss_agg_mode, dp_size=2, loss_scale_factor=loss_scale_factor, **counts
+        ) / 2  # fmt: skip
+    torch.testing.assert_close(total, expected)
+    for got, want in zip(
+        torch.autograd.grad(total, [batch.logprobs, batch.log_z], retain_graph=True),
+        torch.autograd.grad(expected, [batch.logprobs, batch.log_z]),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want)
+    if loss_scale_factor is not None:
+        unscaled = dataclasses.replace(config, loss_scale_factor=1, global_batch_info={})
+        shard = tu.index_select_tensor_dict(batch.data, [0, 2, 4])
+        set_global_counts(shard, **counts, dp_size=2)
+        one, _ = flowrl_actor_loss(unscaled, _model_output_for(batch, shard), shard, options=OPTIONS)
+        scaled, _ = flowrl_actor_loss(config, _model_output_for(batch, shard), shard, options=OPTIONS)
+        torch.testing.assert_close(scaled * loss_scale_factor, one)
+
+
 def _model_output_for(batch: Batch, micro) -> dict[str, torch.Tensor]:
     """The engine's output for a micro-batch: rows of the whole batch's output, picked by their prompts."""
     prompts = [p.tolist() for p in batch.data["prompts"].unbind()]
@@ -417,6 +511,7 @@ def test_the_composed_config_is_a_flowrl_run_and_bad_overrides_name_the_fix() ->
         ("actor_rollout_ref.actor.use_kl_loss=false", "use_kl_loss=true"),
         ("actor_rollout_ref.actor.kl_loss_coef=0.001", "kl_loss_coef"),
         ("actor_rollout_ref.actor.loss_agg_mode=token-sum", "seq-mean-token-mean"),
+        ("actor_rollout_ref.actor.loss_scale_factor=4096", "loss_scale_factor=4096 applies to"),
         ("actor_rollout_ref.actor.strategy=fsdp", "fsdp2"),
         ("flowrl.importance_weight=sometimes", "clamp"),
     ]:
@@ -424,21 +519,180 @@ def test_the_composed_config_is_a_flowrl_run_and_bad_overrides_name_the_fix() ->
             compose_config([*REQUIRED, override])
 
 
-@pytest.mark.parametrize("script", sorted((REPO / "configs" / "verl").glob("*.sh")), ids=lambda p: p.name)
-def test_the_paper_launch_scripts_compose_valid_flowrl_configs(script: Path, tmp_path: Path) -> None:
-    """Each script's overrides against verl's real config schema (the launch itself needs GPUs)."""
+SCRIPTS = sorted((REPO / "configs" / "verl").glob("*.sh"))
+
+
+def script_overrides(script: Path, tmp_path: Path, model_path: str = "/models/policy") -> list[str]:
+    """The KEY=VALUE overrides a launch script passes to the launcher (the launch itself needs GPUs)."""
     echo = tmp_path / "python"
     echo.write_text('#!/bin/sh\nshift 2\nprintf "%s\\n" "$@"\n')  # drops "-m flowrl.integrations.verl.main"
     echo.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(echo), "MODEL_PATH": "/models/policy", "DATA_DIR": "/data"}
+    env = {**os.environ, "PYTHON": str(echo), "MODEL_PATH": model_path, "DATA_DIR": "/data"}
     out = subprocess.run(
         ["bash", str(script)], env=env, capture_output=True, text=True, check=True, timeout=60
     )
-    config = compose_config(out.stdout.splitlines())
+    return out.stdout.splitlines()
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_the_paper_launch_scripts_compose_valid_flowrl_configs(script: Path, tmp_path: Path) -> None:
+    """Each script's overrides against verl's real config schema and verl's own validation."""
+    config = compose_config(script_overrides(script, tmp_path))
     validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=False)
     assert config.actor_rollout_ref.actor.policy_loss.loss_mode == LOSS_MODE
     assert config.actor_rollout_ref.rollout.n == 8 and config.data.max_response_length == 8192
     assert config.actor_rollout_ref.actor.ppo_mini_batch_size == 32  # prompts: 256 sequences per step
+
+
+class _Built(Exception):
+    """Raised by the stand-in for verl's TrainingWorker with the config verl built for it."""
+
+
+class _RecordingTrainingWorker:
+    def __init__(self, config) -> None:
+        raise _Built(config)
+
+
+def _leaves(value, prefix: str, out: dict) -> dict:
+    """Flatten dataclasses and mappings into dotted leaves (objects such as tokenizers are left out)."""
+    if dataclasses.is_dataclass(value):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if hasattr(value, "items"):
+        for key, item in value.items():
+            _leaves(item, f"{prefix}.{key}", out)
+    elif value is None or isinstance(value, (str, int, float, bool, list, tuple)):
+        out[prefix] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def what_verl_reads(config) -> dict:
+    """The values a FlowRL run consumes, built from a composed config by verl's own code.
+
+    * ``engine.*``: the TrainingWorkerConfig (model, engine, optimizer, checkpoint configs) that verl's
+      real ``ActorRolloutRefWorker.init_model`` builds for the actor's FSDP engine, after the FlowRL
+      trainer has written the head's settings into the model config (the engine reads nothing else);
+    * ``loss.*``: what the FlowRL loss closure reads from verl's ActorConfig, and the FlowRL options;
+    * ``rollout.*``: the RolloutConfig ``init_model`` builds for vLLM/SGLang;
+    * ``driver.*``: the sections verl's trainer, dataset and reward loop read from the DictConfig itself
+      (data, trainer, reward, algorithm), and the one actor key the trainer reads there
+      (``ppo_mini_batch_size``, verl/trainer/ppo/v1/trainer_base.py).
+
+    An ActorConfig field outside these (``actor.grad_clip``, which nothing in verl 0.9.1 reads) is not
+    included: a key that changes nothing here is dead.
+    """
+    import copy
+
+    from omegaconf import OmegaConf
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+
+    config = copy.deepcopy(config)
+    options, settings = flowrl_section(config)
+    apply_log_z_settings(config, settings)  # what FlowRLTrainerSync does before the workers start
+    worker = object.__new__(ActorRolloutRefWorker)
+    worker.config, worker.role, worker.actor_worker_cls = (
+        config.actor_rollout_ref,
+        "actor",
+        _RecordingTrainingWorker,
+    )
+    worker.distillation_enabled, worker.distillation_config, worker._omega_profiler_config = False, None, {}
+    with pytest.raises(_Built) as built:
+        ActorRolloutRefWorker.init_model(worker)
+    actor = worker.loss_fn.keywords["config"]
+    loss = {
+        "loss_agg_mode": actor.loss_agg_mode,
+        "loss_mode": actor.policy_loss.loss_mode,
+        "loss_scale_factor": actor.loss_scale_factor,
+        "options": options,
+    }
+    driver = {
+        key: OmegaConf.to_container(config[key], resolve=True)
+        for key in ("data", "trainer", "reward", "algorithm")
+    }
+    driver["ppo_mini_batch_size"] = config.actor_rollout_ref.actor.ppo_mini_batch_size
+    view: dict = {}
+    _leaves(built.value.args[0], "engine", view)
+    _leaves(loss, "loss", view)
+    _leaves(omega_conf_to_dataclass(config.actor_rollout_ref.rollout), "rollout", view)
+    _leaves(driver, "driver", view)
+    return view
+
+
+def _changed_value(key: str, value: str, other_model: Path) -> str:
+    """A different valid value for an override: flipped, doubled, halved, or another choice/name."""
+    choices = {"actor_rollout_ref.rollout.name": "sglang", "flowrl.importance_weight": "clip"}
+    if key in choices:
+        return choices[key]
+    if key == "actor_rollout_ref.model.path":
+        return str(other_model)
+    if value in ("true", "false"):
+        return "false" if value == "true" else "true"
+    for kind, change in ((int, lambda v: v * 2 if v > 0 else v - 1), (float, lambda v: v / 2)):
+        try:
+            return str(change(kind(value)))
+        except ValueError:
+            pass
+    return value + "_changed"
+
+
+def _matches(found, wanted: str) -> bool:
+    if isinstance(found, bool) or isinstance(found, str):
+        return str(found).lower() == wanted.lower()
+    if isinstance(found, (int, float)):
+        try:
+            return float(found) == float(wanted)
+        except ValueError:
+            return False
+    return False
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_every_launch_script_key_reaches_what_verl_reads(
+    script: Path, tmp_path: Path, model_dir: Path
+) -> None:
+    """Change one override at a time and see the new value arrive in what verl builds and reads
+    (:func:`what_verl_reads`): a key verl parses but never reads (the scripts' former
+    ``actor.grad_clip=1.0``; clipping is ``actor.optim.clip_grad``) changes nothing there and fails."""
+    import shutil
+
+    other_model = tmp_path / "other_model"
+    shutil.copytree(model_dir, other_model)
+    overrides = script_overrides(script, tmp_path, model_path=str(model_dir))
+    base = what_verl_reads(compose_config(overrides))
+    assert base["engine.optimizer_config.clip_grad"] == 1.0  # the paper's grad clip reaches the engine
+    dead = []
+    for i, override in enumerate(overrides):
+        key, value = override.split("=", 1)
+        changed = _changed_value(key, value, other_model)
+        try:
+            view = what_verl_reads(compose_config([*overrides[:i], f"{key}={changed}", *overrides[i + 1 :]]))
+        except Exception as exc:  # verl's own validation read the new value and refused it: it is live
+            if key.rsplit(".", 1)[-1] not in str(exc):
+                raise
+            continue
+        arrived = [
+            name for name, found in view.items() if found != base.get(name) and _matches(found, changed)
+        ]
+        if not arrived:
+            dead.append(f"{key} ({value} -> {changed})")
+    assert not dead, f"overrides that reach nothing verl reads: {dead}"
+
+
+def test_the_logger_is_the_console_unless_wandb_is_configured(monkeypatch, tmp_path: Path) -> None:
+    """verl's default trainer.logger is [console, wandb], and W&B without a login stops the run once the
+    workers are up; the launcher logs to the console unless W&B can log in (or the user chose)."""
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc from `wandb login`
+    assert list(compose_config(REQUIRED).trainer.logger) == ["console"]
+    chosen = compose_config([*REQUIRED, "trainer.logger=[console,tensorboard]"])
+    assert list(chosen.trainer.logger) == ["console", "tensorboard"]
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password secret\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert list(compose_config(REQUIRED).trainer.logger) == ["console", "wandb"]
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert list(compose_config(REQUIRED).trainer.logger) == ["console"]
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert list(compose_config(REQUIRED).trainer.logger) == ["console", "wandb"]
 
 
 def test_the_launcher_makes_every_ray_process_import_the_plugin(monkeypatch) -> None:

@@ -22,7 +22,9 @@ run FlowRL from its own v1 trainer pipeline:
 
 Every verl process (driver, task runner, Ray workers) must import it: the launcher sets
 ``VERL_USE_EXTERNAL_MODULES`` and ``actor_rollout_ref.model.external_lib`` for that, and a
-``verl.plugins`` entry point in the package metadata does it for any ``import verl``.
+``verl.plugins`` entry point in the package metadata does it for any ``import verl``. verl swallows an
+entry point's import error (it logs it at DEBUG); this package logs it at ERROR instead and leaves a
+``flowrl_sync`` trainer behind that raises it, so a run never ends at a bare "Unknown trainer".
 
 This targets verl's engine API of 0.8/0.9 (``verl.workers.engine``, ``engine_workers``, the v1
 trainer); the published FlowRL recipe (``verl-recipe/flowrl``) uses worker classes verl removed in 0.8
@@ -39,25 +41,63 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
         "(or pip install -r requirements/verl.txt into a separate environment)"
     ) from exc
 
+import logging
+
 from packaging.version import Version
 
 SUPPORTED_VERL = (Version("0.9"), Version("0.10"))
 """verl versions this adapter was written against: [0.9, 0.10) (the 0.8 engine API, 0.9 names)."""
 
-if not SUPPORTED_VERL[0] <= Version(Version(verl.__version__).base_version) < SUPPORTED_VERL[1]:
-    raise ImportError(
-        f"flowrl.integrations.verl supports verl >=0.9,<0.10 (its engine API); found verl {verl.__version__}"
-    )
+_TRAINER_MODE = "flowrl_sync"  # trainer.TRAINER_MODE, named here for a failed import (trainer may not load)
 
-from flowrl.integrations.verl.engine import FLOWRL_MODEL_TYPE, FlowRLFSDPEngine  # noqa: E402
-from flowrl.integrations.verl.head import LogZCapture, LogZSettings, without_log_z_params  # noqa: E402
-from flowrl.integrations.verl.loss import (  # noqa: E402
-    LOSS_MODE,
-    FlowRLLossOptions,
-    compute_policy_loss_flowrl,
-    flowrl_actor_loss,
-)
-from flowrl.integrations.verl.trainer import TRAINER_MODE, FlowRLTrainerSync, check_config  # noqa: E402
+
+def _report_failed_import(exc: BaseException) -> None:
+    """Make a failed plugin import loud, and the ``flowrl_sync`` trainer name explain it.
+
+    verl loads ``verl.plugins`` entry points inside ``import verl`` and logs a failure at DEBUG only; a
+    run of ``python -m verl.trainer.main_ppo ... trainer.v1.trainer_mode=flowrl_sync`` would then stop
+    at ``Unknown trainer 'flowrl_sync'`` with the cause nowhere. This logs the cause at ERROR and, when
+    verl's trainer registry imports, registers ``flowrl_sync`` as a stand-in that raises it.
+    """
+    message = (
+        f"FlowRL's verl plugin (flowrl.integrations.verl) failed to import: {type(exc).__name__}: {exc}. "
+        "Its loss, engine and trainer mode flowrl_sync are not registered; fix the cause (the verl "
+        "environment needs pip install 'flowrl[verl]', verl >=0.9,<0.10, see docs/verl.md)"
+    )
+    logging.getLogger(__name__).error(message)
+    try:
+        from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
+    except Exception:  # the registry itself does not import: verl reports that on its own
+        return
+
+    class FlowRLPluginImportFailed:
+        """``trainer.v1.trainer_mode=flowrl_sync`` when the plugin did not import: raises why."""
+
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            raise RuntimeError(message) from exc
+
+    TRAINER_REGISTRY.setdefault(_TRAINER_MODE, FlowRLPluginImportFailed)
+
+
+try:
+    if not SUPPORTED_VERL[0] <= Version(Version(verl.__version__).base_version) < SUPPORTED_VERL[1]:
+        raise ImportError(
+            "flowrl.integrations.verl supports verl >=0.9,<0.10 (its engine API); found verl "
+            f"{verl.__version__}"
+        )
+
+    from flowrl.integrations.verl.engine import FLOWRL_MODEL_TYPE, FlowRLFSDPEngine
+    from flowrl.integrations.verl.head import LogZCapture, LogZSettings, without_log_z_params
+    from flowrl.integrations.verl.loss import (
+        LOSS_MODE,
+        FlowRLLossOptions,
+        compute_policy_loss_flowrl,
+        flowrl_actor_loss,
+    )
+    from flowrl.integrations.verl.trainer import TRAINER_MODE, FlowRLTrainerSync, check_config
+except Exception as exc:
+    _report_failed_import(exc)
+    raise
 
 __all__ = [
     "FLOWRL_MODEL_TYPE",

@@ -20,12 +20,19 @@ averages gradients over the ranks. The micro-batch losses of all ranks then add 
 global mini-batch, whatever the micro-batch size, dynamic batching or data-parallel size. verl passes
 the counts in the batch: ``global_batch_size`` (sequences of the mini-batch over all ranks, the
 ``ppo_mini_batch_size x rollout.n`` the trainer sets), ``batch_num_tokens`` (response tokens, all-reduced
-over the ranks) and ``dp_size``. The actor's ``loss_agg_mode`` picks FlowRL's per-sequence weighting:
+over the ranks) and ``dp_size``. The actor's ``loss_agg_mode`` picks FlowRL's per-sequence weighting,
+read as verl's ``agg_loss`` would aggregate a loss matrix holding each sequence's ``w * delta**2`` on
+every one of its response tokens:
 
 * ``seq-mean-token-mean`` (FlowRL's default): the plain mean over sequences of the length-normalized
   squared residual (``sequence_weighting="mean"``, normalizer ``global_batch_size / dp_size``);
 * ``token-mean``: sequences weighted by their response length (``sequence_weighting="length"``, what a
-  loss-scaling bug in the reference code did; normalizer ``batch_num_tokens / dp_size``).
+  loss-scaling bug in the reference code did; normalizer ``batch_num_tokens / dp_size``);
+* ``seq-mean-token-sum-norm``: sequences weighted by their response length over a constant, the mode of
+  verl's ``actor.loss_scale_factor`` (normalizer ``global_batch_size / dp_size * loss_scale_factor``;
+  without a factor, verl's default: the micro-batch's padded response length). As in verl, the factor
+  applies to this mode alone; :func:`~flowrl.integrations.verl.trainer.check_config` refuses it with
+  any other mode, where verl would ignore it silently.
 
 Sequences whose response mask is all zeros (the filler samples verl appends so a batch divides into
 mini-batches) are left out of the sum and still count in ``global_batch_size``, as in ``agg_loss``.
@@ -57,8 +64,15 @@ from flowrl.objectives.masked import masked_mean
 LOSS_MODE = "flowrl"
 """Name of FlowRL in verl's policy-loss registry (``actor.policy_loss.loss_mode``)."""
 
-SEQUENCE_WEIGHTING = {"seq-mean-token-mean": "mean", "token-mean": "length"}
+SEQUENCE_WEIGHTING = {
+    "seq-mean-token-mean": "mean",
+    "token-mean": "length",
+    "seq-mean-token-sum-norm": "length",
+}
 """verl ``loss_agg_mode`` -> ``flowrl_loss(sequence_weighting=...)``; other modes have no FlowRL meaning."""
+
+SCALED_MODE = "seq-mean-token-sum-norm"
+"""The one ``loss_agg_mode`` verl's ``actor.loss_scale_factor`` applies to (``core_algos.agg_loss``)."""
 
 
 @dataclass(frozen=True)
@@ -97,18 +111,31 @@ def sequence_advantages(advantages: Tensor, response_mask: Tensor) -> Tensor:
 
 
 def _normalizer(
-    loss_agg_mode: str, dp_size: int, global_batch_size: int | None, batch_num_tokens: int | None
+    loss_agg_mode: str,
+    dp_size: int,
+    global_batch_size: int | None,
+    batch_num_tokens: int | None,
+    *,
+    num_sequences: int,
+    loss_scale_factor: float | None,
+    horizon: int,
 ) -> float | None:
-    """This rank's share of the global mini-batch's unit count (None: the local count, only when dp = 1)."""
-    total = global_batch_size if loss_agg_mode == "seq-mean-token-mean" else batch_num_tokens
-    if total is None:
-        if dp_size > 1:
-            raise ValueError(
-                f"loss_agg_mode={loss_agg_mode!r} with dp_size={dp_size} needs the global unit count "
-                "(global_batch_size / batch_num_tokens) in the batch; verl's engine sets it when training"
-            )
-        return None
-    return float(total) / dp_size
+    """This rank's share of the global mini-batch's unit count, times verl's scale factor where it applies.
+
+    None: the local count (only when dp = 1), left to ``flowrl_loss``. ``num_sequences`` (sequences with
+    responses) and ``horizon`` (the padded response length) stand in for what ``agg_loss`` reads from
+    the micro-batch when the global counts or the factor are absent.
+    """
+    total = batch_num_tokens if loss_agg_mode == "token-mean" else global_batch_size
+    if total is None and dp_size > 1:
+        raise ValueError(
+            f"loss_agg_mode={loss_agg_mode!r} with dp_size={dp_size} needs the global unit count "
+            "(global_batch_size / batch_num_tokens) in the batch; verl's engine sets it when training"
+        )
+    if loss_agg_mode != SCALED_MODE:
+        return None if total is None else float(total) / dp_size
+    share = float(num_sequences if total is None else float(total) / dp_size)
+    return share * float(horizon if loss_scale_factor is None else loss_scale_factor)
 
 
 @register_policy_loss(LOSS_MODE)
@@ -136,10 +163,11 @@ def compute_policy_loss_flowrl(
         log_prob: (B, T) current log-probs (differentiated).
         advantages: (B, T) verl's per-token advantages; GRPO's group-normalized reward, broadcast.
         response_mask: (B, T), 1 on real response tokens.
-        loss_agg_mode: ``"seq-mean-token-mean"`` or ``"token-mean"`` (see the module docstring).
+        loss_agg_mode: ``"seq-mean-token-mean"``, ``"token-mean"`` or ``"seq-mean-token-sum-norm"`` (see
+            the module docstring).
         config: verl's ``ActorConfig``; only ``config.global_batch_info`` is read (``dp_size``,
-            ``global_batch_size``, ``batch_num_tokens``, set per micro-batch by the closure as
-            ``ppo_loss`` does). None: a local mean (single rank, one micro-batch).
+            ``global_batch_size``, ``batch_num_tokens``, ``loss_scale_factor``, set per micro-batch by the
+            closure as ``ppo_loss`` does). None: a local mean (single rank, one micro-batch).
         rollout_is_weights: must be None: FlowRL has its own sequence-level importance weight.
         ref_log_prob: (B, T) log-probs of the reference policy.
         log_z: (B,) log Z of each sequence's prompt, from the partition head.
@@ -165,18 +193,25 @@ def compute_policy_loss_flowrl(
     if loss_agg_mode not in SEQUENCE_WEIGHTING:
         raise ValueError(
             f"actor_rollout_ref.actor.loss_agg_mode={loss_agg_mode!r} has no FlowRL meaning; use "
-            "seq-mean-token-mean (plain mean over sequences) or token-mean (weighted by response length)"
+            "seq-mean-token-mean (plain mean over sequences), token-mean (weighted by response length) or "
+            "seq-mean-token-sum-norm (weighted by length / actor.loss_scale_factor)"
         )
     options = FlowRLLossOptions() if options is None else options
     info = dict(getattr(config, "global_batch_info", None) or {})
-    normalizer = _normalizer(
-        loss_agg_mode, info.get("dp_size", 1), info.get("global_batch_size"), info.get("batch_num_tokens")
-    )
     mask = response_mask.to(torch.bool)
     has_response = mask.any(dim=-1)
     if not bool(has_response.any()):
         # Only filler sequences: contribute zero, but keep the graph so that this rank's backward runs.
         return 0.0 * (log_prob.sum() + log_z.sum()), {}
+    normalizer = _normalizer(
+        loss_agg_mode,
+        info.get("dp_size", 1),
+        info.get("global_batch_size"),
+        info.get("batch_num_tokens"),
+        num_sequences=int(has_response.sum()),
+        loss_scale_factor=info.get("loss_scale_factor"),
+        horizon=mask.shape[-1],
+    )
     r_hat = sequence_advantages(advantages, mask)
     kept = [t[has_response] for t in (log_prob, old_log_prob, ref_log_prob, log_z, r_hat, mask)]
     return flowrl_loss(
@@ -207,7 +242,8 @@ def flowrl_actor_loss(
 
     Args:
         config: verl's ``ActorConfig`` of the actor (``policy_loss.loss_mode`` must be ``"flowrl"``;
-            ``loss_agg_mode``; ``global_batch_info`` is updated here, as ``ppo_loss`` does).
+            ``loss_agg_mode``, ``loss_scale_factor``; ``global_batch_info`` is updated here, as
+            ``ppo_loss`` does).
         model_output: the engine's outputs: nested ``log_probs`` (B, prompt + response) and ``log_z`` (B,).
         data: the micro-batch TensorDict: nested ``response_mask``, ``old_log_probs``, ``advantages``,
             ``ref_log_prob``, ``prompts``/``responses`` for the layout, and the non-tensor ``dp_size``,
@@ -244,7 +280,10 @@ def flowrl_actor_loss(
     batch_num_tokens = tu.get_non_tensor_data(data, "batch_num_tokens", None)
     global_batch_size = tu.get_non_tensor_data(data, "global_batch_size", None)
     config.global_batch_info.update(
-        dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size
+        dp_size=dp_size,
+        batch_num_tokens=batch_num_tokens,
+        global_batch_size=global_batch_size,
+        loss_scale_factor=config.loss_scale_factor,  # as ppo_loss hands it to agg_loss
     )
     padded = data.select("response_mask", "old_log_probs", "advantages", "ref_log_prob").to_padded_tensor()
     loss, metrics = get_policy_loss_fn(loss_mode)(

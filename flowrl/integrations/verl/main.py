@@ -13,6 +13,7 @@ own flags (``--cfg``, ``-m``) are not supported; ``--print-config`` prints the c
 
 from __future__ import annotations
 
+import netrc
 import os
 import sys
 from collections.abc import Sequence
@@ -49,6 +50,29 @@ FLOWRL_OVERRIDES: tuple[str, ...] = (
 """verl overrides that make a ``ppo_trainer`` config a FlowRL run (the ``flowrl`` section is added too)."""
 
 
+def wandb_configured() -> bool:
+    """Whether a W&B run can start here without a prompt: an API key in the environment or from
+    ``wandb login`` (``~/.netrc``), or ``WANDB_MODE=offline`` (false for ``WANDB_MODE=disabled``)."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode == "disabled":
+        return False
+    if os.environ.get("WANDB_API_KEY") or mode in ("offline", "dryrun"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def default_logger_override() -> str:
+    """``trainer.logger``: the console, plus W&B when it is configured.
+
+    verl's default is ``[console, wandb]``, and a W&B run that cannot log in stops the task runner
+    after the workers are built; a later ``trainer.logger=...`` on the command line still wins.
+    """
+    return f"trainer.logger=[console{',wandb' if wandb_configured() else ''}]"
+
+
 def _flowrl_section_overrides() -> list[str]:
     flat = {k: v for k, v in FLOWRL_DEFAULTS.items() if k != "log_z"}
     flat.update({f"log_z.{k}": v for k, v in FLOWRL_DEFAULTS["log_z"].items()})
@@ -56,7 +80,8 @@ def _flowrl_section_overrides() -> list[str]:
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """verl's ``ppo_trainer`` config with :data:`FLOWRL_OVERRIDES`, the ``flowrl`` section and ``overrides``.
+    """verl's ``ppo_trainer`` config with :data:`FLOWRL_OVERRIDES`, the ``flowrl`` section, the default
+    ``trainer.logger`` (:func:`default_logger_override`) and ``overrides``.
 
     Raises:
         ValueError: the result is not a FlowRL run (:func:`~flowrl.integrations.verl.trainer.check_config`).
@@ -66,7 +91,12 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     with initialize_config_module(config_module="verl.trainer.config", version_base=None):
         config = compose(
             config_name="ppo_trainer",
-            overrides=[*FLOWRL_OVERRIDES, *_flowrl_section_overrides(), *overrides],
+            overrides=[
+                *FLOWRL_OVERRIDES,
+                *_flowrl_section_overrides(),
+                default_logger_override(),
+                *overrides,
+            ],
         )
     check_config(config)
     return config

@@ -33,7 +33,13 @@ from verl.utils.config import omega_conf_to_dataclass
 
 from flowrl.integrations.verl.engine import FLOWRL_MODEL_TYPE
 from flowrl.integrations.verl.head import LogZSettings
-from flowrl.integrations.verl.loss import LOSS_MODE, SEQUENCE_WEIGHTING, FlowRLLossOptions, flowrl_actor_loss
+from flowrl.integrations.verl.loss import (
+    LOSS_MODE,
+    SCALED_MODE,
+    SEQUENCE_WEIGHTING,
+    FlowRLLossOptions,
+    flowrl_actor_loss,
+)
 
 TRAINER_MODE = "flowrl_sync"
 """verl ``trainer.v1.trainer_mode`` of :class:`FlowRLTrainerSync`."""
@@ -116,7 +122,14 @@ def check_config(config: DictConfig) -> None:
         (
             actor.loss_agg_mode in SEQUENCE_WEIGHTING,
             f"actor_rollout_ref.actor.loss_agg_mode={actor.loss_agg_mode!r} has no FlowRL meaning; use "
-            "seq-mean-token-mean (mean over sequences) or token-mean (weighted by response length)",
+            "seq-mean-token-mean (mean over sequences), token-mean (weighted by response length) or "
+            f"{SCALED_MODE} (weighted by response length / actor.loss_scale_factor)",
+        ),
+        (
+            actor.get("loss_scale_factor") is None or actor.loss_agg_mode == SCALED_MODE,
+            f"actor_rollout_ref.actor.loss_scale_factor={actor.get('loss_scale_factor')} applies to "
+            f"loss_agg_mode={SCALED_MODE} only (verl's agg_loss ignores it otherwise); set that mode or "
+            "loss_scale_factor=null",
         ),
         (
             config.actor_rollout_ref.model.get("model_type") == FLOWRL_MODEL_TYPE,
