@@ -47,6 +47,29 @@ test-slow: $(STAMP)
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -m gpu -rs
 
+# A CUDA machine: its own environment (.venv-gpu), pinned by requirements/gpu.txt to versions that
+# accept each other: torch 2.13.0 (PyPI's CUDA build), vLLM 0.31.0, transformers 5.17.0, TRL 1.16.0,
+# peft 0.21.2 (the main lock's transformers 5.24 is too new for vLLM). CPython 3.11 or 3.12, Linux x86_64.
+GPU_VENV := .venv-gpu
+GPU_STAMP := $(GPU_VENV)/.installed
+.PHONY: setup-gpu test-gpu-env check-gpu-lock
+
+setup-gpu: $(GPU_STAMP)
+
+$(GPU_STAMP): pyproject.toml requirements/gpu.txt
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/pip install --quiet --upgrade pip
+	$(GPU_VENV)/bin/pip install -c requirements/gpu.txt -e ".[math,data,trl,lora,vllm,dev]"
+	touch $(GPU_STAMP)
+
+test-gpu-env: $(GPU_STAMP)
+	$(GPU_VENV)/bin/python -m pytest -m gpu -rs
+
+# pip's resolver, dry run, on requirements/gpu.txt for a Linux CUDA host: reads metadata, downloads no
+# CUDA wheel (about a minute per Python version; needs PyPI). Part of the slow tier (make test-slow).
+check-gpu-lock: $(STAMP)
+	$(BIN)/python -m pytest -m slow tests/integrations/test_gpu_env.py -s
+
 lint: $(STAMP)
 	$(BIN)/ruff check flowrl tests benchmarks
 	$(BIN)/ruff format --check flowrl tests benchmarks
