@@ -253,7 +253,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for method in METHODS:
             points = report["trajectories"][method]
             xs = [p["step"] for p in points]
-            first = seed == next(iter(result["demo"]["per_seed"]))
             for ax, key in ((kl_ax, "kl_to_target"), (cov_ax, "modes_covered")):
                 ax.plot(
                     xs,
@@ -262,9 +261,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
                     marker="o",
                     markersize=3,
                     color=METHOD_COLORS[method],
-                    label=LABELS[method] + f" (seed {seed})" if first else f"seed {seed}",
+                    label=f"{LABELS[method]}, seed {seed}",
                 )
     kl_ax.set(xlabel="RL step", ylabel="KL(target‖policy), exact", title="demo task: distance to the target")
+    kl_ax.set_yscale("log")
     cov_ax.set(xlabel="RL step", ylabel="share of correct answers covered", title="demo task: coverage")
     kl_ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
@@ -279,7 +279,20 @@ def main() -> int:
     parser.add_argument("--json", help="write every figure to this file")
     parser.add_argument("--plot", help="write the figure (PNG) to this file")
     parser.add_argument("--workdir", help="keep the demo runs here (default: a temporary directory)")
+    parser.add_argument(
+        "--from-json", metavar="PATH", help="run nothing: print the tables of a saved run (and --plot it)"
+    )
     args = parser.parse_args()
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        print(toy_table(result["toy"], tuple(result["workload"]["budgets"])))
+        print()
+        print(demo_table(result["demo"]))
+        print(f"\nwall time {result['wall_time_s']:.0f}s; command: {result['environment']['command']}")
+        if args.plot:
+            plot(result, Path(args.plot))
+            print(f"wrote {args.plot}")
+        return 0
     preset = PRESETS[args.preset]
     env = _common.environment()
     _common.print_load(env)
