@@ -424,7 +424,7 @@ def trl_terms_gb(s: dict[str, Any], w: dict[str, Any], plan: dict[str, Any], dev
 
     ``peft_generate_head_copy``: TRL generates through peft's ``generate``, which on CPU makes a
     contiguous copy of the output head's weight for every sequence of the generation batch in a batched
-    matmul (``aten::contiguous`` of a [4, 896, 151936] bf16 tensor, 1.04 GB, in torch's profiler on the
+    matmul (``aten::contiguous`` of a [4, 896, 151936] bf16 tensor, 1.01 GB, in torch's profiler on the
     Qwen2.5-0.5B shape; a bare peft model's ``generate`` peaks 1.0 GB above its resident set, the same
     model without peft does not). The project's decode loop calls the model's forward for the last
     position only.

@@ -492,6 +492,7 @@ def resolve_setup(cfg: Any, shape: ModelShape, *, device: str, gpus: int) -> Set
     compute_dtype = "bfloat16" if autocast else policy_dtype
     grad_ckpt = m.gradient_checkpointing if m.gradient_checkpointing is not None else cuda
     objective = OBJECTIVES[cfg.algorithm.name]
+    group_free = not objective.uses_log_z or getattr(cfg.log_z, "mode", "head") == "head"
     n_valid = t.prompts_per_step * cfg.rollout.num_samples_per_prompt
     updates = math.ceil(n_valid / t.mini_batch_size) * t.epochs_per_rollout
     return Setup(
@@ -506,11 +507,12 @@ def resolve_setup(cfg: Any, shape: ModelShape, *, device: str, gpus: int) -> Set
         compute_dtype=compute_dtype,
         rollout_dtype=compute_dtype,
         gradient_checkpointing=bool(grad_ckpt),
-        log_z_layers=cfg.log_z.num_layers if objective.uses_log_z else 0,
+        # log_z.mode=group estimates log Z from the no-gradient log-probs: no head, that pass every step
+        log_z_layers=cfg.log_z.num_layers if objective.uses_log_z and group_free else 0,
         adamw=TRAINER_ADAMW[device],
         offload_optimizer=bool(t.offload_optimizer),
         engine=cfg.rollout.engine,
-        old_logprob_pass=updates > 1 or objective.advantage_uses_ref_logprobs,
+        old_logprob_pass=updates > 1 or objective.advantage_uses_ref_logprobs or not group_free,
         attn_implementation=m.attn_implementation,
     )
 

@@ -344,3 +344,10 @@ def test_offloaded_optimizer_leaves_the_gpu() -> None:
     assert "optimizer states" not in {c.name for c in off.components}
     drop = plain.phase_bytes()["update"] - off.phase_bytes()["update"]
     assert drop == _component(plain, "optimizer states", "update")
+
+
+def test_group_log_z_has_no_head_and_always_the_old_log_prob_pass() -> None:
+    head = _plan(PRESET_7B, QWEN7B, "train.mini_batch_size=4096", gpus=1)
+    group = _plan(PRESET_7B, QWEN7B, "train.mini_batch_size=4096", "log_z.mode=group", gpus=1)
+    assert head.parameters["log_z_head"] > 0 and group.parameters["log_z_head"] == 0
+    assert not head.setup["old_logprob_pass"] and group.setup["old_logprob_pass"]
