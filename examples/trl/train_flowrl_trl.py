@@ -18,9 +18,12 @@ module:function`` for every row, or by default the project's reward for each row
 Every ``FlowRLConfig`` field (TRL's ``GRPOConfig`` plus ``flowrl_*`` and ``log_z_*``) is a flag or a key
 of the ``--config`` YAML; flags override the YAML.
 
+Prompts longer than ``--flowrl_max_prompt_length`` tokens (the paper's 2048; ``None`` for no cap) are
+removed before training; the count is printed at the start and recorded in ``run_info.json``.
+
 At the end the policy is saved to ``--output_dir`` (without the log Z head) with the head beside it
 (``log_z_head.safetensors``), and the main process writes ``run_info.json``: the number of processes
-that actually ran, the engine, versions and the logged metrics.
+that actually ran, the engine, versions, the prompts the cap removed and the logged metrics.
 """
 
 from __future__ import annotations
@@ -75,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         train_dataset=trl_dataset(rows, tokenizer),
         processing_class=tokenizer,
     )
+    for name, counts in trainer.prompts_filtered.items():
+        if trainer.accelerator.is_main_process:
+            print(
+                f"{name}: {counts['filtered']} of {counts['total']} prompts longer than "
+                f"{counts['max_prompt_length']} tokens removed, {counts['kept']} left"
+            )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
 
@@ -88,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 "transformers": transformers.__version__,
                 "trl": trl.__version__,
             },
+            "prompts_filtered": trainer.prompts_filtered,
             "log_history": trainer.state.log_history,
         }
         (Path(args.output_dir) / "run_info.json").write_text(json.dumps(info, indent=2))

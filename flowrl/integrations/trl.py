@@ -9,7 +9,7 @@ Shape legend (one micro-batch on one process):
 TRL's ``GRPOTrainer`` (pinned to ``trl>=1.16,<1.17``: the vLLM weight-sync hook below is private API)
 does the generation (transformers or vLLM, colocated or on a server), the rewards, the group-normalized
 advantages, the reference log-probs and the distribution (accelerate: DDP, DeepSpeed ZeRO, FSDP, several
-nodes). This subclass changes five things, and nothing else:
+nodes). This subclass changes six things, and nothing else:
 
 * **the loss**: :meth:`FlowRLTrainer._compute_loss` calls :func:`flowrl.objectives.flowrl_loss` (2509.15207)
   on the current, old and reference log-probs, log Z and TRL's advantages; no second copy of the math;
@@ -27,6 +27,13 @@ nodes). This subclass changes five things, and nothing else:
   loss never reads it. There is no KL term: pi_ref enters through the trajectory-balance residual;
 * **the weights sent to vLLM**: the head's parameters are filtered out of the stream (and out of the
   metadata a vLLM server receives first); vLLM's model has no such parameters;
+* **the prompts**: prompts longer than ``flowrl_max_prompt_length`` tokens (the paper's 2048), counted
+  as the trainer tokenizes them for generation, are removed from the training and evaluation datasets
+  before training, as verl's ``filter_overlong_prompts`` does; how many is logged and kept in
+  ``trainer.prompts_filtered``. With ``flowrl_old_logprobs="rollout"`` and a vLLM server the trainer
+  checks that the server returns processed log-probs (``--logprobs-mode processed_logprobs``, what
+  ``trl vllm-serve`` sets) and refuses to start otherwise: the check TRL makes for its own vLLM
+  correction does not run, because FlowRL turns that correction off;
 * **saving**: ``save_model`` and checkpoints write the policy without the head and the head beside it
   as ``log_z_head.safetensors`` with ``log_z_head.``-prefixed keys, the file name and format of
   :mod:`flowrl.checkpoint`, so a head trained here loads into the project's trainer and the other way
@@ -59,7 +66,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import is_peft_model
+from accelerate.utils import broadcast_object_list, is_peft_model
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers.utils import logging
@@ -91,6 +98,13 @@ OLD_LOGPROBS = ("trainer", "rollout")
 recomputed by the trainer (or the current log-probs, detached, when TRL skips that pass because the
 update is on-policy); ``rollout``: the log-probs vLLM reported while sampling, so the weight also
 corrects the vLLM/trainer mismatch (tokens vLLM could not score fall back to ``trainer``)."""
+
+MAX_PROMPT_LENGTH = 2048
+"""The paper's prompt cap in tokens (spec section 4; verl's ``data.max_prompt_length``)."""
+
+PROCESSED_LOGPROBS = "processed_logprobs"
+"""vLLM ``--logprobs-mode`` whose log-probs are those of the sampling distribution (after temperature and
+logit processing), the only ones an importance weight may use."""
 
 _REFERENCE_SWITCH = 1.0
 """Non-zero value of TRL's KL coefficient that makes ``GRPOTrainer`` build the reference model and
@@ -155,6 +169,13 @@ class FlowRLConfig(GRPOConfig):
             "current ones when on-policy) or 'rollout' (vLLM's sampling log-probs; needs use_vllm)."
         },
     )
+    flowrl_max_prompt_length: int | None = field(
+        default=MAX_PROMPT_LENGTH,
+        metadata={
+            "help": "Prompts longer than this many tokens (as the trainer tokenizes them, chat template "
+            "applied) are removed from the datasets before training and counted (paper: 2048). None: no cap."
+        },
+    )
     log_z_num_layers: int = field(
         default=NUM_LAYERS,
         metadata={
@@ -197,6 +218,10 @@ class FlowRLConfig(GRPOConfig):
             )
         if self.log_z_num_layers < 0:
             raise ValueError(f"log_z_num_layers must be >= 0 (0: no head), got {self.log_z_num_layers}")
+        if self.flowrl_max_prompt_length is not None and self.flowrl_max_prompt_length < 1:
+            raise ValueError(
+                f"flowrl_max_prompt_length must be >= 1 or None (no cap), got {self.flowrl_max_prompt_length}"
+            )
         refused = {
             "scale_rewards": (self.scale_rewards != "group", "FlowRL's r_hat is the group-normalized reward"),
             "multi_objective_aggregation": (
@@ -333,6 +358,75 @@ def exclude_log_z_from_vllm_sync(vllm_generation: Any) -> None:
     vllm_generation._iter_named_params = without_log_z
 
 
+def server_logprobs_mode(vllm_client: Any, accelerator: Any) -> str | None:
+    """The ``--logprobs-mode`` of the vLLM server TRL talks to, asked once and shared with every process."""
+    mode = None
+    if accelerator.is_main_process:
+        mode = vllm_client.get_server_info().get("model_config", {}).get("logprobs_mode")
+    return broadcast_object_list([mode])[0]
+
+
+def require_processed_logprobs(vllm_client: Any, accelerator: Any) -> None:
+    """Refuse a vLLM server whose sampling log-probs are not the sampling distribution's.
+
+    ``flowrl_old_logprobs="rollout"`` puts the server's log-probs into FlowRL's importance weight; a
+    server started without ``--logprobs-mode processed_logprobs`` (plain ``vllm serve``) reports raw
+    log-probs, before temperature and logit processing, which bias the weight at any temperature != 1.
+    TRL checks this only for its own vLLM correction, which FlowRLConfig keeps off.
+    """
+    mode = server_logprobs_mode(vllm_client, accelerator)
+    if mode != PROCESSED_LOGPROBS:
+        raise ValueError(
+            f"flowrl_old_logprobs='rollout' needs the vLLM server's processed log-probs, but it runs with "
+            f"--logprobs-mode {mode}: restart it with `trl vllm-serve ...` (which sets it) or "
+            f"`vllm serve ... --logprobs-mode {PROCESSED_LOGPROBS}`, or use flowrl_old_logprobs='trainer'"
+        )
+
+
+def prompt_lengths(dataset: Any, tokenize: Callable[[list], Any], *, batch_size: int = 256) -> list[int]:
+    """Token count of each row's ``prompt``, with ``tokenize`` (the trainer's ``_tokenize_prompts``)."""
+    lengths: list[int] = []
+    for start in range(0, len(dataset), batch_size):
+        prompts = dataset[start : start + batch_size]["prompt"]
+        lengths += [len(ids) for ids in tokenize(prompts)[0]]
+    return lengths
+
+
+def drop_long_prompts(
+    dataset: Any, tokenize: Callable[[list], Any], max_prompt_length: int, *, name: str = "train"
+) -> tuple[Any, dict[str, int]]:
+    """``dataset`` without the rows whose prompt is longer than ``max_prompt_length`` tokens, and counts.
+
+    Returns:
+        ``(kept dataset, {"total", "kept", "filtered", "max_prompt_length"})``.
+
+    Raises:
+        ValueError: a dataset that is not a ``datasets.Dataset`` (its length must be known to count), or
+            one whose every prompt is too long.
+    """
+    from datasets import Dataset
+
+    if not isinstance(dataset, Dataset):
+        raise ValueError(
+            f"flowrl_max_prompt_length needs the {name} dataset as a datasets.Dataset to count its "
+            f"prompts, got {type(dataset).__name__}; filter it yourself and set flowrl_max_prompt_length=None"
+        )
+    lengths = prompt_lengths(dataset, tokenize)
+    kept = [i for i, n in enumerate(lengths) if n <= max_prompt_length]
+    counts = {
+        "total": len(lengths),
+        "kept": len(kept),
+        "filtered": len(lengths) - len(kept),
+        "max_prompt_length": max_prompt_length,
+    }
+    if lengths and not kept:
+        raise ValueError(
+            f"every {name} prompt is longer than flowrl_max_prompt_length={max_prompt_length} tokens "
+            f"(shortest: {min(lengths)}); raise the cap or set it to None"
+        )
+    return (dataset if counts["filtered"] == 0 else dataset.select(kept)), counts
+
+
 def _head_file_key(name: str) -> str:
     """``module.log_z_head.layers.0.weight`` -> ``log_z_head.layers.0.weight`` (the saved-file key)."""
     return LOG_Z_PREFIX + name.split(LOG_Z_PREFIX, 1)[1]
@@ -385,6 +479,11 @@ class FlowRLTrainer(GRPOTrainer):
         self.log_z_head = head
         if self.use_vllm:
             exclude_log_z_from_vllm_sync(self.vllm_generation)
+            if self.vllm_mode == "server" and args.flowrl_old_logprobs == "rollout":
+                require_processed_logprobs(self.vllm_generation.vllm_client, self.accelerator)
+        self.prompts_filtered: dict[str, dict[str, int]] = {}
+        if args.flowrl_max_prompt_length is not None:
+            self._drop_long_prompts(args.flowrl_max_prompt_length)
         self._flowrl_kwargs = dict(
             beta=args.flowrl_beta,
             importance_weight=args.flowrl_importance_weight,
@@ -393,6 +492,32 @@ class FlowRLTrainer(GRPOTrainer):
             reference=args.flowrl_reference,
             sequence_weighting=args.flowrl_sequence_weighting,
         )
+
+    def _drop_long_prompts(self, max_prompt_length: int) -> None:
+        """Apply the prompt cap to the train and eval datasets; count and log what is removed."""
+        datasets = {"train": self.train_dataset}
+        if isinstance(self.eval_dataset, dict):
+            datasets.update({f"eval_{k}": v for k, v in self.eval_dataset.items()})
+        elif self.eval_dataset is not None:
+            datasets["eval"] = self.eval_dataset
+        kept = {}
+        for name, dataset in datasets.items():
+            if dataset is None:
+                continue
+            kept[name], self.prompts_filtered[name] = drop_long_prompts(
+                dataset, self._tokenize_prompts, max_prompt_length, name=name
+            )
+            counts = self.prompts_filtered[name]
+            if self.accelerator.is_main_process:
+                logger.warning(
+                    f"flowrl_max_prompt_length={max_prompt_length}: removed {counts['filtered']} of "
+                    f"{counts['total']} {name} prompts longer than that; {counts['kept']} remain"
+                )
+        self.train_dataset = kept.get("train", self.train_dataset)
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {k: kept[f"eval_{k}"] for k in self.eval_dataset}
+        elif self.eval_dataset is not None:
+            self.eval_dataset = kept["eval"]
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """TRL's optimizer, with the head's parameters moved into their own group ``"log_z_head"``.
@@ -589,13 +714,17 @@ def trl_dataset(rows: Sequence[Mapping[str, Any]], tokenizer: Any) -> Any:
 
 __all__ = [
     "LOG_Z_MODULE",
+    "MAX_PROMPT_LENGTH",
     "OLD_LOGPROBS",
+    "PROCESSED_LOGPROBS",
     "FlowRLCausalLMOutput",
     "FlowRLConfig",
     "FlowRLReward",
     "FlowRLTrainer",
     "attach_log_z_head",
+    "drop_long_prompts",
     "exclude_log_z_from_vllm_sync",
     "new_log_z_head",
+    "require_processed_logprobs",
     "trl_dataset",
 ]

@@ -24,6 +24,8 @@ from flowrl.data import synthetic  # noqa: E402
 from flowrl.data.schema import write_rows  # noqa: E402
 from flowrl.integrations.trl import (  # noqa: E402
     LOG_Z_MODULE,
+    MAX_PROMPT_LENGTH,
+    PROCESSED_LOGPROBS,
     FlowRLConfig,
     FlowRLReward,
     FlowRLTrainer,
@@ -288,6 +290,72 @@ def test_vllm_weight_sync_leaves_out_the_head(trained: tuple[FlowRLTrainer, dict
     assert sent == [n for n in unfiltered if not is_log_z_param(n)] and sent
 
 
+class _FakeVLLMClient:
+    def __init__(self, logprobs_mode: str) -> None:
+        self.logprobs_mode = logprobs_mode
+
+    def get_server_info(self) -> dict:  # trl's VLLMClient.get_server_info: the server's VllmConfig
+        return {"model_config": {"logprobs_mode": self.logprobs_mode}}
+
+
+@pytest.mark.parametrize("logprobs_mode", ["raw_logprobs", PROCESSED_LOGPROBS])
+def test_rollout_logprobs_from_a_vllm_server_must_be_processed(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logprobs_mode: str
+) -> None:
+    """flowrl_old_logprobs='rollout' with a server: FlowRL keeps TRL's vLLM correction (and with it TRL's
+    own logprobs-mode check) off, so it asks the server itself and refuses raw log-probs."""
+    import trl.trainer.grpo_trainer as grpo
+
+    class FakeVLLMGeneration:  # TRL's VLLMGeneration without a server: a weight stream and a client
+        def __init__(self, model, accelerator, **kwargs) -> None:
+            self.model, self.accelerator = model, accelerator
+            self.vllm_client = _FakeVLLMClient(logprobs_mode)
+
+        def _iter_named_params(self):
+            yield from self.model.named_parameters()
+
+    monkeypatch.setattr(grpo, "VLLMGeneration", FakeVLLMGeneration)
+    config = dict(use_vllm=True, vllm_mode="server", flowrl_old_logprobs="rollout")
+    if logprobs_mode == PROCESSED_LOGPROBS:
+        trainer = make_trainer(model_dir, tmp_path, **config)
+        assert trainer.args.flowrl_old_logprobs == "rollout"
+    else:
+        with pytest.raises(ValueError, match="--logprobs-mode raw_logprobs.*processed_logprobs"):
+            make_trainer(model_dir, tmp_path, **config)
+
+
+def test_prompts_over_the_cap_are_removed_and_counted(
+    model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """flowrl_max_prompt_length (the paper's 2048 by default): prompts longer than the cap, in the tokens
+    the trainer generates from, leave the dataset before training; the count is logged and kept."""
+    tokenizer = load_tokenizer(str(model_dir))
+    rows = synthetic.rows()
+    texts = list(trl_dataset(rows, tokenizer)["prompt"])  # plain text: the tiny tokenizer has no template
+    lengths = [len(ids) for ids in tokenizer(text=texts)["input_ids"]]
+    cap = sorted(lengths)[len(lengths) // 2]
+    too_long = sum(n > cap for n in lengths)
+    assert 0 < too_long < len(rows), "the tiny dataset's prompts must straddle the cap"
+    assert (
+        FlowRLConfig(output_dir=str(tmp_path), **CPU_RUN).flowrl_max_prompt_length
+        == MAX_PROMPT_LENGTH
+        == 2048
+    )
+    with caplog.at_level("WARNING"):
+        trainer = make_trainer(model_dir, tmp_path, flowrl_max_prompt_length=cap, max_steps=1)
+    assert trainer.prompts_filtered["train"] == {
+        "total": len(rows), "kept": len(rows) - too_long, "filtered": too_long, "max_prompt_length": cap,
+    }  # fmt: skip
+    assert f"removed {too_long} of {len(rows)} train prompts" in caplog.text
+    kept = [len(ids) for ids in tokenizer(text=list(trainer.train_dataset["prompt"]))["input_ids"]]
+    assert len(kept) == len(rows) - too_long and max(kept) <= cap
+    trainer.train()  # trains on what is left
+    with pytest.raises(ValueError, match="every train prompt is longer"):
+        make_trainer(model_dir, tmp_path, flowrl_max_prompt_length=min(lengths) - 1)
+    uncapped = make_trainer(model_dir, tmp_path, flowrl_max_prompt_length=None)
+    assert len(uncapped.train_dataset) == len(rows) and uncapped.prompts_filtered == {}
+
+
 def test_reward_adapter_scores_rows_and_reports_failures() -> None:
     def flaky(response: str, example: dict) -> float:
         if "boom" in response:
@@ -318,6 +386,7 @@ def test_reward_adapter_scores_rows_and_reports_failures() -> None:
         (dict(vllm_importance_sampling_correction=True), "flowrl_old_logprobs='rollout'"),
         (dict(flowrl_old_logprobs="rollout"), "use_vllm"),
         (dict(flowrl_importance_weight="clamped"), "unknown flowrl_importance_weight"),
+        (dict(flowrl_max_prompt_length=0), "flowrl_max_prompt_length must be >= 1"),
     ],
 )
 def test_config_refuses_settings_that_would_change_the_objective(
@@ -341,6 +410,7 @@ def test_example_configs_parse() -> None:
         + ["--bf16", "false", "--use_cpu", "true"]
     )
     assert args.flowrl_beta == 15.0 and args.use_vllm and args.learning_rate == 1e-6
+    assert args.flowrl_max_prompt_length == 2048  # the paper's prompt cap
 
 
 @pytest.mark.slow  # torchrun: several processes
@@ -376,6 +446,14 @@ def test_two_process_torchrun_trains_and_saves(model_dir: Path, tmp_path: Path) 
 
     info = json.loads((out / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["distributed_type"] == "DistributedType.MULTI_CPU"
+    rows = len(synthetic.rows())  # the paper's 2048-token cap removes none of these short prompts
+    assert info["prompts_filtered"]["train"] == {
+        "total": rows,
+        "kept": rows,
+        "filtered": 0,
+        "max_prompt_length": 2048,
+    }
+    assert f"train: 0 of {rows} prompts longer than 2048 tokens removed" in result.stdout
     losses = [r["loss"] for r in info["log_history"] if "loss" in r]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     assert not [k for k in load_file(str(out / "model.safetensors")) if is_log_z_param(k)]
