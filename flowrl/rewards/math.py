@@ -10,7 +10,8 @@ for committing to the right answer in any of the forms models write, and never f
   only the text after it counts (the reasoning before it is scratch work); otherwise the whole response.
 * *Boxes.* Every complete, non-empty ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces; ``\\boxed 5``
   without braces; a box inside a box is part of the outer one). Empty boxes and a truncated last box are
-  ignored, so ``\\boxed{5} and then \\boxed{}`` answers 5. **All boxes count, not only the last**:
+  ignored (a box holding only spacing, ``\\boxed{\\quad}``, is empty), so ``\\boxed{5} and then
+  \\boxed{}`` answers 5. **All boxes count, not only the last**:
   several boxes with different contents are read as one list of answers (Math-Verify joins boxes the
   same way), which is right only when the gold is that list (gold ``1,-2``, boxes ``-2`` and ``1``).
   For a single-answer gold, boxing several different candidates is hedging and scores wrong, and so
@@ -21,27 +22,30 @@ for committing to the right answer in any of the forms models write, and never f
   I hope it is correct."); only the last statement counts. It is **the** answer when no box comes after
   it: boxes before it are working (``I first thought \\boxed{24}.\\nAnswer: 42`` answers 42), a box
   inside it is its answer, and boxes after it replace it (only the boxes after it count then). A
-  statement written as a sentence is reduced to its answer: the first sentence only (``... $28\\%$. I
-  hope it is correct.``), then, when there is prose, the part after the last copula (``n is 34`` ->
-  ``34``, ``The largest $n$ is 34.`` -> ``34``), then, when prose is still left, the one number or
-  ``$...$`` formula in it (``Jane started 3 hours ago`` -> ``3``; with several, nothing is picked and
-  the sentence will not match). A sentence that negates (``5 is not the answer``) is not reduced.
+  statement written as a sentence is reduced to its answer: the first sentence only (``... $28\\%$.
+  I hope it is correct.``; not when the next sentence hedges: ``34. Or 35.``), then, when there is prose,
+  the part after the last copula (``n is 34`` -> ``34``, ``The largest $n$ is 34.`` -> ``34``), then,
+  when prose is still left, the one number or ``$...$`` formula in it (``Jane started 3 hours ago`` ->
+  ``3``; with several, nothing is picked and the sentence will not match). A sentence that negates
+  (``5 is not the answer``) is not reduced.
 * *Cleaning* (:func:`clean_answer`): surrounding ``$``, ``\\(...\\)``, markdown bold and a trailing period
   are removed; a plain number with thousands separators (``1,000``, ``1{,}000``, ``1\\,000``) loses
   them, but only when its first group has no leading zero (``0,111`` and ``0,500`` are not thousands:
-  Math-Verify reads them as the decimals 0.111 and 0.5). A number in E notation (``1e+16``, ``1e-05``,
+  Math-Verify reads them as the decimals 0.111 and 0.5; ``0\\,500`` or ``0 500``, which it would read
+  as 500, score wrong). A number in E notation (``1e+16``, ``1e-05``,
   how Python prints large and small floats) is written out (``10000000000000000``, ``0.00001``; beyond
   an exponent of 100 as ``1 \\times 10^{300}``); Math-Verify would read the ``e`` as Euler's number.
   The same applies to a gold given as a number.
-* *Hedges become lists.* ``or``, ``either``, ``and/or``, ``\\lor``, ``\\vee`` (also inside ``\\text{}`` and
-  ``(or ...)`` asides) and LaTeX line breaks ``\\\\`` outside an environment split an answer into
-  candidates: ``\\boxed{3 \\text{ (or 4)}}`` is the list 3, 4, never 3. A list is right only for a
-  list gold with the same elements (``x = 3 or x = 5`` for gold ``3, 5``).
+* *Hedges become lists.* ``or``, ``either``, ``and/or``, ``\\lor``, ``\\vee``, ``maybe``, ``perhaps``,
+  ``possibly``, ``probably`` (also inside ``\\text{}`` and ``(or ...)`` asides) and LaTeX line breaks
+  ``\\\\`` outside an environment split an answer into candidates: ``\\boxed{3 \\text{ (or 4)}}`` is
+  the list 3, 4, never 3. A list is right only for a list gold with the same elements (``x = 3 or
+  x = 5`` for gold ``3, 5``).
 * *Fallback* when there is no box and no statement: Math-Verify's own extraction (its "final answer
   is" anchors, then the last LaTeX or plain expression) on the last :data:`FALLBACK_TAIL_CHARS`
-  characters; a single value extracted from a sentence that hedges (``3 or maybe 5``) is wrong. If
-  that finds nothing either, the status is ``no_answer``. Pass ``fallback=False`` to require a box or an
-  answer statement.
+  characters; a single value extracted from a sentence with one of those hedge words (``3 or maybe
+  5``) is wrong. If that finds nothing either, the status is ``no_answer``. Pass ``fallback=False`` to
+  require a box or an answer statement.
 
 **2. Fast paths** (calling process, never SymPy): identical answers up to spacing and sizing commands
 are correct; plain integers are compared as integers (several different integers for an integer gold
@@ -92,6 +96,7 @@ import fractions
 import functools
 import logging
 import math
+import numbers
 import os
 import re
 import socket
@@ -216,9 +221,24 @@ def _all_boxed(text: str) -> list[_Span]:
             continue
         content, end = arg
         inside_until = end
-        if clean_answer(content):
+        if not _is_blank(content):
             out.append(_Span(content, m.start(), end))
     return out
+
+
+# What a box can hold and still say nothing: spacing commands, empty groups and empty \text{}.
+_BLANK_RE = re.compile(
+    r"\\(?:q?quad|[,;:! ]|[hv]space\*?\{[^{}]*\}|h?phantom\{[^{}]*\}|(?:text|mbox|mathrm)\s*\{\s*\})"
+    r"|~|\{\s*\}|\s|\$|\\(?=\s|$)"
+)
+
+
+def _is_blank(content: str) -> bool:
+    """True when a box holds only spacing: ``\\boxed{}``, ``\\boxed{\\quad}``, ``\\boxed{\\text{}}``."""
+    previous = None
+    while previous != content:
+        previous, content = content, _BLANK_RE.sub("", content)
+    return not clean_answer(content)
 
 
 def _last_statement(text: str) -> _Span | None:
@@ -237,6 +257,9 @@ _THOUSANDS_SEP = r"(?:\\,|\\;|\\!|\\ |~|\{,\}|,| )"
 # The first group has no leading zero: "0,111" and "0,500" are decimals with a comma, not thousands.
 _THOUSANDS_RE = re.compile(r"-?[1-9]\d{0,2}(?:" + _THOUSANDS_SEP + r"\d{3})+(?:\.\d+)?")
 _THOUSANDS_SEP_RE = re.compile(_THOUSANDS_SEP)
+# "0 500", "0\\,111": spaced groups after a leading zero group. Not thousands, and Math-Verify would drop
+# the space and read 500; a comma ("0,500") it reads as a decimal comma (0.5), which is left to it.
+_ZERO_GROUP_RE = re.compile(r"-?0+(?:(?:\\[,;! ]|~| )\d{3})+(?:\.\d+)?")
 _E_NOTATION_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)[eE][+-]?\d{1,3}")
 MAX_E_EXPONENT = 100
 """E-notation numbers are written out up to this exponent (``1e+16``); beyond, as ``1 \\times 10^{300}``."""
@@ -281,15 +304,16 @@ def clean_answer(answer: str) -> str:
 
 # --- hedges -----------------------------------------------------------------------------------
 
-# Disjunctions: the answer names alternatives. "or" also inside \text{} and "(or 4)"; not inside words.
+# Disjunctions and doubt: the answer names alternatives ("or", also inside \text{} and "(or 4)"; "maybe").
 _HEDGE_RE = re.compile(
-    r"\\(?:lor|vee)(?![A-Za-z])|(?<![A-Za-z\\])(?:and/or|either|or)(?![A-Za-z])", re.IGNORECASE
+    r"\\(?:lor|vee)(?![A-Za-z])"
+    r"|(?<![A-Za-z\\])(?:and/or|either|or|maybe|perhaps|possibly|probably)(?![A-Za-z])",
+    re.IGNORECASE,
 )
 # A line break "\\" not followed by a letter: "\\left" is a doubly escaped "\left", not a line break.
 _LINEBREAK_RE = re.compile(r"\\\\(?![A-Za-z])")
 _HEDGE_SPLIT_RE = re.compile(_HEDGE_RE.pattern + "|" + _LINEBREAK_RE.pattern, re.IGNORECASE)
 _TEXT_WRAP_RE = re.compile(r"\\(?:text|textbf|textrm|textit|mbox|mathrm|operatorname)\s*\{([^{}]*)\}")
-_HEDGE_WORD_RE = re.compile(r"(?<![A-Za-z\\])(?:possibly|maybe|perhaps|probably)(?![A-Za-z])", re.I)
 
 
 def _is_hedged(text: str) -> bool:
@@ -316,10 +340,9 @@ def _candidates(answer: str) -> list[str]:
     if not _is_hedged(answer):
         return [answer]
     s = _TEXT_WRAP_RE.sub(r" \1 ", answer)
-    s = _HEDGE_WORD_RE.sub(" ", s)
     out = []
     for piece in _HEDGE_SPLIT_RE.split(s):
-        piece = clean_answer(_strip_unbalanced(piece.strip(" \t\n,;:")))
+        piece = clean_answer(_strip_unbalanced(piece.strip(" \t\n,;:?!")))
         if piece:
             out.append(piece)
     return out or [answer]
@@ -335,6 +358,10 @@ _CONNECTORS = frozenset({"and", "or", "either"})
 _COPULA_RE = re.compile(r"(?<![A-Za-z\\])(?:is|are|was|were|be|equals)(?:\s+equal\s+to)?(?![A-Za-z])", re.I)
 _CONTENT_RE = re.compile(r"[0-9\\$]")
 _NUMBER_RE = re.compile(r"(?<![A-Za-z0-9.])-?\d+(?:[.,]\d+)*(?:/\d+)?")
+# A sentence that takes back or adds to the one before: "34. Or 35.", "34? Maybe 35."
+_HEDGE_START_RE = re.compile(
+    r"\W*(?:or|either|maybe|perhaps|possibly|probably|alternatively|otherwise)(?![A-Za-z])", re.I
+)
 _NEGATION_RE = re.compile(
     r"(?<![A-Za-z])(?:not|no|never|neither|nor|cannot|isn't|aren't|can't)(?![A-Za-z])", re.I
 )
@@ -355,14 +382,14 @@ def _is_prose(s: str) -> bool:
 def _statement_answer(line: str) -> str:
     """The answer in an ``Answer:`` statement (see the module doc).
 
-    Its first sentence; when that is prose (and does not negate), the part after the last copula
-    (``The largest $n$ is 34.`` -> ``34``); when prose is still left, the one number or ``$...$`` math
-    it contains (``Jane started 3 hours ago`` -> ``3``); with several, the text stays as it is and will
-    not match a single answer.
+    Its first sentence (not when the next one starts with a hedge: ``34. Or 35.``); when that is prose
+    (and does not negate), the part after the last copula (``The largest $n$ is 34.`` -> ``34``); when
+    prose is still left, the one number or ``$...$`` math it contains (``Jane started 3 hours ago`` ->
+    ``3``); with several, the text stays as it is and will not match a single answer.
     """
-    s = line.replace("\\(", "$").replace("\\)", "$")
+    s = line.replace("\\(", "$").replace("\\)", "$").strip().strip("*_").strip()
     end = _SENTENCE_END_RE.search(_DOLLAR_SPAN_RE.sub(_blank, s))
-    if end is not None:
+    if end is not None and not _HEDGE_START_RE.match(s, end.end()):  # "34. Or 35." names two answers
         s = s[: end.start()]
     if not _is_prose(s):
         return s
@@ -518,6 +545,9 @@ def _fast_verdict(parts: Sequence[str], gold: str) -> tuple[RewardStatus, str] |
         return RewardStatus.CORRECT, "identical"
     if len(answer) > MAX_ANSWER_CHARS:
         return RewardStatus.WRONG, f"answer longer than {MAX_ANSWER_CHARS} characters"
+    zero_group = next((p for p in parts if _ZERO_GROUP_RE.fullmatch(p)), None)
+    if zero_group is not None:
+        return RewardStatus.WRONG, f"{zero_group[:40]!r}: a leading zero group is not a thousands separator"
     mc = _MC_GOLD_RE.fullmatch(gold.strip())
     if mc:
         letters = {_multiple_choice_letter(p) for p in parts}
@@ -607,6 +637,11 @@ def _check_answer(parts: tuple[str, ...] | None, text: str, gold_parsed: list[An
             pred = parse(_boxed(joined), boxed_first, parsing_timeout=None)
             if not pred:
                 return RewardStatus.WRONG.value, f"answers {joined[:80]!r} could not be parsed as a list"
+            import sympy
+
+            if not isinstance(pred[0], sympy.FiniteSet) or len(pred[0]) < 2:
+                # Math-Verify kept one of several different candidates ("4?, 5" -> 5): never a choice.
+                return RewardStatus.WRONG.value, f"{len(distinct)} different answers {joined[:60]!r}"
     ok = verify(gold_parsed, pred, timeout_seconds=None)
     shown = str(pred[0])[:80]
     return (RewardStatus.CORRECT if ok else RewardStatus.WRONG).value, f"parsed {shown!r}"
@@ -899,15 +934,18 @@ def _close_pool() -> None:
 def _as_gold(ground_truth: Any) -> str:
     """The gold answer as LaTeX text. Numbers are written out in full: ``1e16`` is ``10000000000000000``
     (``str(1e16)`` is ``1e+16``, which Math-Verify reads with Euler's e)."""
-    if isinstance(ground_truth, bool) or not isinstance(ground_truth, (str, int, float)):
+    if isinstance(ground_truth, bool) or not isinstance(ground_truth, (str, numbers.Real)):
         raise ValueError(
             f"math ground_truth must be a string (or a number), got {type(ground_truth).__name__}: "
             f"{ground_truth!r:.80}; store the gold answer as a LaTeX string"
         )
-    if isinstance(ground_truth, float):
-        if not math.isfinite(ground_truth):
+    if isinstance(ground_truth, numbers.Integral):  # int, numpy integers
+        text = str(int(ground_truth))
+    elif isinstance(ground_truth, numbers.Real):  # float, numpy floats (whose repr is "np.float64(...)")
+        value = float(ground_truth)
+        if not math.isfinite(value):
             raise ValueError(f"math ground_truth is not a finite number: {ground_truth!r}")
-        text = repr(ground_truth)
+        text = repr(value)
     else:
         text = str(ground_truth)
     gold = clean_answer(text)

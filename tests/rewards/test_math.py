@@ -8,6 +8,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 from flowrl.rewards import math as fm
@@ -312,6 +313,8 @@ ISSUE13_CORRECT = [
     ("7", "\\boxed{7}\n\\boxed{ }"),
     ("\\frac{1}{2}", "\\boxed{\\frac{1}{2}} \\fbox{}"),
     ("3", "\\boxed{} \\boxed{3}"),
+    ("5", "\\boxed{5} and then \\boxed{\\quad}"),  # a box of spacing is empty too
+    ("5", "\\boxed{5} \\boxed{\\text{}}"),
     # A sentence-style Answer: line is reduced to its answer (and still overrides earlier boxes).
     ("34", "So \\boxed{34}.\nAnswer: n is 34"),
     ("34", "Answer: the largest such $n$ is $34$."),
@@ -322,6 +325,8 @@ ISSUE13_CORRECT = [
     ("28\\%", "Final Answer: The final answer is $28\\%$. I hope it is correct."),
     ("10455", "so \\boxed{255} is the interest. Final Answer: The final answer is $10,455$."),
     ("42", "\\boxed{41}\nFinal Answer: 42"),
+    ("34", "Answer: **34**"),
+    ("34", "Answer: 34. I hope it is correct."),
     # Several boxes for a list gold are read together, in any order; the fallback reads far enough.
     ("1,-2", "The answer is \\boxed{-2} and \\boxed{1}."),
     ("(2,2),(6,2)", "$\\boxed{(2, 2)} \\quad \\text{and} \\quad \\boxed{(6, 2)}$"),
@@ -339,6 +344,8 @@ ISSUE13_WRONG = [
     ("500", "\\boxed{0,500}"),
     ("250", "\\boxed{0,250}"),
     ("0,250", "\\boxed{250}"),
+    ("111", "\\boxed{0\\,111}"),  # spaced groups after a zero group: not thousands either
+    ("500", "\\boxed{0 500}"),
     # Multiple choice: the letter is read strictly.
     ("A", "\\boxed{A and C}"),
     ("A", "\\boxed{a = 3}"),
@@ -359,6 +366,8 @@ ISSUE13_WRONG = [
     ("5", "Answer: 5 is not the answer"),
     ("5", "Answer: it is 5 or 6"),
     ("5", "Answer: The answer is between 4 and 6."),
+    ("34", "Answer: 34. Or 35."),  # the next sentence hedges: not cut off
+    ("34", "Answer: 34? Maybe 35."),
     # Several boxes: incomplete or over-complete lists, and several candidates for one answer.
     ("1,-2", "\\boxed{-2}"),
     ("1,-2", "\\boxed{-2}, \\boxed{1}, \\boxed{3}"),
@@ -438,6 +447,8 @@ def test_numeric_gold_is_written_out() -> None:
     assert fm._as_gold(1e-05) == "0.00001"
     assert fm._as_gold(0.1) == "0.1"
     assert fm._as_gold(7) == "7"
+    assert fm._as_gold(np.float64(1e16)) == "10000000000000000"  # repr would be "np.float64(1e+16)"
+    assert fm._as_gold(np.int64(7)) == "7"
     result = fm.score("\\boxed{1}", float("nan"))
     assert result.status is RewardStatus.ERROR and not result.ok
 
@@ -446,6 +457,14 @@ def test_fallback_reads_beyond_the_last_300_characters() -> None:
     tail = " We double-checked each step; the reasoning holds in every case considered." * 10
     assert 300 < len(tail) < fm.FALLBACK_TAIL_CHARS  # verl reads 300: it would miss the "$12$"
     assert fm.score("The final answer is $12$." + tail, "12").status is RewardStatus.CORRECT
+
+
+def test_several_candidates_never_collapse_to_one() -> None:
+    """When Math-Verify reads a list of different candidates as one value (it drops "4?"), the answer is
+    wrong; a real list against a list gold is compared as a set."""
+    assert fm._verify_task(("4?", "5"), "", "5")[0] == RewardStatus.WRONG.value
+    assert fm._verify_task(("4", "5"), "", "4, 5")[0] == RewardStatus.CORRECT.value
+    assert fm._verify_task(("x = 1", "x = -2"), "", "x=1, x=-2")[0] == RewardStatus.CORRECT.value
 
 
 def test_fast_paths_agree_with_math_verify() -> None:
