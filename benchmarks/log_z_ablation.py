@@ -27,6 +27,13 @@ Two tasks:
   (avg@32), distinct correct answers per prompt, and the trainer's own per-step times (medians after
   ``--warmup`` steps): step, rollout, rewards + log-prob passes, update.
 
+And **step time on a fixed workload** (``benchmarks/flowrl_vs_grpo.py``'s CPU one: a 1.5M-parameter
+Qwen2 with random weights, 8 prompts x 4 samples x 64 tokens forced to full length), each configuration
+in its own process on one thread, ``repeats`` runs in mirrored order: the three methods with one
+optimizer step per batch, where the group estimate needs one extra pass without gradient (the policy's
+log-probs before the update), and FlowRL in both modes with 4 optimizer steps per batch
+(mini-batches of a quarter of the batch), where that pass is made anyway (old log-probs).
+
 Every number is computed in the run; the JSON holds every seed's figures and the machine's load.
 """
 
@@ -62,6 +69,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The smoke test's: seconds of training.
     "smoke": dict(targets=["default"], budgets=(5, 10), toy_seeds=(0,),
                   demo_steps=2, demo_seeds=(0,), sft_steps=5, eval_every=1, warmup=0),
+}  # fmt: skip
+
+# configuration -> (algorithm.name, log_z.mode, optimizer steps per batch) of the fixed-workload timing
+TIMING: dict[str, tuple[str, str, int]] = {
+    "flowrl": ("flowrl", "head", 1),
+    "flowrl_group": ("flowrl", "group", 1),
+    "grpo": ("grpo", "head", 1),
+    "flowrl/4": ("flowrl", "head", 4),
+    "flowrl_group/4": ("flowrl", "group", 4),
+}
+TIMING_WORKLOADS: dict[str, dict[str, Any]] = {
+    "cpu": dict(shape="small", prompts=8, samples=4, max_new_tokens=64, micro_batch=16, steps=8, warmup=2,
+                repeats=2),
+    "smoke": dict(shape="tiny", prompts=2, samples=2, max_new_tokens=4, micro_batch=4, steps=2, warmup=1,
+                  repeats=1),
 }  # fmt: skip
 
 PERF_KEYS = {
@@ -180,6 +202,46 @@ def run_demo(preset: dict[str, Any], work: Path) -> dict[str, Any]:
     return {"mean_over_seeds": mean, "range_over_seeds": spread, "per_seed": per_seed}
 
 
+def run_timing(workload: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Every :data:`TIMING` configuration on the fixed workload, one process per run, mirrored order."""
+    from flowrl.data.schema import write_rows
+
+    model_dir = _common.save_model(work / f"model-{workload['shape']}", workload["shape"])
+    data_file = write_rows(_common.prompt_rows(workload["prompts"]), work / "prompts.jsonl")
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in TIMING}
+    for i, name in enumerate(_common.mirrored(list(TIMING), workload["repeats"])):
+        algorithm, mode, optimizer_steps = TIMING[name]
+        mini_batch = workload["prompts"] * workload["samples"] // optimizer_steps
+        extra = {
+            "log_z.mode": mode,
+            "train.mini_batch_size": mini_batch,
+            "train.micro_batch_size": min(workload["micro_batch"], mini_batch),
+        }
+        label = f"{i:02d}-{name.replace('/', '-')}"
+        spec = {
+            "warmup_steps": workload["warmup"],
+            "overrides": _common.trainer_overrides(
+                model_dir=model_dir, data_file=data_file, output_dir=work / "runs" / label,
+                algorithm=algorithm, prompts=workload["prompts"], samples=workload["samples"],
+                max_new_tokens=workload["max_new_tokens"], micro_batch=workload["micro_batch"],
+                steps=workload["steps"], device="cpu", extra=extra,
+            ),
+        }  # fmt: skip
+        print(f"timing {name} (load {_common.load_average()[0]})", flush=True)
+        # one thread: on a shared 2-core machine two OpenMP threads stall at every barrier whenever the
+        # hypervisor deschedules one (steps 10-30x slower, seen here); one is steady
+        child = _common.run_child(Path(__file__), spec, work / "logs", label, timeout=1800, threads=1)
+        runs[name].append(child)
+    medians = {
+        name: {
+            key: statistics.median(v for run in rs for v in run["per_step"][key][workload["warmup"] :])
+            for key in PERF_KEYS
+        }
+        for name, rs in runs.items()
+    }
+    return {"workload": workload, "median_s": medians, "runs": runs}
+
+
 def toy_table(toy: dict[str, Any], budgets: tuple[int, ...]) -> str:
     """Markdown: per target and method, the final figures and the KL at a short budget."""
     final, short = str(budgets[-1]), str(budgets[min(2, len(budgets) - 1)])
@@ -218,6 +280,24 @@ def demo_table(demo: dict[str, Any]) -> str:
         lines.append(
             f"| {LABELS[method]} | {cell('kl_to_target')} | {cell('modes_covered')} | {cell('accuracy')} | "
             f"{m['distinct_correct']:.1f} | {m['perf/step_time_s']:.3f} | {m['perf/rollout_time_s']:.3f} | "
+            f"{m['perf/score_and_logprob_time_s']:.3f} | {m['perf/update_time_s']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def timing_table(timing: dict[str, Any]) -> str:
+    """Markdown: per configuration, median seconds per step and per phase."""
+    head = timing["median_s"]["flowrl"]["perf/step_time_s"]
+    lines = [
+        "| configuration | optimizer steps / batch | step s | vs FlowRL (head) | rollout s "
+        "| rewards + log-probs s | update s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in timing["median_s"].items():
+        method, _, steps = name.partition("/")
+        lines.append(
+            f"| {LABELS[method]} | {steps or 1} | {m['perf/step_time_s']:.3f} | "
+            f"{m['perf/step_time_s'] / head - 1:+.1%} | {m['perf/rollout_time_s']:.3f} | "
             f"{m['perf/score_and_logprob_time_s']:.3f} | {m['perf/update_time_s']:.3f} |"
         )
     return "\n".join(lines)
@@ -282,12 +362,20 @@ def main() -> int:
     parser.add_argument(
         "--from-json", metavar="PATH", help="run nothing: print the tables of a saved run (and --plot it)"
     )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:  # one timed trainer run (run_timing)
+        spec = json.loads(Path(args.child).read_text())
+        Path(spec["result_file"]).write_text(json.dumps(_common.run_project_trainer(spec)))
+        return 0
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text())
         print(toy_table(result["toy"], tuple(result["workload"]["budgets"])))
         print()
         print(demo_table(result["demo"]))
+        if "timing" in result:
+            print()
+            print(timing_table(result["timing"]))
         print(f"\nwall time {result['wall_time_s']:.0f}s; command: {result['environment']['command']}")
         if args.plot:
             plot(result, Path(args.plot))
@@ -300,9 +388,10 @@ def main() -> int:
     toy = run_toy(preset)
     with tempfile.TemporaryDirectory() as tmp:
         demo = run_demo(preset, Path(args.workdir or tmp))
+        timing = run_timing(TIMING_WORKLOADS[args.preset], Path(args.workdir or tmp) / "timing")
     wall = time.perf_counter() - started
     result = {"benchmark": "log_z_ablation", "preset": args.preset, "workload": preset, "toy": toy,
-              "demo": demo, "wall_time_s": round(wall, 1)}  # fmt: skip
+              "demo": demo, "timing": timing, "wall_time_s": round(wall, 1)}  # fmt: skip
 
     seeds = f"toy {len(preset['toy_seeds'])} seeds, demo {len(preset['demo_seeds'])} seeds"
     print(
@@ -311,6 +400,8 @@ def main() -> int:
     print(toy_table(toy, preset["budgets"]))
     print()
     print(demo_table(demo))
+    print()
+    print(timing_table(timing))
     print(f"\nwall time {wall:.0f}s")
     _common.print_load(env)
     if args.plot:
