@@ -458,19 +458,11 @@ def _dtype(name: str | None, checkpoint_dtype: str) -> str:
     return str(name)
 
 
-def needs_reference(cfg: Any) -> bool:
-    """Whether the trainer loads a reference model for full fine-tuning (Trainer._needs_reference)."""
-    from flowrl.objectives import OBJECTIVES
-
-    objective = OBJECTIVES[cfg.algorithm.name]
-    kl_coef = cfg.algorithm.loss.get("kl_coef", 0.0) or cfg.algorithm.advantage.get("kl_coef", 0.0)
-    if objective.ref_logprobs_only_for_kl:
-        return kl_coef > 0
-    return objective.uses_ref_logprobs or objective.advantage_uses_ref_logprobs or kl_coef > 0
-
-
 def resolve_setup(cfg: Any, shape: ModelShape, *, device: str, gpus: int) -> Setup:
     """The trainer's rules applied to ``cfg`` on ``gpus`` processes of ``device`` ("cuda" or "cpu")."""
+    import torch
+
+    from flowrl.models import needs_reference, reference_dtype  # the trainer's own rules
     from flowrl.objectives import OBJECTIVES
 
     if device not in ("cuda", "cpu"):
@@ -484,11 +476,7 @@ def resolve_setup(cfg: Any, shape: ModelShape, *, device: str, gpus: int) -> Set
     autocast = t.bf16 if t.bf16 is not None else cuda
     ref_dtype: str | None = None
     if not lora and needs_reference(cfg):
-        ref_dtype = (
-            _dtype(m.ref_dtype, shape.checkpoint_dtype)
-            if m.ref_dtype
-            else ("bfloat16" if cuda else policy_dtype)
-        )
+        ref_dtype = _dtype(reference_dtype(cfg, torch.device(device)), shape.checkpoint_dtype)
     compute_dtype = "bfloat16" if autocast else policy_dtype
     grad_ckpt = m.gradient_checkpointing if m.gradient_checkpointing is not None else cuda
     objective = OBJECTIVES[cfg.algorithm.name]
@@ -1220,5 +1208,4 @@ __all__ = [
     "plan_memory",
     "read_model_config",
     "resolve_setup",
-    "needs_reference",
 ]
