@@ -678,8 +678,8 @@ def test_every_launch_script_key_reaches_what_verl_reads(
 
 
 def test_the_logger_is_the_console_unless_wandb_is_configured(monkeypatch, tmp_path: Path) -> None:
-    """verl's default trainer.logger is [console, wandb], and W&B without a login stops the run once the
-    workers are up; the launcher logs to the console unless W&B can log in (or the user chose)."""
+    """verl's default trainer.logger is [console, wandb], and W&B without credentials fails at its login;
+    the launcher logs to the console unless W&B can log in (or the user chose)."""
     for name in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc from `wandb login`

@@ -67,8 +67,8 @@ def wandb_configured() -> bool:
 def default_logger_override() -> str:
     """``trainer.logger``: the console, plus W&B when it is configured.
 
-    verl's default is ``[console, wandb]``, and a W&B run that cannot log in stops the task runner
-    after the workers are built; a later ``trainer.logger=...`` on the command line still wins.
+    verl's default is ``[console, wandb]``, and W&B without credentials fails at its login instead of
+    training; a later ``trainer.logger=...`` on the command line still wins.
     """
     return f"trainer.logger=[console{',wandb' if wandb_configured() else ''}]"
 
