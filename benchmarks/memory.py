@@ -57,7 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 lora_rank=16),
     "smoke": dict(shape="tiny", prompts=2, samples=2, max_new_tokens=4, micro_batch=4, steps=2, lora_rank=4),
 }  # fmt: skip
-ROWS = ("flowrl", "grpo", "flowrl_lora", "flowrl_fsdp2", "trl_grpo", "trl_grpo_peft")
+ROWS = ("flowrl", "flowrl_bf16_ref", "grpo", "flowrl_lora", "flowrl_fsdp2", "trl_grpo", "trl_grpo_peft")
 BASELINE_ROWS = ("baseline", "trl_baseline")
 GOAL_RELATIVE_ERROR = 0.15  # the plan within 15% of the measured peak, every row on CPU
 # data.max_prompt_length of every row: the digit-sum prompts ("sum 13:") are at most 7 tokens, so the
@@ -77,6 +77,8 @@ def row_settings(row: str, w: dict[str, Any]) -> dict[str, Any]:
         "ranks": 2 if row == "flowrl_fsdp2" else 1,
         "strategy": "fsdp2" if row == "flowrl_fsdp2" else "ddp",
         "shape": "tiny" if row in BASELINE_ROWS else w["shape"],
+        # the reference copy in bf16 (what a GPU run gets by default; on CPU the policy's dtype is)
+        "ref_dtype": "bfloat16" if row == "flowrl_bf16_ref" else None,
     }
 
 
@@ -92,6 +94,8 @@ def overrides(
     }
     if s["lora_rank"]:
         extra["model.lora.rank"] = s["lora_rank"]
+    if s["ref_dtype"]:
+        extra["model.ref_dtype"] = s["ref_dtype"]
     return _common.trainer_overrides(
         model_dir=model_dir,
         data_file=data_file,

@@ -243,6 +243,11 @@ def prepare_models(
         load_log_z_head(head, checkpoint / HEAD_FILE)
     policy = Policy(model, head, logprob_chunk_size=m.logprob_chunk_size)
     policy.train()
+    units: list[nn.Module] = []
+    mixed = device.type == "cuda" and (cfg.train.bf16 is not False)
+    if shard:  # before the reference loads: one full model in memory at a time
+        units = sharding.shard_policy(policy, mixed_precision=mixed)
+        sharding.release_freed_memory()
     reference: nn.Module | None = None
     if needs_reference and m.lora.rank > 0:
         reference = AdaptersDisabled(policy)
@@ -256,17 +261,16 @@ def prepare_models(
         ).eval()
         ref_model.requires_grad_(False)
         reference = Policy(ref_model, logprob_chunk_size=m.logprob_chunk_size)
-    units: list[nn.Module] = []
     if shard:
-        mixed = device.type == "cuda" and (cfg.train.bf16 is not False)
-        units = sharding.shard_policy(policy, mixed_precision=mixed)
         if isinstance(reference, Policy):
             sharding.shard_policy(reference, mixed_precision=mixed)
+            sharding.release_freed_memory()
         _first_forward(policy, device, with_log_z=head is not None)
         if isinstance(reference, Policy):
             _first_forward(reference, device, with_log_z=False)
         for unit in units:  # the root keeps its gathered weights after a forward: the optimizer must
             unit.reshard()  # be built over the sharded parameters, which are registered again here
+        sharding.release_freed_memory()
     optimizer = build_optimizer(cfg, policy, device)
     return Models(policy, reference, optimizer, lora=m.lora.rank > 0, units=units)
 

@@ -24,10 +24,11 @@ Three phases, each its own function and each leaving files the next one starts f
 
 Decisions (the metrics themselves are defined in :mod:`flowrl.evaluation.metrics`):
 
-* correct means reward status ``correct``. A reward that could not be computed (status ``error`` or
-  ``timeout``) counts as not correct in avg@n, pass@k and maj@n, which need every sample; such
-  rewards are counted per status (``reward/status_*``, ``reward/failed``) in every table and file,
-  and a warning names the most common reasons.
+* correct means reward status ``correct``. An answer whose check timed out is scored wrong (status
+  ``timeout``, counted). A reward that could not be computed (status ``error``: the machinery failed)
+  counts as not correct in avg@n, pass@k and maj@n, which need every sample; such rewards are counted
+  per status (``reward/status_*``, ``reward/failed``) in every table and file, and a warning names the
+  most common reasons.
 * final answers (maj@n, distinct answers) are :func:`flowrl.rewards.math.extract_answer`'s (the last
   ``\\boxed{}`` or ``Answer:`` line, presentation stripped), compared as strings. Code benchmarks have no
   final answer: maj@n and the answer counts are left out for them.
@@ -586,9 +587,7 @@ def summarize_benchmark(
     out.update({f"diversity/{k}": v for k, v in diversity.items()})
     statuses = Counter(s for r in scores for s in r["statuses"])
     out.update({f"reward/status_{s.value}": statuses.get(s.value, 0) for s in RewardStatus})
-    out["reward/failed"] = statuses.get(RewardStatus.ERROR.value, 0) + statuses.get(
-        RewardStatus.TIMEOUT.value, 0
-    )
+    out["reward/failed"] = statuses.get(RewardStatus.ERROR.value, 0)  # a timeout is scored (wrong)
     finite = [s for r in scores for s in r["scores"] if s is not None and math.isfinite(s)]
     out["reward/mean"] = math.fsum(finite) / len(finite) if finite else math.nan
     lengths = [t for g in generations for t in g["response_tokens"]]
@@ -598,12 +597,12 @@ def summarize_benchmark(
 
 
 def failure_reasons(scores: Sequence[Mapping[str, Any]], top: int = 3) -> list[tuple[str, int]]:
-    """The most common reasons of failed rewards (status error or timeout)."""
+    """The most common reasons of failed rewards (status error; a timeout is scored, not failed)."""
     reasons = Counter(
         f"{status}: {detail}"
         for r in scores
         for status, detail in zip(r["statuses"], r["details"], strict=True)
-        if status in ("error", "timeout")
+        if status == "error"
     )
     return reasons.most_common(top)
 

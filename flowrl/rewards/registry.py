@@ -219,7 +219,8 @@ def check_batch_usable(results: Sequence[RewardResult]) -> None:
     """Raise when no reward in the batch could be computed, instead of training on nothing.
 
     Raises:
-        RuntimeError: every result has status ``error`` or ``timeout``; the message gives the counts
+        RuntimeError: no result can be trained on (status ``error``: the reward machinery failed; a
+            timeout is scored wrong and trains); the message gives the counts
             and the first reasons.
     """
     if not results or any(r.ok for r in results):
