@@ -63,8 +63,6 @@ Components (bytes on one device; the phases they live in follow in brackets):
                      beside an existing gradient)                                        [update]
     vLLM share       rollout.gpu_memory_utilization * GPU memory with rollout.engine=vllm; outside the
                      rollout 0 with rollout.enable_sleep_mode
-    freed heap kept (CPU)   FSDP2 on CPU: glibc keeps the heap of the weights gathered in each
-                     sharded model's first forward (P * b_w per model); later transients reuse it
 
 Phases: ``load``; ``rollout``; ``log-prob passes`` (reference, and the policy's old log-probs when a
 step makes more than one optimizer step); ``update`` (forward and backward of a micro-batch);
@@ -1000,19 +998,6 @@ def _plan(
         "2*c*V*4 (+c*V*b_c) forward; backward + V*H*b_c output-head gradient",
         {"update": max(forward, backward_chunk), "log-prob passes": lp_chunk_bytes if has_lp_pass else 0},
     )
-
-    if fsdp and st.device == "cpu":
-        # Measured on CPU (glibc malloc): the per-parameter tensors gathered in a sharded model's first
-        # forward are freed into the heap and not returned to the system (malloc_trim gives them back),
-        # about P*b_w per sharded model. Later gathers, activations and temporaries reuse that memory,
-        # so a phase holds the larger of the two.
-        kept = P * bw * (2 if br else 1)
-        transient = [c for c in comps if c.name in _TRANSIENT]
-        add(
-            "freed heap kept (CPU)",
-            "max(0, P*b_w per sharded model - the phase's transients)",
-            {p: max(0, kept - sum(c.bytes.get(p, 0) for c in transient)) for p in run_phases},
-        )
 
     notes: list[str] = []
     if st.strategy == "ddp" and N > 1:
