@@ -78,7 +78,8 @@ def load_log_z_head(head: nn.Module | None, path: str | Path) -> None:
     if head is None:
         if tensors:
             raise ValueError(
-                f"{path} holds a log Z head but this run has none (log_z.num_layers or objective differ)"
+                f"{path} holds a log Z head but this run has none (log_z.mode, log_z.num_layers or the "
+                "objective differ from the run that saved it)"
             )
         return
     state = {k[len(LOG_Z_PREFIX) :]: v for k, v in tensors.items() if k.startswith(LOG_Z_PREFIX)}
