@@ -436,3 +436,15 @@ def trainer_overrides(
         **(extra or {}),
     }
     return [f"{k}={v}" for k, v in items.items()]
+
+
+def digit_sum_reward(
+    prompts: list[Any], completions: list[Any], reward_model: list[Any], **_: Any
+) -> list[float]:
+    """The demo's reward as a TRL reward function (the ``reward_model`` column holds the ground truth)."""
+    from flowrl.data import synthetic
+
+    return [
+        synthetic.reward(c if isinstance(c, str) else c[-1]["content"], {"reward_model": rm}).score
+        for c, rm in zip(completions, reward_model, strict=True)
+    ]

@@ -215,18 +215,6 @@ def run_flowrl(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def digit_sum_reward(
-    prompts: list[Any], completions: list[Any], reward_model: list[Any], **_: Any
-) -> list[float]:
-    """The demo's reward as a TRL reward function (the ``reward_model`` column holds the ground truth)."""
-    from flowrl.data import synthetic
-
-    return [
-        synthetic.reward(c if isinstance(c, str) else c[-1]["content"], {"reward_model": rm}).score
-        for c, rm in zip(completions, reward_model, strict=True)
-    ]
-
-
 def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     """TRL's GRPOTrainer (beta 0) on the same model, prompts and lengths; with peft LoRA when asked."""
     import torch
@@ -275,7 +263,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     meter.start()
     trainer = GRPOTrainer(
         spec["model_dir"],
-        reward_funcs=digit_sum_reward,
+        reward_funcs=_common.digit_sum_reward,
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,

@@ -57,18 +57,6 @@ TRL_STEP_S_H200 = (11.6, 12.0)  # issue 7: TRL 1.16 on one H200, the gpu preset'
 # -- children --------------------------------------------------------------------------------------
 
 
-def digit_sum_reward(
-    prompts: list[Any], completions: list[Any], reward_model: list[Any], **_: Any
-) -> list[float]:
-    """The demo's reward as a TRL reward function (the ``reward_model`` column holds the ground truth)."""
-    from flowrl.data import synthetic
-
-    return [
-        synthetic.reward(c if isinstance(c, str) else c[-1]["content"], {"reward_model": rm}).score
-        for c, rm in zip(completions, reward_model, strict=True)
-    ]
-
-
 def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from datasets import Dataset
@@ -131,7 +119,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
 
     trainer = trainer_cls(
         spec["model_dir"],
-        reward_funcs=digit_sum_reward,
+        reward_funcs=_common.digit_sum_reward,
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
