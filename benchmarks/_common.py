@@ -448,3 +448,43 @@ def digit_sum_reward(
         synthetic.reward(c if isinstance(c, str) else c[-1]["content"], {"reward_model": rm}).score
         for c, rm in zip(completions, reward_model, strict=True)
     ]
+
+
+def trl_dataset(model_dir: str, prompts: int) -> tuple[Any, Any]:
+    """The model's tokenizer and the digit-sum prompts as a TRL dataset (chat-templated prompt text and
+    the ground truth)."""
+    from datasets import Dataset
+
+    from flowrl.policy import load_tokenizer, prompt_text
+
+    tokenizer = load_tokenizer(model_dir)
+    rows = prompt_rows(prompts)
+    return tokenizer, Dataset.from_list(
+        [{"prompt": prompt_text(tokenizer, r["prompt"]), "reward_model": r["reward_model"]} for r in rows]
+    )
+
+
+def trl_grpo_args(spec: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """The GRPOConfig arguments every TRL row shares: the workload's batch, lengths (forced to full
+    length), steps and device, one generation batch per optimizer step."""
+    w = spec["workload"]
+    cuda = spec["device"].startswith("cuda")
+    return dict(
+        output_dir=spec["output_dir"],
+        per_device_train_batch_size=w["micro_batch"],
+        gradient_accumulation_steps=w["prompts"] * w["samples"] // w["micro_batch"],
+        num_generations=w["samples"],
+        max_completion_length=w["max_new_tokens"],
+        generation_kwargs={"min_new_tokens": w["max_new_tokens"]},
+        max_steps=w["steps"],
+        learning_rate=1e-6,
+        seed=0,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=not cuda,
+        bf16=cuda,
+        gradient_checkpointing=cuda,  # the project's default: on for GPU, off on CPU
+        model_init_kwargs={"dtype": dtype},
+    )

@@ -218,40 +218,13 @@ def run_flowrl(spec: dict[str, Any]) -> dict[str, Any]:
 def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     """TRL's GRPOTrainer (beta 0) on the same model, prompts and lengths; with peft LoRA when asked."""
     import torch
-    from datasets import Dataset
-
-    from flowrl.policy import load_tokenizer, prompt_text
+    from trl import GRPOConfig, GRPOTrainer
 
     w, s = spec["workload"], spec["settings"]
     rss_after_import = vm_hwm_bytes()
     cuda = spec["device"].startswith("cuda")
-    n = w["prompts"] * w["samples"]
-    tokenizer = load_tokenizer(spec["model_dir"])
-    rows = _common.prompt_rows(w["prompts"])
-    dataset = Dataset.from_list(
-        [{"prompt": prompt_text(tokenizer, r["prompt"]), "reward_model": r["reward_model"]} for r in rows]
-    )
-    from trl import GRPOConfig, GRPOTrainer
-
-    args = GRPOConfig(
-        output_dir=spec["output_dir"],
-        per_device_train_batch_size=w["micro_batch"],
-        gradient_accumulation_steps=n // w["micro_batch"],
-        num_generations=w["samples"],
-        max_completion_length=w["max_new_tokens"],
-        generation_kwargs={"min_new_tokens": w["max_new_tokens"]},
-        max_steps=w["steps"],
-        learning_rate=1e-6,
-        seed=0,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=not cuda,
-        bf16=cuda,
-        gradient_checkpointing=cuda,
-        model_init_kwargs={"dtype": s["dtype"]},
-    )
+    tokenizer, dataset = _common.trl_dataset(spec["model_dir"], w["prompts"])
+    args = GRPOConfig(**_common.trl_grpo_args(spec, s["dtype"]))
     peft_config = None
     if s["lora_rank"]:
         from peft import LoraConfig

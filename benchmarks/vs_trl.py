@@ -59,44 +59,18 @@ TRL_STEP_S_H200 = (11.6, 12.0)  # issue 7: TRL 1.16 on one H200, the gpu preset'
 
 def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
-    from datasets import Dataset
     from transformers import TrainerCallback
-
-    from flowrl.policy import load_tokenizer, prompt_text
 
     w = spec["workload"]
     rss_after_import = _common.peak_rss_mib()
     cuda = spec["device"].startswith("cuda")
     n = w["prompts"] * w["samples"]
-    tokenizer = load_tokenizer(spec["model_dir"])
-    rows = _common.prompt_rows(w["prompts"])
-    dataset = Dataset.from_list(
-        [{"prompt": prompt_text(tokenizer, r["prompt"]), "reward_model": r["reward_model"]} for r in rows]
-    )
-    common = dict(
-        output_dir=spec["output_dir"],
-        per_device_train_batch_size=w["micro_batch"],
-        gradient_accumulation_steps=n // w["micro_batch"],  # one generation batch = one optimizer step
-        num_generations=w["samples"],
-        max_completion_length=w["max_new_tokens"],
-        generation_kwargs={"min_new_tokens": w["max_new_tokens"]},
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-        max_steps=w["steps"],
-        learning_rate=1e-6,
-        weight_decay=0.1,
-        max_grad_norm=1.0,
-        seed=0,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=not cuda,
-        bf16=cuda,
-        gradient_checkpointing=cuda,  # the project's default: on for GPU, off on CPU
-        model_init_kwargs={"dtype": w["dtype"]},
-    )
+    tokenizer, dataset = _common.trl_dataset(spec["model_dir"], w["prompts"])
+    common = {
+        **_common.trl_grpo_args(spec, w["dtype"]),
+        # the project's sampling and optimizer settings
+        **dict(temperature=1.0, top_p=1.0, top_k=0, weight_decay=0.1, max_grad_norm=1.0),
+    }
     if spec["contestant"] == "trl_flowrl":
         from flowrl.integrations.trl import FlowRLConfig, FlowRLTrainer
 
