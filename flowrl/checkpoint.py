@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from flowrl.partition import LOG_Z_PREFIX
+from flowrl.policy import is_peft_model
 
 HEAD_FILE = "log_z_head.safetensors"
 STATE_FILE = "trainer_state.pt"
@@ -125,7 +126,7 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     # a peft model saves its adapters alone (and the base model's name)
-    weights_dir = tmp / (ADAPTER_DIR if callable(getattr(model, "disable_adapter", None)) else MODEL_DIR)
+    weights_dir = tmp / (ADAPTER_DIR if is_peft_model(model) else MODEL_DIR)
     model.save_pretrained(weights_dir, safe_serialization=True, state_dict=model_state_dict)
     tokenizer.save_pretrained(weights_dir)
     if head_state_dict is not None:

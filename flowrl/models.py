@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,16 +38,9 @@ from flowrl import sharding
 from flowrl.checkpoint import HEAD_FILE, load_log_z_head, model_dir_of
 from flowrl.config import Config
 from flowrl.partition import LogZHead, log_z_param_groups
-from flowrl.policy import Policy, load_model
+from flowrl.policy import Policy, is_peft_model, load_model
 
 ALL_LINEAR = "all-linear"
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    """Whether ``model`` is a peft ``PeftModel`` (adapters around a transformers model)."""
-    return callable(getattr(model, "disable_adapter", None)) and callable(
-        getattr(model, "get_base_model", None)
-    )
 
 
 def _import_peft() -> Any:
@@ -309,11 +301,6 @@ def merged_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     for name, tensor in base.state_dict().items():
         if "lora_" not in name:
             yield name.replace(".base_layer.", "."), merged.get(name, tensor)
-
-
-def no_adapters(model: nn.Module) -> AbstractContextManager[Any]:
-    """A context with the adapters of a peft model switched off (nothing for a plain model)."""
-    return model.disable_adapter() if is_peft_model(model) else nullcontext()
 
 
 def lr_factor(warmup_steps: int, total_steps: int, schedule: str) -> Any:

@@ -287,11 +287,15 @@ def token_logprobs(
     return logprobs, (torch.cat(ent) if ent else empty) if with_entropy else None
 
 
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a peft ``PeftModel`` (adapters around a transformers model)."""
+    return all(callable(getattr(model, name, None)) for name in ("disable_adapter", "get_base_model"))
+
+
 def causal_lm(model: nn.Module) -> Any:
     """The transformers ``*ForCausalLM`` in ``model``: itself, or the one a peft ``PeftModel`` wraps
     (its LoRA layers sit inside it, so calling its decoder runs them, or not while adapters are disabled)."""
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) else model
+    return model.get_base_model() if is_peft_model(model) else model
 
 
 class Policy(nn.Module):

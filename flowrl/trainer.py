@@ -519,11 +519,10 @@ class Trainer:
         if every and self.dp.is_main:
             self._print(reports.write_failures(self.run_dir, self.step, every))
 
-    def _abandon_step(self, sampler_state: dict[str, int]) -> bool:
+    def _abandon_step(self, sampler_state: dict[str, int]) -> None:
         """Undo the start of a step that applied nothing (the prompts go back to the sampler)."""
         self.step -= 1
         self.sampler.load_state_dict(sampler_state)
-        return True
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -561,7 +560,8 @@ class Trainer:
             torch.manual_seed(derive_seed(t.seed, "update", self.step, dp.rank))  # dropout
             generated = time.perf_counter()
             if self._stop_agreed():  # nothing of this step is applied yet: abandon it
-                stopped = self._abandon_step(sampler_state)
+                self._abandon_step(sampler_state)
+                stopped = True
                 break
 
             # 2. rewards, failures counted and left out (never scored 0); on a GPU the reference forward
@@ -577,7 +577,8 @@ class Trainer:
             finally:  # a failed scoring waits for the pass, so no thread outlives the step
                 ref_logprobs = None if reference is None else reference.result()[0]
             if self._stop_agreed():  # a Ctrl-C may have reached the scorers too: abandon the step
-                stopped = self._abandon_step(sampler_state)
+                self._abandon_step(sampler_state)
+                stopped = True
                 break
             self._report_failures(results, indices)
             rewards = torch.tensor([r.score for r in results], dtype=torch.float32, device=self.device)

@@ -15,8 +15,8 @@ from flowrl.checkpoint import ADAPTER_DIR, HEAD_FILE, MODEL_DIR, latest_checkpoi
 from flowrl.config import load_config
 from flowrl.evaluation.run import resolve_model
 from flowrl.logging import read_metrics
-from flowrl.models import AdaptersDisabled, is_peft_model, merged_weights
-from flowrl.policy import Policy, load_model
+from flowrl.models import AdaptersDisabled, merged_weights
+from flowrl.policy import Policy, is_peft_model, load_model
 from flowrl.trainer import Trainer
 from tests.conftest import trainer_overrides, write_config
 
