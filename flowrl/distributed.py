@@ -159,10 +159,8 @@ class DataParallel:
         """Key-wise sums over the ranks; a key missing on a rank counts as 0 there."""
         if not self.enabled:
             return dict(values)
-        parts: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(parts, dict(values))
         out: dict[str, float] = {}
-        for part in parts:
+        for part in self.gather_object(dict(values)):
             for key, value in part.items():
                 out[key] = out.get(key, 0.0) + float(value)
         return out
