@@ -260,7 +260,8 @@ _THOUSANDS_SEP_RE = re.compile(_THOUSANDS_SEP)
 # "0 500", "0\\,111": spaced groups after a leading zero group. Not thousands, and Math-Verify would drop
 # the space and read 500; a comma ("0,500") it reads as a decimal comma (0.5), which is left to it.
 _ZERO_GROUP_RE = re.compile(r"-?0+(?:(?:\\[,;! ]|~| )\d{3})+(?:\.\d+)?")
-_E_NOTATION_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)[eE][+-]?\d{1,3}")
+# Unambiguous (``\d+(?:\.\d*)?``, not ``\d+\.?\d*``): a failed match on a long run of digits is linear.
+_E_NOTATION_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)[eE][+-]?\d{1,3}")
 MAX_E_EXPONENT = 100
 """E-notation numbers are written out up to this exponent (``1e+16``); beyond, as ``1 \\times 10^{300}``."""
 

@@ -552,6 +552,11 @@ PATHOLOGICAL = {
     "400 nested parentheses": "\\boxed{" + "(" * 400 + "1" + ")" * 400 + "}",
     "100,000 characters in a box": "\\boxed{" + "1+" * 50_000 + "1}",
     "100,000 characters, no box": "1+" * 50_000 + "1",
+    # Extraction and cleaning run in this process, outside the workers' deadline: they must be linear.
+    "100,000 digits in a box": "\\boxed{" + "5" * 100_000 + "}",
+    "100,000 digits after Answer:": "Answer: " + "1" * 100_000,
+    "50,000 spaced digits in a box": "\\boxed{" + "1 " * 50_000 + "}",
+    "100,000 decimal points in a box": "\\boxed{" + "1." * 50_000 + "e}",
 }
 TIMEOUT_S = 1.0
 SLACK_S = 3.0  # killing and replacing a worker, plus a loaded machine
