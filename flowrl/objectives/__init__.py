@@ -48,8 +48,10 @@ from flowrl.objectives.flowrl import (
     SEQUENCE_WEIGHTINGS,
     flowrl_loss,
     group_log_z,
+    group_log_z_terms,
     importance_weight_clipped,
     sequence_importance_weight,
+    weighted_mean_by_group,
 )
 from flowrl.objectives.grpo import dr_grpo_loss, grpo_loss
 from flowrl.objectives.masked import (
@@ -273,6 +275,7 @@ __all__ = [
     "flowrl_loss",
     "gae",
     "group_log_z",
+    "group_log_z_terms",
     "group_normalized_rewards",
     "grpo_loss",
     "importance_weight_clipped",
@@ -288,4 +291,5 @@ __all__ = [
     "reinforce_pp_loss",
     "sequence_importance_weight",
     "value_loss",
+    "weighted_mean_by_group",
 ]

@@ -257,7 +257,8 @@ def group_log_z(
     advantages: Tensor,
     response_mask: Tensor,
     *,
-    num_samples_per_prompt: int,
+    num_samples_per_prompt: int | None = None,
+    group_ids: Tensor | None = None,
     valid: Tensor | None = None,
     beta: float = BETA,
     importance_weight: str = "clamp",
@@ -276,6 +277,9 @@ def group_log_z(
 
     the weighted group mean; the loss there is the weighted variance of ``ell - b`` within the group.
     The options are :func:`flowrl_loss`'s, so ``u`` is exactly the loss's weight: pass the same ones.
+    It is :func:`group_log_z_terms` (each sample's target and weight) followed by
+    :func:`weighted_mean_by_group`; an engine whose groups are spread over processes gathers the terms
+    and calls the second itself.
 
     **Detached, and why.** The result carries no gradient history. Writing the group loss as
     ``L(theta, c)`` with ``c = log_z``, the total derivative through an estimate ``c*(theta)`` is
@@ -301,7 +305,9 @@ def group_log_z(
         ref_logprobs: (N, T) log-probs of the reference policy.
         advantages: (N,) r_hat, the reward term that ``beta`` multiplies, as in :func:`flowrl_loss`.
         response_mask: (N, T), 1 on real response tokens.
-        num_samples_per_prompt: n, the group size; groups are contiguous rows, and n must divide N.
+        num_samples_per_prompt: n, the group size, when groups are contiguous rows (n must divide N).
+        group_ids: (N,) integer id of each sample's group, in any order (verl's ``uid``); instead of
+            ``num_samples_per_prompt``. Exactly one of the two is given.
         valid: (N,) bool, optional: False for samples left out of the update (failed rewards), which
             are left out of their group's mean too.
         beta, importance_weight, max_importance_weight, clip_eps, reference, sequence_weighting:
@@ -310,6 +316,65 @@ def group_log_z(
     Returns:
         (N,) log Z of each sample's prompt (the same within a group), without gradient history.
     """
+    n = num_samples_per_prompt
+    if (n is None) == (group_ids is None):
+        raise ValueError("give exactly one of num_samples_per_prompt (contiguous groups) and group_ids")
+    num = advantages.shape[0]
+    if n is not None:
+        if n < 1 or num % n != 0:
+            raise ValueError(
+                f"num_samples_per_prompt={n} must be a positive divisor of the number of responses "
+                f"N={num}; responses come in contiguous groups of num_samples_per_prompt"
+            )
+        group_ids = torch.arange(num, device=advantages.device) // n
+    target, weight = group_log_z_terms(
+        logprobs,
+        old_logprobs,
+        ref_logprobs,
+        advantages,
+        response_mask,
+        valid=valid,
+        beta=beta,
+        importance_weight=importance_weight,
+        max_importance_weight=max_importance_weight,
+        clip_eps=clip_eps,
+        reference=reference,
+        sequence_weighting=sequence_weighting,
+    )
+    return weighted_mean_by_group(target, weight, group_ids)
+
+
+def group_log_z_terms(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    ref_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    *,
+    valid: Tensor | None = None,
+    beta: float = BETA,
+    importance_weight: str = "clamp",
+    max_importance_weight: float = MAX_IMPORTANCE_WEIGHT,
+    clip_eps: float = CLIP_EPS,
+    reference: str = "ref",
+    sequence_weighting: str = "mean",
+) -> tuple[Tensor, Tensor]:
+    """Each sample's part in its group's estimate of :func:`group_log_z`: its target and its weight.
+
+    Per sequence, detached: the target ``t_i = beta r_hat_i + ell_ref_i - ell_i`` (the log Z that
+    zeroes its residual) and the loss's weight ``u_i`` (``w_i``, times ``|y_i|`` for
+    ``sequence_weighting="length"``; 0 for a sample left out by ``valid``, whose target may be NaN).
+    Per-sequence scalars, so an engine that spreads a group's samples over processes gathers these two
+    (N,) vectors, not the (N, T) log-probs, and finishes with :func:`weighted_mean_by_group`.
+
+    Args:
+        logprobs, old_logprobs, ref_logprobs, advantages, response_mask, valid, beta,
+        importance_weight, max_importance_weight, clip_eps, reference, sequence_weighting: as in
+            :func:`group_log_z`.
+
+    Returns:
+        ``(target, weight)``, both (N,), without gradient history.
+    """
     _check_choice("reference", reference, REFERENCES)
     _check_choice("sequence_weighting", sequence_weighting, SEQUENCE_WEIGHTINGS)
     check_batch_shapes(
@@ -317,12 +382,6 @@ def group_log_z(
         per_token={"logprobs": logprobs, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs},
         per_sequence={"advantages": advantages, **({} if valid is None else {"valid": valid})},
     )
-    n = num_samples_per_prompt
-    if n < 1 or advantages.shape[0] % n != 0:
-        raise ValueError(
-            f"num_samples_per_prompt={n} must be a positive divisor of the number of responses "
-            f"N={advantages.shape[0]}; responses come in contiguous groups of num_samples_per_prompt"
-        )
     logprobs, advantages = logprobs.detach(), advantages.detach()
     ell = masked_mean(logprobs, response_mask, dim=-1)
     ell_ref = masked_mean(
@@ -336,9 +395,34 @@ def group_log_z(
         weight = weight * sequence_lengths(response_mask).to(weight.dtype)
     if valid is not None:
         weight = torch.where(valid.to(torch.bool), weight, torch.zeros_like(weight))
-    groups, weights = target.view(-1, n), weight.view(-1, n)  # (N / n, n)
-    total = weights.sum(dim=1, keepdim=True)
+    return target, weight
+
+
+def weighted_mean_by_group(target: Tensor, weight: Tensor, group_ids: Tensor) -> Tensor:
+    """``sum_i u_i t_i / sum_i u_i`` over the rows of each group, given back on every row of the group.
+
+    Rows of weight 0 take no part (their target may be NaN: a sample without reward); a group whose
+    weights are all 0 gets 0.
+
+    Args:
+        target: (N,) the per-sample values t_i (:func:`group_log_z_terms`).
+        weight: (N,) nonnegative weights u_i.
+        group_ids: (N,) integer group id of each row; rows of one group need not be adjacent.
+
+    Returns:
+        (N,) each row's group mean, without gradient history.
+    """
+    if not target.shape == weight.shape == group_ids.shape or target.dim() != 1:
+        raise ValueError(
+            f"target, weight and group_ids must all be (N,); got {tuple(target.shape)}, "
+            f"{tuple(weight.shape)} and {tuple(group_ids.shape)}"
+        )
+    target, weight = target.detach(), weight.detach()
+    _, group = torch.unique(group_ids, return_inverse=True)  # (N,) 0 .. G-1
+    num_groups = int(group.max()) + 1 if group.numel() else 0
     # where() rather than a product: a left-out sample's target may be NaN (no reward)
-    weighted = torch.where(weights > 0, weights * groups, torch.zeros_like(groups)).sum(dim=1, keepdim=True)
-    log_z = torch.where(total > 0, weighted / torch.where(total > 0, total, torch.ones_like(total)), 0.0)
-    return log_z.expand(-1, n).reshape(-1)
+    weighted = torch.where(weight > 0, weight * target, torch.zeros_like(target))
+    sums = torch.zeros(num_groups, dtype=target.dtype, device=target.device).index_add_(0, group, weighted)
+    totals = torch.zeros(num_groups, dtype=weight.dtype, device=weight.device).index_add_(0, group, weight)
+    safe = torch.where(totals > 0, totals, torch.ones_like(totals))
+    return torch.where(totals > 0, sums / safe, torch.zeros_like(sums))[group]

@@ -14,7 +14,9 @@ from flowrl.objectives.flowrl import (
     IMPORTANCE_WEIGHT_MODES,
     flowrl_loss,
     group_log_z,
+    group_log_z_terms,
     sequence_importance_weight,
+    weighted_mean_by_group,
 )
 from flowrl.objectives.masked import masked_mean, masked_sum
 
@@ -104,6 +106,44 @@ def test_result_has_no_gradient_history(make_batch) -> None:
 def test_bad_group_size_names_the_fix() -> None:
     with pytest.raises(ValueError, match="num_samples_per_prompt=3 must be a positive divisor"):
         group_log_z(**_worked_batch(), num_samples_per_prompt=3)
+    with pytest.raises(ValueError, match="exactly one of num_samples_per_prompt .* and group_ids"):
+        group_log_z(**_worked_batch())
+    with pytest.raises(ValueError, match="exactly one of"):
+        group_log_z(**_worked_batch(), num_samples_per_prompt=2, group_ids=torch.tensor([0, 0, 1, 1]))
+
+
+def test_group_ids_in_any_order_equal_contiguous_groups() -> None:
+    # verl's groups: an id per sample (its uid), rows of one group anywhere in the batch
+    batch = _worked_batch()
+    contiguous = group_log_z(**batch, num_samples_per_prompt=2, beta=2.0)
+    order = torch.tensor([2, 0, 3, 1])
+    shuffled = {k: v[order] for k, v in batch.items()}
+    by_id = group_log_z(**shuffled, group_ids=torch.tensor([7, 3, 7, 3]), beta=2.0)
+    torch.testing.assert_close(by_id, contiguous[order])
+    # ids of any integer values; a group of its own gets its sample's own target
+    alone = group_log_z(
+        **batch, group_ids=torch.tensor([5, 9, 1, 1]), beta=2.0, importance_weight="on_policy"
+    )
+    torch.testing.assert_close(alone, torch.tensor([1.0, 2.0, -0.5, -0.5], dtype=torch.float64))
+
+
+def test_terms_then_the_grouped_mean_is_the_estimate() -> None:
+    # The split an engine uses when a group's samples sit on several processes: per-sample (target,
+    # weight) computed where the samples are, the weighted mean once they are gathered.
+    batch = _worked_batch()
+    target, weight = group_log_z_terms(**batch, beta=2.0)
+    torch.testing.assert_close(target, torch.tensor([1.0, 2.0, 1.0, -2.0], dtype=torch.float64))
+    torch.testing.assert_close(weight, torch.tensor([1.0, 3.0, 1.0, 1.0], dtype=torch.float64))
+    ids = torch.tensor([0, 0, 1, 1])
+    torch.testing.assert_close(
+        weighted_mean_by_group(target, weight, ids), group_log_z(**batch, group_ids=ids, beta=2.0)
+    )
+    # a left-out sample: weight 0, its NaN target ignored; a group of weight 0 gets 0
+    target[1] = NAN
+    got = weighted_mean_by_group(target, torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64), ids)
+    assert torch.equal(got, torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="must all be"):
+        weighted_mean_by_group(target, weight, torch.tensor([0, 1]))
 
 
 def test_options_are_the_losses_so_the_weights_match() -> None:
@@ -113,13 +153,16 @@ def test_options_are_the_losses_so_the_weights_match() -> None:
 
     assert keyword_only(group_log_z) == keyword_only(flowrl_loss) - {"normalizer"} | {
         "num_samples_per_prompt",
+        "group_ids",
         "valid",
     }
-    for name in keyword_only(flowrl_loss) - {"normalizer"}:  # and the same defaults
-        assert (
-            inspect.signature(group_log_z).parameters[name].default
-            == inspect.signature(flowrl_loss).parameters[name].default
-        ), name
+    assert keyword_only(group_log_z_terms) == keyword_only(flowrl_loss) - {"normalizer"} | {"valid"}
+    for fn in (group_log_z, group_log_z_terms):
+        for name in keyword_only(flowrl_loss) - {"normalizer"}:  # and the same defaults
+            assert (
+                inspect.signature(fn).parameters[name].default
+                == inspect.signature(flowrl_loss).parameters[name].default
+            ), name
 
 
 def test_registry_builds_a_head_only_in_head_mode() -> None:
