@@ -31,7 +31,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        command = [sys.executable, "-m", "flowrl.cli", "demo", "--output-dir", str(out / "demo")]
+        command = [sys.executable, "-m", "flowrl.commands", "demo", "--output-dir", str(out / "demo")]
         command += ["--json", str(out / "demo.json")] + (["--compare"] if args.compare else [])
         started = time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)

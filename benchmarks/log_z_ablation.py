@@ -165,7 +165,7 @@ def run_demo(preset: dict[str, Any], work: Path) -> dict[str, Any]:
     for seed in preset["demo_seeds"]:
         out = work / f"demo-seed{seed}"
         command = [
-            sys.executable, "-m", "flowrl.cli", "demo", "--compare", "--log-z", "both",
+            sys.executable, "-m", "flowrl.commands", "demo", "--compare", "--log-z", "both",
             "--seed", str(seed), "--steps", str(preset["demo_steps"]),
             "--sft-steps", str(preset["sft_steps"]), "--eval-every", str(preset["eval_every"]),
             "--output-dir", str(out), "--json", str(out / "demo.json"),

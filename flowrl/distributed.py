@@ -1,7 +1,7 @@
 """Data parallelism under ``torchrun``: this process's rank and the few collectives the trainer needs.
 
-Launch ``torchrun --nproc_per_node K -m flowrl.cli train CONFIG.yaml`` and every process runs the same
-loop on its share of the step's prompts. This module only knows about processes, not about RL:
+Launch ``torchrun --nproc_per_node K -m flowrl.commands train CONFIG.yaml`` and every process runs the
+same loop on its share of the step's prompts. This module only knows about processes, not about RL:
 
 * :func:`setup` joins the process group when torchrun launched us (``RANK`` and ``WORLD_SIZE`` set):
   NCCL when the rank trains on a GPU (``cuda:LOCAL_RANK``), gloo on CPU. A plain ``python`` launch

@@ -1,5 +1,6 @@
-"""``flowrl export CHECKPOINT_OR_RUN_DIR OUTPUT_DIR``: a training checkpoint -> a Hugging Face model dir.
+"""A training checkpoint -> a Hugging Face model directory (:func:`export_checkpoint`).
 
+The command is ``flowrl export CHECKPOINT_OR_RUN_DIR OUTPUT_DIR`` (:mod:`flowrl.commands.export`).
 What ``OUTPUT_DIR`` holds::
 
     config.json, generation_config.json        the policy, exactly as training saved it
@@ -37,11 +38,9 @@ installed); the head comes from ``actor/log_z_head.safetensors``. verl LoRA chec
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -329,57 +328,3 @@ def _write_merged(adapter_dir: Path, out: Path, *, base: str | None) -> None:
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``flowrl export``, built without running anything."""
-    parser = argparse.ArgumentParser(
-        prog="flowrl export",
-        description="Export a training checkpoint to a Hugging Face model directory (the log Z head "
-        "goes to OUTPUT_DIR/log_z_head/, outside the model weights).",
-        epilog="example: flowrl export runs/flowrl OUTPUT_DIR  (the run's newest complete checkpoint)",
-    )
-    parser.add_argument(
-        "source",
-        help="a run directory (train.output_dir) or a checkpoints/step_N directory; or a verl checkpoint "
-        "(trainer.default_local_dir, global_step_N or global_step_N/actor)",
-    )
-    parser.add_argument("output_dir", help="the model directory to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace a previous export at OUTPUT_DIR")
-    parser.add_argument(
-        "--adapter",
-        action="store_true",
-        help="LoRA runs: write the peft adapter directory instead of the merged model",
-    )
-    parser.add_argument(
-        "--base", help="LoRA runs: the base model to merge into (default: the one the adapters name)"
-    )
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        info = export_checkpoint(
-            args.source, args.output_dir, overwrite=args.overwrite, adapter=args.adapter, base=args.base
-        )
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"flowrl export: error: {exc}", file=sys.stderr)
-        return 2
-    head = info["log_z_head"]
-    print(
-        f"exported {info['source_checkpoint']} (step {info['step']}, {info['format']}) -> {args.output_dir}"
-    )
-    print(
-        f"  log Z head: {Path(args.output_dir) / head['file']} (H={head['hidden_size']}, "
-        f"{head['num_layers']} layers)"
-        if head
-        else "  log Z head: none (this run's objective has no head)"
-    )
-    if info["head_tensors_removed_from_weights"]:
-        print(f"  removed {info['head_tensors_removed_from_weights']} head tensors from the model weights")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

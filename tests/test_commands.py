@@ -10,13 +10,13 @@ Where commands are looked for:
   lines of ``.sh`` files.
 
 A command is ``flowrl ...``, ``.venv/bin/flowrl ...`` (any path ending in ``bin/flowrl``) or ``... -m
-flowrl.cli ...`` (``torchrun``). ``<...>`` placeholders become one argument; a synopsis such as ``flowrl
+flowrl.commands ...`` (``torchrun``). ``<...>`` placeholders become one argument; a synopsis such as ``flowrl
 train CONFIG.yaml [key=value ...] [--resume]`` is read with its optional parts in, ``CONFIG.yaml``
 standing for a preset and ``key=value`` for nothing. An inline mention without arguments (``flowrl
 eval`` in a sentence) only has to name an existing command.
 
-What is checked: the subcommand is in ``flowrl.cli.COMMANDS``; its argparse parser (``build_parser()``
-of the command's module; for ``flowrl train``, ``flowrl.train_cli.main`` up to the point where it loads
+What is checked: the subcommand is in ``flowrl.commands.COMMANDS``; its argparse parser (``build_parser()``
+of the command's module; for ``flowrl train``, ``flowrl.commands.train.main`` up to the point where it loads
 the config) accepts the arguments; ``flowrl train``'s config file exists and ``load_config(path,
 overrides)`` accepts the overrides; ``flowrl data prepare NAME`` names a dataset by its canonical name
 (aliases work on the command line, the docs use one name per dataset). Also: each preset's and verl
@@ -36,7 +36,7 @@ from unittest import mock
 import pytest
 
 from flowrl import config as flowrl_config
-from flowrl.cli import COMMANDS
+from flowrl.commands import COMMANDS
 from flowrl.config import load_config
 from flowrl.data.converters import DATASETS, resolve_dataset_name
 
@@ -98,7 +98,7 @@ def _join_continuations(lines: list[tuple[int, str]], comment: bool) -> Iterator
 def command_args(text: str) -> list[str] | None:
     """The words after ``flowrl`` when ``text`` is a flowrl command line, else None."""
     text = ANGLE_PLACEHOLDER.sub("PLACEHOLDER", text)
-    if not re.search(r"(^|[\s/])flowrl(\s|$)|\s-m\s+flowrl\.cli(\s|$)", text):
+    if not re.search(r"(^|[\s/])flowrl(\s|$)|\s-m\s+flowrl\.commands(\s|$)", text):
         return None
     tokens = shlex.split(text, comments=True)
     first = 0
@@ -106,7 +106,7 @@ def command_args(text: str) -> list[str] | None:
         first += 1
     args = None
     for i, token in enumerate(tokens):
-        if token == "-m" and tokens[i + 1 : i + 2] == ["flowrl.cli"]:
+        if token == "-m" and tokens[i + 1 : i + 2] == ["flowrl.commands"]:
             args = tokens[i + 2 :]
             break
         if i == first and (token == "flowrl" or token.endswith("bin/flowrl")):
@@ -215,7 +215,7 @@ def _parse(parser, args: list[str]) -> str | None:
 
 def _check_train(args: list[str]) -> list[str]:
     """Parse with `flowrl train`'s own parser (its main, stopped at load_config), then load the config."""
-    from flowrl import train_cli
+    from flowrl.commands import train as train_cli
 
     class Parsed(Exception):
         pass
@@ -255,7 +255,7 @@ def _check_train(args: list[str]) -> list[str]:
 
 
 def _check_data(args: list[str]) -> list[str]:
-    from flowrl.data.prepare import build_parser
+    from flowrl.commands.data import build_parser
 
     problem = _parse(build_parser(), args)
     if problem:
@@ -328,7 +328,7 @@ def test_commands_are_found_where_they_are_shown() -> None:
         ("flowrl eval --modle m --data d.parquet --output-dir o", "rejects"),
         ("flowrl train configs/demo.yaml optim.lr=1e-3", "configs/demo.yaml does not exist"),
         ("flowrl train configs/paper_qwen2.5-7b_math.yaml algorithm.loss.bta=1", "did you mean 'beta'"),
-        ("torchrun --nproc_per_node 2 -m flowrl.cli train CONFIG.yaml --resme", "rejects"),
+        ("torchrun --nproc_per_node 2 -m flowrl.commands train CONFIG.yaml --resme", "rejects"),
         ("flowrl toy --plot", "rejects"),
     ],
 )

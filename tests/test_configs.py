@@ -135,7 +135,7 @@ def test_only_rank_0_prints_the_notes(monkeypatch, capsys) -> None:
 
 def test_flowrl_train_shows_the_dropped_options(monkeypatch, capsys) -> None:
     import flowrl.trainer
-    from flowrl import train_cli
+    from flowrl.commands import train as train_cli
 
     class Loaded(Exception):  # stops `flowrl train` right after the config is loaded, before any model
         pass

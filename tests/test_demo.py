@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowrl import cli, demo
+from flowrl import commands, demo
 from flowrl.data import synthetic
 from flowrl.policy import load_model, load_tokenizer
 
@@ -26,7 +26,7 @@ def compare_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, s
     buffer = io.StringIO()
     capture.setattr(sys, "stdout", buffer)
     try:
-        assert cli.main(argv) == 0
+        assert commands.main(argv) == 0
     finally:
         capture.undo()
     return out, json.loads((out / "demo.json").read_text()), buffer.getvalue()

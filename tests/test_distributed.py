@@ -87,7 +87,7 @@ def free_port() -> int:
 
 
 def torchrun_command(config: Path, *args: str) -> tuple[list[str], dict[str, str]]:
-    """``torchrun --nproc_per_node 2 -m flowrl.cli train CONFIG ARGS`` and its environment."""
+    """``torchrun --nproc_per_node 2 -m flowrl.commands train CONFIG ARGS`` and its environment."""
     command = [
         sys.executable,
         "-m",
@@ -99,7 +99,7 @@ def torchrun_command(config: Path, *args: str) -> tuple[list[str], dict[str, str
         "--master-port",
         str(free_port()),
         "-m",
-        "flowrl.cli",
+        "flowrl.commands",
         "train",
         str(config),
         *args,

@@ -1,4 +1,4 @@
-"""End to end through ``flowrl.cli.main`` on the demo's tiny model: data -> train -> export -> eval."""
+"""End to end through ``flowrl.commands.main`` on the demo's tiny model: data -> train -> export -> eval."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from flowrl import cli
+from flowrl import commands
 from flowrl.data import synthetic
 from flowrl.data.schema import read_rows, write_rows
 
@@ -55,11 +55,11 @@ def test_data_train_export_eval(tmp_path: Path, capsys: pytest.CaptureFixture[st
         "reward": {"function": "flowrl.data.synthetic:reward"},
     }
     OmegaConf.save(OmegaConf.create(config), tmp_path / "train.yaml")
-    assert cli.main(["train", str(tmp_path / "train.yaml")]) == 0
+    assert commands.main(["train", str(tmp_path / "train.yaml")]) == 0
 
     # 3. export the run's final checkpoint
     exported = tmp_path / "exported"
-    assert cli.main(["export", str(run), str(exported)]) == 0
+    assert commands.main(["export", str(run), str(exported)]) == 0
     assert (exported / "config.json").is_file() and (
         exported / "log_z_head" / "log_z_head.safetensors"
     ).is_file()
@@ -70,7 +70,7 @@ def test_data_train_export_eval(tmp_path: Path, capsys: pytest.CaptureFixture[st
     args += ["--reward", "flowrl.data.synthetic:reward"]
     models = ["--model", f"base={base}", "--model", str(exported), "--model", f"trained={run}"]
     capsys.readouterr()
-    assert cli.main(["eval", *models, *args]) == 0
+    assert commands.main(["eval", *models, *args]) == 0
     printed = capsys.readouterr().out
     assert "avg@n" in printed and "trained" in printed
 
@@ -99,9 +99,9 @@ def test_prepare_train_export_eval_on_public_dataset_files(tmp_path: Path) -> No
     its responses must still be scored (wrong or no answer), none failed."""
     fixtures = Path(__file__).parent / "data" / "fixtures"
     train_file, eval_file = tmp_path / "gsm8k.parquet", tmp_path / "math500.parquet"
-    assert cli.main(["data", "prepare", "gsm8k", "--input", str(fixtures / "gsm8k_train.jsonl"),
+    assert commands.main(["data", "prepare", "gsm8k", "--input", str(fixtures / "gsm8k_train.jsonl"),
                      "--output", str(train_file)]) == 0  # fmt: skip
-    assert cli.main(["data", "prepare", "math500", "--input", str(fixtures / "math500_test.jsonl"),
+    assert commands.main(["data", "prepare", "math500", "--input", str(fixtures / "math500_test.jsonl"),
                      "--output", str(eval_file)]) == 0  # fmt: skip
     rows = read_rows(train_file)
     base = synthetic.save_tiny_model(tmp_path / "base", seed=0, **TINY)
@@ -125,16 +125,16 @@ def test_prepare_train_export_eval_on_public_dataset_files(tmp_path: Path) -> No
         "reward.num_workers=1",
     ]
     OmegaConf.save(OmegaConf.from_dotlist(items), tmp_path / "train.yaml")
-    assert cli.main(["train", str(tmp_path / "train.yaml")]) == 0
+    assert commands.main(["train", str(tmp_path / "train.yaml")]) == 0
     step = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     scored = step["reward/status_wrong"] + step["reward/status_no_answer"] + step["reward/status_correct"]
     assert scored == 2 * len(rows) and step["reward/failed"] == 0
 
     exported = tmp_path / "exported"
-    assert cli.main(["export", str(run), str(exported)]) == 0
+    assert commands.main(["export", str(run), str(exported)]) == 0
     out = tmp_path / "eval"
     argv = ["eval", "--model", str(exported), "--data", str(eval_file), "--output-dir", str(out)]
-    assert cli.main([*argv, "--n", "2", "--max-new-tokens", "4", "--num-workers", "1"]) == 0
+    assert commands.main([*argv, "--n", "2", "--max-new-tokens", "4", "--num-workers", "1"]) == 0
     summary = json.loads((out / "results.json").read_text())["models"]["exported"]["benchmarks"]
     (name,) = summary
     assert summary[name]["num_problems"] == len(read_rows(eval_file)) and summary[name]["num_samples"] == 2

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from flowrl import cli
+from flowrl import commands
 from flowrl.checkpoint import COMPLETE_MARKER, HEAD_FILE, MODEL_DIR, load_log_z_head, save_checkpoint
 from flowrl.data import synthetic
 from flowrl.export import EXPORT_INFO_FILE, HEAD_SUBDIR, export_checkpoint, load_exported_head
@@ -166,9 +166,9 @@ def test_bad_paths_name_the_fix(run_dir: Path, tmp_path: Path, capsys: pytest.Ca
     export_checkpoint(run_dir, tmp_path / "out", overwrite=True)  # replacing an export is fine
     assert (tmp_path / "out" / EXPORT_INFO_FILE).is_file()
 
-    assert cli.main(["export", str(tmp_path / "nope"), str(tmp_path / "out4")]) == 2
+    assert commands.main(["export", str(tmp_path / "nope"), str(tmp_path / "out4")]) == 2
     assert "flowrl export: error:" in capsys.readouterr().err
-    assert cli.main(["export", str(run_dir), str(tmp_path / "out5")]) == 0
+    assert commands.main(["export", str(run_dir), str(tmp_path / "out5")]) == 0
     assert "log Z head" in capsys.readouterr().out
 
 
@@ -208,7 +208,7 @@ def test_a_verl_checkpoint_exports_like_a_flowrl_one(
     source = {"default_local_dir": root, "global_step_2": root / "global_step_2"}.get(
         name, root / "global_step_2" / "actor"
     )
-    assert cli.main(["export", str(source), str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    assert commands.main(["export", str(source), str(tmp_path / "out")]) == 0, capsys.readouterr().err
     info = json.loads((tmp_path / "out" / EXPORT_INFO_FILE).read_text())
     assert info["step"] == 2 and info["head_tensors_removed_from_weights"] == 1
     assert info["log_z_head"]["dropout"] == 0.0 and info["log_z_head"]["num_layers"] == HEAD_LAYERS

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flowrl import cli
+from flowrl import commands
 from flowrl.checkpoint import ADAPTER_DIR, HEAD_FILE, MODEL_DIR, latest_checkpoint
 from flowrl.config import load_config
 from flowrl.evaluation.run import resolve_model
@@ -82,13 +82,13 @@ def test_lora_resume_is_exact_and_checkpoints_hold_adapters_only(
     cfg = write_config(
         tmp_path / "s.yaml", lora_overrides(model_dir, data_file, straight, **{"train.save_every": 1})
     )
-    assert cli.main(["train", str(cfg), "train.total_steps=3"]) == 0
+    assert commands.main(["train", str(cfg), "train.total_steps=3"]) == 0
     split = tmp_path / "split"
     cfg2 = write_config(
         tmp_path / "p.yaml", lora_overrides(model_dir, data_file, split, **{"train.save_every": 1})
     )
-    assert cli.main(["train", str(cfg2), "train.total_steps=1"]) == 0
-    assert cli.main(["train", str(cfg2), "train.total_steps=3", "--resume"]) == 0
+    assert commands.main(["train", str(cfg2), "train.total_steps=1"]) == 0
+    assert commands.main(["train", str(cfg2), "train.total_steps=3", "--resume"]) == 0
 
     a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(split / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3]
@@ -114,10 +114,12 @@ def test_lora_export_merges_into_a_plain_model_or_writes_the_adapter(
 
     run = tmp_path / "run"
     assert (
-        cli.main(["train", str(write_config(tmp_path / "c.yaml", lora_overrides(model_dir, data_file, run)))])
+        commands.main(
+            ["train", str(write_config(tmp_path / "c.yaml", lora_overrides(model_dir, data_file, run)))]
+        )
         == 0
     )
-    assert cli.main(["export", str(run), str(tmp_path / "merged")]) == 0
+    assert commands.main(["export", str(run), str(tmp_path / "merged")]) == 0
     merged, info = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", output_loading_info=True)
     assert not info["unexpected_keys"] and not info["missing_keys"]
     keys = load_file(str(tmp_path / "merged" / "model.safetensors")).keys()
@@ -125,7 +127,7 @@ def test_lora_export_merges_into_a_plain_model_or_writes_the_adapter(
     assert (tmp_path / "merged" / "log_z_head" / HEAD_FILE).is_file()
     assert json.loads((tmp_path / "merged" / "flowrl_export.json").read_text())["format"] == "merged model"
 
-    assert cli.main(["export", str(run), str(tmp_path / "adapter"), "--adapter"]) == 0
+    assert commands.main(["export", str(run), str(tmp_path / "adapter"), "--adapter"]) == 0
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "adapter")
     ids = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():

@@ -245,7 +245,7 @@ def test_32b_and_code_presets_plan() -> None:
 def test_flowrl_plan_prints_a_table_writes_json_and_exits_0(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from flowrl.cli import main
+    from flowrl.commands import main
 
     out = tmp_path / "plan.json"
     args = ["plan", str(PRESET_7B), "train.strategy=fsdp2", "--gpus", "8", "--gpu-memory", "80",
@@ -260,7 +260,7 @@ def test_flowrl_plan_prints_a_table_writes_json_and_exits_0(
 
 
 def test_flowrl_plan_names_a_missing_config_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from flowrl.plan_cli import main
+    from flowrl.commands.plan import main
 
     code = main([str(PRESET_7B), f"model.path={tmp_path}", "--gpus", "1"])
     assert code == 2 and "config.json" in capsys.readouterr().err

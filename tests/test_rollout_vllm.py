@@ -60,10 +60,10 @@ def test_without_vllm_the_engine_says_how_to_get_it() -> None:
 def test_flowrl_train_without_vllm_stops_before_loading_anything(
     model_dir: Path, data_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from flowrl import cli
+    from flowrl import commands
 
     items = trainer_overrides(model_dir, data_file, tmp_path / "run", **{"rollout.engine": "vllm"})
-    assert cli.main(["train", str(write_config(tmp_path / "vllm.yaml", items))]) == 2
+    assert commands.main(["train", str(write_config(tmp_path / "vllm.yaml", items))]) == 2
     assert "pip install 'flowrl[vllm]'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # no run directory: nothing was started
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from flowrl import cli
+from flowrl import commands
 from flowrl.checkpoint import (
     COMPLETE_MARKER,
     MODEL_DIR,
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = cli.main(args)
+    code = commands.main(args)
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -54,7 +54,7 @@ def finished_run(model_dir: Path, data_file: Path, tmp_path: Path) -> tuple[Path
         model_dir, data_file, run, **{"train.total_steps": 3, "train.save_every": 1, "train.sample_every": 0}
     )
     config = write_config(tmp_path / "run.yaml", items)
-    assert cli.main(["train", str(config)]) == 0
+    assert commands.main(["train", str(config)]) == 0
     return run, config
 
 
@@ -84,7 +84,7 @@ def test_overwrite_replaces_the_run(
     assert steps(run) == [1] and checkpoint_steps(run) == [1]
     assert (run / "notes.txt").read_text() == "mine"
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["train", str(config), "--overwrite", "--resume"])
+        commands.main(["train", str(config), "--overwrite", "--resume"])
     assert exit_info.value.code == 2 and "not allowed with" in capsys.readouterr().err
 
 
@@ -161,7 +161,7 @@ def test_bad_input_fails_before_loading_and_leaves_nothing(
     assert "model.path" in attempt(**{"model.path": tmp_path / "no_model"})
     config = write_config(tmp_path / "bad.yaml", trainer_overrides(model_dir, data_file, run))
     with pytest.raises(ValueError, match="cannot import"):  # --debug shows the real exception
-        cli.main(["train", str(config), "reward.function=no_such_module:score", "--debug"])
+        commands.main(["train", str(config), "reward.function=no_such_module:score", "--debug"])
 
 
 def test_reward_module_in_the_current_directory_imports(
@@ -180,7 +180,7 @@ def test_reward_module_in_the_current_directory_imports(
         tmp_path / "run",
         **{"reward.function": "myreward_cwd:score", "train.total_steps": 1},
     )
-    assert cli.main(["train", str(write_config(tmp_path / "c.yaml", items))]) == 0
+    assert commands.main(["train", str(write_config(tmp_path / "c.yaml", items))]) == 0
 
 
 def test_failed_rewards_are_counted_by_reason(
@@ -210,7 +210,7 @@ def test_metrics_tell_the_truth(
         "reward.function": "tests.helpers.flaky_rewards:slow_digit_share",
     }
     config = write_config(tmp_path / "f.yaml", trainer_overrides(model_dir, data, tmp_path / "f", **base))
-    assert cli.main(["train", str(config)]) == 0
+    assert commands.main(["train", str(config)]) == 0
     for row in read_metrics(tmp_path / "f" / "metrics.jsonl"):
         assert row["actor/ref_kl"] >= 0 and row["flowrl/log_z_grad_norm"] > 0
         assert row["reward/min"] <= row["reward/mean"] <= row["reward/max"]
@@ -221,7 +221,7 @@ def test_metrics_tell_the_truth(
         assert "loss" not in row and "reward/advantage_mean" not in row and row["actor/advantage_abs"] > 0
 
     grpo = trainer_overrides(model_dir, data_file, tmp_path / "g", **{"algorithm.name": "grpo"})
-    assert cli.main(["train", str(write_config(tmp_path / "g.yaml", grpo))]) == 0
+    assert commands.main(["train", str(write_config(tmp_path / "g.yaml", grpo))]) == 0
     for row in read_metrics(tmp_path / "g" / "metrics.jsonl"):
         assert not any("ref_kl" in k or "log_z" in k for k in row), "no reference, no head: not logged"
     capsys.readouterr()
@@ -245,7 +245,7 @@ def start_training(config: Path, *args: str, reward_sleep_s: float = 0.05) -> su
         "SLOW_REWARD_S": str(reward_sleep_s),
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "flowrl.cli", "train", str(config), *args],
+        [sys.executable, "-m", "flowrl.commands", "train", str(config), *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -291,7 +291,15 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_continues(
 
     total = stopped[-1] + 2
     resumed = subprocess.run(
-        [sys.executable, "-m", "flowrl.cli", "train", str(config), f"train.total_steps={total}", "--resume"],
+        [
+            sys.executable,
+            "-m",
+            "flowrl.commands",
+            "train",
+            str(config),
+            f"train.total_steps={total}",
+            "--resume",
+        ],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
         capture_output=True,

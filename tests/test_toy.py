@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flowrl.commands.toy import main
 from flowrl.toy import (
     DEFAULT_METHODS,
     METHOD_COLORS,
@@ -23,7 +24,6 @@ from flowrl.toy import (
     NUM_STATES,
     ToyConfig,
     kl_divergence,
-    main,
     mode_windows,
     modes_covered,
     run_toy,

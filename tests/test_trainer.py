@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flowrl import cli
+from flowrl import commands
 from flowrl.batching import micro_batch
 from flowrl.checkpoint import HEAD_FILE, MODEL_DIR, latest_checkpoint
 from flowrl.config import load_config
@@ -36,7 +36,7 @@ def test_train_cli_two_steps_updates_every_parameter(
     config = write_config(
         tmp_path / "run.yaml", overrides(model_dir, data_file, tmp_path / "run", **{"train.plot": "true"})
     )
-    assert cli.main(["train", str(config)]) == 0
+    assert commands.main(["train", str(config)]) == 0
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["actor/loss"]) and math.isfinite(r["flowrl/log_z"]) for r in rows)
@@ -111,7 +111,7 @@ def _one_rollout(trainer: Trainer) -> tuple[Any, torch.Tensor, torch.Tensor, tor
 
 
 def _recorded_update(trainer: Trainer, *args: Any) -> tuple[dict[str, float], torch.Tensor]:
-    """``trainer._update(*args)`` over one mini-batch: its metrics and the gradient it stepped with."""
+    """``trainer.actor.update(*args)`` over one mini-batch: its metrics and the gradient it stepped with."""
     seen: list[torch.Tensor] = []
     step, policy = trainer.optimizer.step, trainer.policy
 
@@ -121,7 +121,7 @@ def _recorded_update(trainer: Trainer, *args: Any) -> tuple[dict[str, float], to
 
     trainer.optimizer.step = recording_step  # type: ignore[method-assign]
     torch.manual_seed(2)
-    metrics = trainer._update(*args)
+    metrics = trainer.actor.update(*args, step=trainer.step)
     (grads,) = seen
     assert grads.abs().sum() > 0
     assert all(p.grad is None for p in trainer.policy.parameters()), "released right after the step"
@@ -153,14 +153,16 @@ def test_update_does_not_depend_on_micro_batch_size(
         trainer = Trainer(cfg)
         rollout, rewards, valid, advantages = _one_rollout(trainer)
         ref = (
-            trainer._logprobs_no_grad(trainer.ref_policy, rollout, with_entropy=False)[0]
+            trainer.actor.logprobs(trainer.ref_policy, rollout, with_entropy=False)[0]
             if trainer.ref_policy is not None
             else None
         )
         old = log_z = None
-        if trainer.group_log_z:  # as the loop does: log-probs before the update, then the group estimate
-            old = trainer._logprobs_no_grad(trainer.policy, rollout, with_entropy=False)[0]
-            log_z = trainer._group_log_z(valid, advantages, old, ref, rollout.response_mask.float())
+        if (
+            trainer.actor.log_z_per_group
+        ):  # as the loop does: log-probs before the update, then the group estimate
+            old = trainer.actor.logprobs(trainer.policy, rollout, with_entropy=False)[0]
+            log_z = trainer.actor.group_log_z(valid, advantages, old, ref, rollout.response_mask.float())
             assert log_z.view(4, 4)[:, 0].std() > 1e-3  # one value per prompt, and they differ
         metrics, grads = _recorded_update(
             trainer, rollout, torch.arange(len(rewards)), advantages, old, ref, log_z
@@ -189,11 +191,11 @@ def test_group_mode_update_equals_the_group_estimate_inside_the_graph(
         },
     )
     trainer = Trainer(load_config(None, items))
-    assert trainer.group_log_z and trainer.policy.log_z_head is None
+    assert trainer.actor.log_z_per_group and trainer.policy.log_z_head is None
     rollout, rewards, valid, advantages = _one_rollout(trainer)
     mask = rollout.response_mask.float()
-    ref = trainer._logprobs_no_grad(trainer.ref_policy, rollout, with_entropy=False)[0]
-    old = trainer._logprobs_no_grad(trainer.policy, rollout, with_entropy=False)[0]
+    ref = trainer.actor.logprobs(trainer.ref_policy, rollout, with_entropy=False)[0]
+    old = trainer.actor.logprobs(trainer.policy, rollout, with_entropy=False)[0]
 
     # expected: one forward over all 16 rows, the group mean of beta r_hat + ell_ref - ell in the graph
     mb = micro_batch(rollout, torch.arange(16))
@@ -209,7 +211,7 @@ def test_group_mode_update_equals_the_group_estimate_inside_the_graph(
     expected = torch.cat([p.grad.flatten() for p in trainer.policy.parameters() if p.grad is not None])
     trainer.policy.zero_grad(set_to_none=True)
 
-    log_z = trainer._group_log_z(valid, advantages, old, ref, mask)
+    log_z = trainer.actor.group_log_z(valid, advantages, old, ref, mask)
     torch.testing.assert_close(log_z, in_graph.detach(), atol=1e-6, rtol=1e-6)
     assert log_z.view(4, 4)[:, 0].std() > 1e-3
     metrics, grads = _recorded_update(trainer, rollout, torch.arange(16), advantages, old, ref, log_z)
@@ -262,7 +264,7 @@ def test_reference_pass_runs_beside_scoring(model_dir: Path, data_file: Path, tm
     trainer = Trainer(cfg)
     assert trainer.ref_policy is not None
     passes: list[str] = []
-    no_grad = trainer._logprobs_no_grad
+    no_grad = trainer.actor.logprobs
 
     def recorded(policy, rollout, *, with_entropy):
         if policy is trainer.ref_policy:
@@ -272,7 +274,7 @@ def test_reference_pass_runs_beside_scoring(model_dir: Path, data_file: Path, tm
 
     REFERENCE_STARTED.clear()
     REWARD_THREADS.clear()
-    trainer._logprobs_no_grad = recorded
+    trainer.actor.logprobs = recorded
     trainer.fit()
     main = threading.main_thread().name
     assert passes and all(name != main for name in passes)  # the reference pass: a second thread
@@ -391,7 +393,7 @@ def test_cli_reports_bad_config_without_traceback(tmp_path: Path, capsys: pytest
     config = write_config(
         tmp_path / "bad.yaml", ["model.path=x", "data.train_files=[a.jsonl]", "train.totl_steps=3"]
     )
-    assert cli.main(["train", str(config)]) == 2
+    assert commands.main(["train", str(config)]) == 2
     assert "train.total_steps" in capsys.readouterr().err
 
 
@@ -402,7 +404,7 @@ def test_log_every_thins_console_lines_not_metrics(
         model_dir, data_file, tmp_path / "run", **{"train.total_steps": 3, "train.log_every": 2}
     )
     config = write_config(tmp_path / "run.yaml", items)
-    assert cli.main(["train", str(config)]) == 0
+    assert commands.main(["train", str(config)]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in lines] == ["2/3", "3/3"]
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]

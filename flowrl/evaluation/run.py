@@ -1,4 +1,7 @@
-"""``flowrl eval``: sample n responses per problem, score them, report avg@n, pass@k, maj@n and diversity.
+"""The evaluation runner: sample n responses per problem, score them, report avg@n, pass@k, maj@n, diversity.
+
+:func:`run_eval` does the work of ``flowrl eval`` (the command, :mod:`flowrl.commands.eval`, turns its
+flags into an :class:`EvalConfig`, prints the table and sets the exit status)::
 
     flowrl eval --model runs/flowrl --model base=Qwen/Qwen2.5-7B \\
         --data data/aime24.parquet data/math500.parquet --output-dir outputs/eval
@@ -19,8 +22,8 @@ Three phases, each its own function and each leaving files the next one starts f
 2. score (:func:`score_benchmark`): the reward registry (by ``data_source``) or ``--reward``, written to
    ``scores/<model>/<benchmark>.jsonl``, also resumable. ``--rescore`` redoes this phase and the
    report from the saved generations without loading any model.
-3. report (:func:`summarize_benchmark`, :mod:`flowrl.evaluation.report`): a console table,
-   ``results.json`` (every number), ``report.md`` and ``pass_at_k.png`` (one curve per model).
+3. report (:func:`summarize_benchmark`, :mod:`flowrl.evaluation.report`): ``results.json`` (every
+   number), ``report.md`` and ``pass_at_k.png`` (one curve per model); ``flowrl eval`` prints the table.
 
 Decisions (the metrics themselves are defined in :mod:`flowrl.evaluation.metrics`):
 
@@ -44,7 +47,6 @@ Decisions (the metrics themselves are defined in :mod:`flowrl.evaluation.metrics
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -740,7 +742,10 @@ def evaluate_model(
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
-    """Evaluate every model on every benchmark, write the report files, return ``results.json``'s content."""
+    """Evaluate every model on every benchmark, write the report files, return ``results.json``'s content.
+
+    Prints a line at the start and one per benchmark and model as it goes (the table is the caller's).
+    """
     from flowrl.evaluation import report
 
     out = Path(cfg.output_dir)
@@ -783,89 +788,4 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
     report.write_markdown(results, out / REPORT_FILE, plot_file=PLOT_FILE)
     report.plot_pass_at_k(results, out / PLOT_FILE)
-    print()
-    print(report.format_table(results))
-    print(f"\nresults: {out / RESULTS_FILE} | report: {out / REPORT_FILE} | plot: {out / PLOT_FILE}")
     return results
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``flowrl eval``, built without running anything."""
-    d = EvalConfig
-    p = argparse.ArgumentParser(
-        prog="flowrl eval",
-        description="Sample n responses per problem, score them, and report avg@n, pass@k, maj@n and "
-        "diversity (defaults: the paper's 16 samples, temperature 0.6, top_p 0.95).",
-        epilog="example: flowrl eval --model runs/flowrl --model base=Qwen/Qwen2.5-7B "
-        "--data data/aime24.parquet data/math500.parquet --output-dir outputs/eval",
-    )
-    p.add_argument(
-        "--model",
-        action="append",
-        default=[],
-        metavar="[NAME=]PATH",
-        help="model dir, hub id, training run dir (its newest checkpoint) or checkpoint; repeat to compare",
-    )
-    p.add_argument("--data", nargs="+", required=True, help="one parquet/jsonl file per benchmark")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--n", type=int, default=d.n, help="samples per problem (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="(default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=d.top_p, help="(default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=d.top_k, help="0 disables top-k (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="(default: %(default)s)")
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help="sequences per generate call (default: %(default)s)",
-    )
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--reward", help="module:function for every row (default: by data_source)")
-    p.add_argument("--num-workers", type=int, default=d.num_workers, help="reward worker processes")
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ... (default: %(default)s)")
-    p.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16, float16 (default: %(default)s)")
-    p.add_argument("--limit", type=int, help="only the first N problems of each file")
-    p.add_argument(
-        "--rescore",
-        action="store_true",
-        help="score and report the saved generations again without generating (no model is loaded)",
-    )
-    p.add_argument("--no-entropy", dest="entropy", action="store_false", help="skip the token-entropy pass")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = EvalConfig(
-            models=args.model,
-            data=args.data,
-            output_dir=args.output_dir,
-            n=args.n,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            reward=args.reward,
-            num_workers=args.num_workers,
-            device=args.device,
-            dtype=args.dtype,
-            limit=args.limit,
-            rescore=args.rescore,
-            entropy=args.entropy,
-        )
-        run_eval(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"flowrl eval: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

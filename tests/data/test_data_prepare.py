@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from flowrl.commands.data import main
 from flowrl.data import prepare
 from flowrl.data.converters import (
     DAPO_PREFIX,
@@ -24,7 +25,7 @@ from flowrl.data.converters import (
     load_code_tests,
     resolve_dataset_name,
 )
-from flowrl.data.prepare import convert_records, main, prepare_dataset
+from flowrl.data.prepare import convert_records, prepare_dataset
 from flowrl.data.schema import read_rows
 from flowrl.rewards.math import math_reward
 from flowrl.rewards.registry import get_reward_fn

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from flowrl.commands import eval as eval_command
 from flowrl.data import synthetic
 from flowrl.data.schema import read_rows, write_rows
 from flowrl.evaluation import report
@@ -90,7 +91,7 @@ def test_numbers_match_the_metrics_and_files_are_written(
     models: tuple[Path, Path], data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "eval"
-    assert eval_run.main(argv([str(models[0])], data, out)) == 0
+    assert eval_command.main(argv([str(models[0])], data, out)) == 0
     printed = capsys.readouterr()
     assert "avg@n" in printed.out and "self-BLEU" in printed.out
 
@@ -156,7 +157,7 @@ def test_resume_after_interruption_skips_done_problems(
     models: tuple[Path, Path], data: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     straight = tmp_path / "straight"
-    assert eval_run.main(argv([str(models[0])], data[:1], straight)) == 0
+    assert eval_command.main(argv([str(models[0])], data[:1], straight)) == 0
 
     sampled: list[int] = []
     original = eval_run.ModelSampler.sample
@@ -170,7 +171,7 @@ def test_resume_after_interruption_skips_done_problems(
     out = tmp_path / "resumed"
     monkeypatch.setattr(eval_run.ModelSampler, "sample", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        eval_run.main(argv([str(models[0])], data[:1], out))
+        eval_command.main(argv([str(models[0])], data[:1], out))
     gen_file = out / "generations" / "alpha" / f"{SOURCE_A}.jsonl"
     assert [g["index"] for g in read_jsonl(gen_file)] == [0, 1]
     with gen_file.open("a") as f:
@@ -183,7 +184,7 @@ def test_resume_after_interruption_skips_done_problems(
         return original(self, rows, seeds=seeds)
 
     monkeypatch.setattr(eval_run.ModelSampler, "sample", counting)
-    assert eval_run.main(argv([str(models[0])], data[:1], out)) == 0
+    assert eval_command.main(argv([str(models[0])], data[:1], out)) == 0
     assert sum(counted) == 6 - 2, "only the problems not saved before the interruption are generated"
     # seeded per problem: the resumed run holds exactly what an uninterrupted run draws
     assert read_jsonl(gen_file) == read_jsonl(straight / "generations" / "alpha" / f"{SOURCE_A}.jsonl")
@@ -193,7 +194,7 @@ def test_resume_after_interruption_skips_done_problems(
 
     counted.clear()  # a finished eval run again generates nothing and loads no model
     monkeypatch.setattr(eval_run.ModelSampler, "_load", lambda self: pytest.fail("model loaded"))
-    assert eval_run.main(argv([str(models[0])], data[:1], out)) == 0 and counted == []
+    assert eval_command.main(argv([str(models[0])], data[:1], out)) == 0 and counted == []
 
 
 def test_samples_do_not_depend_on_the_batch_size(
@@ -204,7 +205,7 @@ def test_samples_do_not_depend_on_the_batch_size(
         out = tmp_path / f"per_call_{problems_per_call}"
         args = argv([str(models[0])], data[:1], out)
         args[args.index("--batch-size") + 1] = str(problems_per_call * N)
-        assert eval_run.main(args) == 0
+        assert eval_command.main(args) == 0
         runs[problems_per_call] = read_jsonl(out / "generations" / "alpha" / f"{SOURCE_A}.jsonl")
     assert runs[1] == runs[4]
     assert len({tuple(r["responses"]) for r in runs[1]}) > 1
@@ -218,7 +219,7 @@ def test_rescore_uses_saved_generations_only(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "eval"
-    assert eval_run.main(argv([str(models[0])], data, out)) == 0
+    assert eval_command.main(argv([str(models[0])], data, out)) == 0
     gen_file = out / "generations" / "alpha" / f"{SOURCE_A}.jsonl"
     saved = gen_file.read_bytes()
     capsys.readouterr()
@@ -226,12 +227,12 @@ def test_rescore_uses_saved_generations_only(
     monkeypatch.setattr(eval_run.ModelSampler, "_load", lambda self: pytest.fail("rescore loaded a model"))
     other_reward = ("--reward", "tests.helpers.flaky_rewards:always_nan")
     # scores made with another reward are not mixed in silently
-    assert eval_run.main(argv([str(models[0])], data, out, *other_reward)) == 2
+    assert eval_command.main(argv([str(models[0])], data, out, *other_reward)) == 2
     assert "--rescore" in capsys.readouterr().err
 
     # no --model: every model with saved generations; every reward now fails, and that is what is reported
     rescore = ["--data", *map(str, data), "--output-dir", str(out), "--rescore", *other_reward]
-    assert eval_run.main(rescore) == 0
+    assert eval_command.main(rescore) == 0
     assert gen_file.read_bytes() == saved
     summary = json.loads((out / "results.json").read_text())["models"]["alpha"]["benchmarks"][SOURCE_A]
     assert summary["reward/status_error"] == summary["reward/failed"] == 6 * N
@@ -240,7 +241,7 @@ def test_rescore_uses_saved_generations_only(
 
     # generations missing for some problems: rescore says to generate first
     gen_file.write_bytes(b"".join(saved.splitlines(keepends=True)[:3]))
-    assert eval_run.main(rescore) == 2
+    assert eval_command.main(rescore) == 2
     assert "3 of 6 problems" in capsys.readouterr().err
 
 
@@ -248,7 +249,7 @@ def test_several_models_give_several_curves(
     models: tuple[Path, Path], data: tuple[Path, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "eval"
-    assert eval_run.main(argv([str(models[0]), f"second={models[1]}"], data, out)) == 0
+    assert eval_command.main(argv([str(models[0]), f"second={models[1]}"], data, out)) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["models"]) == ["alpha", "second"]
     drawn = report.plot_pass_at_k(results, tmp_path / "again.png")
@@ -271,13 +272,13 @@ def test_changed_settings_or_data_are_refused(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "eval"
-    assert eval_run.main(argv([str(models[0])], data[:1], out, "--limit", "2")) == 0
-    assert eval_run.main(argv([str(models[0])], data[:1], out, "--temperature", "1.0")) == 2
+    assert eval_command.main(argv([str(models[0])], data[:1], out, "--limit", "2")) == 0
+    assert eval_command.main(argv([str(models[0])], data[:1], out, "--temperature", "1.0")) == 2
     assert "temperature: 0.6 then, 1.0 now" in capsys.readouterr().err
     rows = read_rows(data[0])
     rows[1]["prompt"][0]["content"] = "sum 99:"
     changed = write_rows(rows, tmp_path / "a.jsonl")
-    assert eval_run.main(argv([str(models[0])], (changed,), out)) == 2
+    assert eval_command.main(argv([str(models[0])], (changed,), out)) == 2
     assert "data file changed" in capsys.readouterr().err
 
 
@@ -285,17 +286,17 @@ def test_bad_input_fails_before_generating(
     models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     unknown = write_rows(synthetic.rows()[:2], tmp_path / "digits.jsonl")  # no reward registered for it
-    assert eval_run.main(argv([str(models[0])], (unknown,), tmp_path / "eval")) == 2
+    assert eval_command.main(argv([str(models[0])], (unknown,), tmp_path / "eval")) == 2
     assert "register_reward" in capsys.readouterr().err
     assert not (tmp_path / "eval" / "generations").exists()
     synthetic_reward = ("--reward", "flowrl.data.synthetic:reward")
     assert (
-        eval_run.main(argv([str(tmp_path / "missing")], (unknown,), tmp_path / "eval", *synthetic_reward))
+        eval_command.main(argv([str(tmp_path / "missing")], (unknown,), tmp_path / "eval", *synthetic_reward))
         == 2
     )
     assert "no such directory" in capsys.readouterr().err
     greedy = argv([str(models[0])], (unknown,), tmp_path / "eval", "--temperature", "0")
-    assert eval_run.main(greedy) == 2 and "--n 1" in capsys.readouterr().err
+    assert eval_command.main(greedy) == 2 and "--n 1" in capsys.readouterr().err
 
 
 def test_model_paths_resolve(models: tuple[Path, Path], tmp_path: Path) -> None:
