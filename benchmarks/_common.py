@@ -385,7 +385,7 @@ def run_project_trainer(spec: dict[str, Any]) -> dict[str, Any]:
         "policy_parameters": parameter_count(trainer.policy.model),
         "log_z_head_parameters": 0 if head is None else parameter_count(head),
         "device": str(trainer.device),
-        "bf16": trainer.bf16,
+        "bf16": trainer.actor.bf16,
         "warmup_steps": warmup,
         "per_step": {k: [round(v, 4) for v in values] for k, values in per_step.items()},
         "steady_state": steady,

@@ -174,7 +174,7 @@ def run_flowrl(spec: dict[str, Any]) -> dict[str, Any]:
         return wrapped
 
     trainer._rollout = phase("rollout", trainer._rollout)
-    trainer._logprobs_no_grad = phase("log-prob passes", trainer._logprobs_no_grad)
+    trainer.actor.logprobs = phase("log-prob passes", trainer.actor.logprobs)
     step = trainer.optimizer.step
 
     def optimizer_step(*args: Any, **kwargs: Any) -> Any:
@@ -185,13 +185,13 @@ def run_flowrl(spec: dict[str, Any]) -> dict[str, Any]:
         return out
 
     trainer.optimizer.step = optimizer_step
-    update = trainer._update
+    update = trainer.actor.update
 
     def timed_update(*args: Any, **kwargs: Any) -> Any:
         meter.start()
         return update(*args, **kwargs)
 
-    trainer._update = timed_update
+    trainer.actor.update = timed_update
     try:
         trainer.fit()
     finally:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flowrl import sharding
 from flowrl.partition import LOG_Z_PREFIX
 from flowrl.policy import is_peft_model
 
@@ -273,6 +274,65 @@ def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointCorruptError(Path(checkpoint), [f"{path} cannot be read ({exc})"]) from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# A training run's checkpoint: what the trainer saves and resumes from
+
+
+def save_training(
+    root: str | Path,
+    step: int,
+    *,
+    policy: Any,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    sharded: bool,
+    write: bool,
+    keep: int,
+) -> Path | None:
+    """Checkpoint ``step`` of a run: the policy (a :class:`~flowrl.policy.Policy`), its head, the
+    optimizer's state and the trainer's ``state`` (scheduler, sampler).
+
+    Every rank calls this: a sharded run first gathers every rank's shards to rank 0 (collective). The
+    rank with ``write`` (rank 0; every rank holds the same weights and state) writes; it gets the path.
+    """
+    model_state = head_state = None
+    if sharded:
+        model_state, head_state, state["optimizer"] = sharding.gather_checkpoint(policy, optimizer)
+    else:
+        state["optimizer"] = optimizer.state_dict()
+    if not write:
+        return None
+    return save_checkpoint(
+        root,
+        step,
+        model=policy.model,
+        tokenizer=tokenizer,
+        head=policy.log_z_head,
+        trainer_state=state,
+        keep=keep,
+        model_state_dict=model_state,
+        head_state_dict=head_state,
+    )
+
+
+def resume_training(
+    checkpoint: str | Path, *, optimizer: torch.optim.Optimizer, sharded: bool, **stateful: Any
+) -> int:
+    """Load a checkpoint's trainer state into ``optimizer`` (the same full layout under ``ddp`` and
+    ``fsdp2``) and each of ``stateful`` (the scheduler, the sampler: by their key in the state), and
+    restore the RNG states; returns the checkpoint's step. The weights load with the models."""
+    state = load_trainer_state(checkpoint)
+    if sharded:
+        sharding.load_full_optimizer_state(optimizer, state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    for key, obj in stateful.items():
+        obj.load_state_dict(state[key])
+    set_rng_state(state["rng"])
+    return state["step"]
 
 
 # ---------------------------------------------------------------------------------------------
