@@ -71,6 +71,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers.utils import logging
 from trl import GRPOConfig, GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import FusedCausalLMOutput, disable_dropout_in_model
 
 from flowrl.checkpoint import HEAD_FILE, load_log_z_head
@@ -79,9 +80,12 @@ from flowrl.objectives.flowrl import (
     BETA,
     CLIP_EPS,
     IMPORTANCE_WEIGHT_MODES,
+    LOG_Z_MODES,
     MAX_IMPORTANCE_WEIGHT,
     REFERENCES,
     SEQUENCE_WEIGHTINGS,
+    group_log_z_terms,
+    weighted_mean_by_group,
 )
 from flowrl.objectives.masked import masked_mean
 from flowrl.partition import DROPOUT, LOG_Z_PREFIX, NUM_LAYERS, LogZHead, is_log_z_param, pool_prompt_states
@@ -105,6 +109,10 @@ MAX_PROMPT_LENGTH = 2048
 PROCESSED_LOGPROBS = "processed_logprobs"
 """vLLM ``--logprobs-mode`` whose log-probs are those of the sampling distribution (after temperature and
 logit processing), the only ones an importance weight may use."""
+
+GROUP_LOG_Z = "flowrl_log_z"
+"""Key of the per-completion log Z in the generation batch under ``log_z_mode="group"`` (shuffled and split
+into micro-batches with the other per-completion tensors, like ``advantages``)."""
 
 _REFERENCE_SWITCH = 1.0
 """Non-zero value of TRL's KL coefficient that makes ``GRPOTrainer`` build the reference model and
@@ -176,6 +184,16 @@ class FlowRLConfig(GRPOConfig):
             "applied) are removed from the datasets before training and counted (paper: 2048). None: no cap."
         },
     )
+    log_z_mode: str = field(
+        default="head",
+        metadata={
+            "help": "Where log Z(x) comes from: 'head', a learned partition head on the prompt's hidden "
+            "states (the paper's); 'group', no head: each prompt's log Z is the importance-weighted mean "
+            "over its num_generations completions of beta * r_hat + ell_ref - ell, computed after "
+            "generation without gradient (flowrl.objectives.group_log_z), from all of a prompt's "
+            "completions across processes. The log_z_* head settings are unused in group mode."
+        },
+    )
     log_z_num_layers: int = field(
         default=NUM_LAYERS,
         metadata={
@@ -205,6 +223,23 @@ class FlowRLConfig(GRPOConfig):
     )
 
     def __post_init__(self) -> None:
+        _check_choice("log_z_mode", self.log_z_mode, LOG_Z_MODES)
+        if self.log_z_mode == "group":  # before GRPOConfig's own check, so the message names the mode
+            for name in ("num_generations", "num_generations_eval"):
+                value = getattr(self, name)
+                if value is not None and value < 2:
+                    fix = f"set {name} >= 2" + (
+                        " (or None: num_generations)" if name.endswith("eval") else ""
+                    )
+                    raise ValueError(
+                        "log_z_mode='group' estimates each prompt's log Z from its completions and needs "
+                        f"at least 2 per prompt; got {name}={value}: {fix}, or use log_z_mode='head'"
+                    )
+            if self.log_z_init_path is not None:
+                raise ValueError(
+                    "log_z_init_path starts a partition head, and log_z_mode='group' has none: drop "
+                    "log_z_init_path or use log_z_mode='head'"
+                )
         super().__post_init__()
         _check_choice("flowrl_importance_weight", self.flowrl_importance_weight, IMPORTANCE_WEIGHT_MODES)
         _check_choice("flowrl_reference", self.flowrl_reference, REFERENCES)
@@ -427,6 +462,74 @@ def drop_long_prompts(
     return (dataset if counts["filtered"] == 0 else dataset.select(kept)), counts
 
 
+def prompt_keys(prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
+    """(N,) int64: a key of each row's prompt tokens (padding excluded), equal on every process for equal
+    prompts (Python's hash of a tuple of ints does not depend on ``PYTHONHASHSEED``)."""
+    rows = zip(prompt_ids.tolist(), prompt_mask.tolist(), strict=True)
+    keys = [hash(tuple(t for t, m in zip(ids, mask, strict=True) if m)) for ids, mask in rows]
+    return torch.tensor(keys, dtype=torch.int64, device=prompt_ids.device)
+
+
+def gathered_group_log_z(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    ref_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    keys: Tensor,
+    *,
+    num_generations: int,
+    gather: Callable[[Tensor], Tensor],
+    process_index: int,
+    **loss_options: Any,
+) -> Tensor:
+    """This process's rows of :func:`flowrl.objectives.group_log_z` over the whole generation batch.
+
+    TRL lays the generation batch out as consecutive runs of ``num_generations`` completions of one
+    prompt, concatenated over processes in process order (each process holds the same number of rows),
+    and a prompt's run may cross a process boundary (its advantages are computed after gathering the
+    rewards for that reason). Each process computes its rows' per-completion target and weight
+    (:func:`~flowrl.objectives.flowrl.group_log_z_terms`), their group ids (global row //
+    ``num_generations``) and prompt keys; these (N,) vectors are gathered (``gather``: accelerate's, as
+    TRL gathers rewards), the keys checked to agree within each group, the weighted group means taken
+    (:func:`~flowrl.objectives.flowrl.weighted_mean_by_group`) and this process's slice returned. Every
+    process computes the same means from the same gathered vectors.
+
+    Args:
+        logprobs, old_logprobs, ref_logprobs: (N, T) this process's per-token log-probs (the policy's
+            before the update, without gradient; the importance weight's old ones; the reference's).
+        advantages: (N,) r_hat. response_mask: (N, T).
+        keys: (N,) int64 prompt keys (:func:`prompt_keys`).
+        num_generations: completions per prompt.
+        gather: concatenates a tensor over processes in process order (identity for one process).
+        process_index: this process's index.
+        **loss_options: :func:`flowrl.objectives.flowrl_loss`'s options (``beta``, ``importance_weight``,
+            ...), so the weights are the loss's.
+
+    Returns:
+        (N,) log Z of this process's rows, without gradient history.
+    """
+    target, weight = group_log_z_terms(
+        logprobs, old_logprobs, ref_logprobs, advantages, response_mask, **loss_options
+    )
+    num_local = target.shape[0]
+    first = process_index * num_local
+    rows = torch.arange(first, first + num_local, device=target.device)
+    ids = torch.stack([rows // num_generations, keys.to(target.device)], dim=1)  # (N, 2) int64
+    values = torch.stack([target, weight.to(target.dtype)], dim=1)  # (N, 2)
+    all_ids, all_values = gather(ids), gather(values)
+    group_ids = all_ids[:, 0]
+    distinct_pairs = torch.unique(all_ids, dim=0).shape[0]  # (group id, prompt key)
+    if distinct_pairs != torch.unique(group_ids).shape[0]:
+        raise RuntimeError(
+            f"log_z_mode='group': a run of num_generations={num_generations} rows of TRL's generation batch "
+            "holds completions of different prompts, so TRL's batch layout is not the one this adapter "
+            "was written for (consecutive completions of one prompt); use log_z_mode='head'"
+        )
+    log_z = weighted_mean_by_group(all_values[:, 0], all_values[:, 1], group_ids)
+    return log_z[first : first + num_local]
+
+
 def _head_file_key(name: str) -> str:
     """``module.log_z_head.layers.0.weight`` -> ``log_z_head.layers.0.weight`` (the saved-file key)."""
     return LOG_Z_PREFIX + name.split(LOG_Z_PREFIX, 1)[1]
@@ -437,7 +540,9 @@ class FlowRLTrainer(GRPOTrainer):
 
     Takes ``GRPOTrainer``'s arguments; ``args`` must be a :class:`FlowRLConfig`. Text-only models;
     no user-built optimizer (the head is added after ``GRPOTrainer.__init__``, so it would be missing).
-    After construction ``trainer.log_z_head`` is the head (also ``<policy>.log_z_head``).
+    After construction ``trainer.log_z_head`` is the head (also ``<policy>.log_z_head``), or None with
+    ``log_z_mode="group"``: then no head is built, trained, saved or filtered, and each generation batch
+    gets its group estimate of log Z (:meth:`_group_log_z`).
     """
 
     _tag_names = ["trl", "flowrl"]
@@ -464,23 +569,25 @@ class FlowRLTrainer(GRPOTrainer):
                 "FlowRLTrainer builds its own optimizer so that it holds the log Z head (added after "
                 "GRPOTrainer.__init__); set it through FlowRLConfig (optim, learning_rate, log_z_lr)"
             )
-        policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        first = next(policy.parameters())
-        head = new_log_z_head(policy.config.get_text_config().hidden_size, args)
-        head.to(device=first.device, dtype=first.dtype)
-        if args.disable_dropout:
-            disable_dropout_in_model(head)
-        attach_log_z_head(
-            policy,
-            head,
-            detach_input=args.log_z_detach_input,
-            exclude_last_token=args.log_z_exclude_last_prompt_token,
-        )
-        self.log_z_head = head
-        if self.use_vllm:
-            exclude_log_z_from_vllm_sync(self.vllm_generation)
-            if self.vllm_mode == "server" and args.flowrl_old_logprobs == "rollout":
-                require_processed_logprobs(self.vllm_generation.vllm_client, self.accelerator)
+        self.log_z_head: LogZHead | None = None
+        if args.log_z_mode == "head":
+            policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
+            first = next(policy.parameters())
+            head = new_log_z_head(policy.config.get_text_config().hidden_size, args)
+            head.to(device=first.device, dtype=first.dtype)
+            if args.disable_dropout:
+                disable_dropout_in_model(head)
+            attach_log_z_head(
+                policy,
+                head,
+                detach_input=args.log_z_detach_input,
+                exclude_last_token=args.log_z_exclude_last_prompt_token,
+            )
+            self.log_z_head = head
+            if self.use_vllm:
+                exclude_log_z_from_vllm_sync(self.vllm_generation)
+        if self.use_vllm and self.vllm_mode == "server" and args.flowrl_old_logprobs == "rollout":
+            require_processed_logprobs(self.vllm_generation.vllm_client, self.accelerator)
         self.prompts_filtered: dict[str, dict[str, int]] = {}
         if args.flowrl_max_prompt_length is not None:
             self._drop_long_prompts(args.flowrl_max_prompt_length)
@@ -545,12 +652,82 @@ class FlowRLTrainer(GRPOTrainer):
         )
         return optimizer
 
+    def _old_logprobs(self, inputs: dict[str, Any], logprobs: Tensor) -> Tensor:
+        """The importance weight's old log-probs: TRL's (or ``logprobs``, the current ones detached, when
+        TRL skipped that pass because the update is on-policy), or vLLM's sampling log-probs with
+        ``flowrl_old_logprobs="rollout"`` where vLLM scored the token."""
+        old_logprobs = inputs.get("old_per_token_logps")
+        old_logprobs = logprobs if old_logprobs is None else old_logprobs
+        if self.args.flowrl_old_logprobs == "rollout":
+            sampled = inputs["sampling_per_token_logps"]
+            old_logprobs = torch.where(torch.isnan(sampled), old_logprobs, sampled)
+        return old_logprobs
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        """TRL's generation batch; with ``log_z_mode="group"`` plus each completion's log Z under
+        :data:`GROUP_LOG_Z`, shuffled and split into micro-batches with the rest of the batch."""
+        output = super()._generate_and_score_completions(inputs)
+        if self.log_z_head is None:
+            output[GROUP_LOG_Z] = self._group_log_z(output)
+        return output
+
+    def _group_log_z(self, output: dict[str, Any]) -> Tensor:
+        """(N,) log Z of this process's completions: each prompt's group estimate over all its
+        completions, on every process (:func:`gathered_group_log_z`).
+
+        ``ell`` is the policy's as it is now, before the updates on this batch, without gradient: TRL's
+        old log-probs when it computed them, else one forward of the policy here (the price of the
+        group mode when TRL's update is on-policy). The weights are the loss's at that policy, so for one
+        optimizer step per generation batch the estimate is the exact minimizer of the loss being
+        differentiated; with more (``steps_per_generation`` beyond the accumulation steps,
+        ``num_iterations > 1``) it is held for the batch like the advantages (see
+        :func:`flowrl.objectives.group_log_z` for why that is a per-prompt baseline and no gradient
+        is lost by detaching it).
+        """
+        mode = "train" if self.model.training else "eval"
+        prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"]
+        completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
+        response_mask = (
+            completion_mask if "tool_mask" not in output else completion_mask * output["tool_mask"]
+        )
+        logprobs = output.get("old_per_token_logps")
+        if logprobs is None:
+            batch_size = (
+                self.args.per_device_train_batch_size
+                if mode == "train"
+                else self.args.per_device_eval_batch_size
+            )
+            with (
+                torch.no_grad(),
+                disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            ):
+                logprobs, _, _ = self._get_per_token_logps_and_entropies(
+                    self.model,
+                    torch.cat([prompt_ids, completion_ids], dim=1),
+                    torch.cat([prompt_mask, completion_mask], dim=1),
+                    completion_ids.size(1),
+                    batch_size=batch_size,
+                )
+        return gathered_group_log_z(
+            logprobs,
+            self._old_logprobs(output, logprobs),
+            output["ref_per_token_logps"],
+            output["advantages"],
+            response_mask,
+            prompt_keys(prompt_ids, prompt_mask),
+            num_generations=self.num_generations if mode == "train" else self.num_generations_eval,
+            gather=self.accelerator.gather,
+            process_index=self.accelerator.process_index,
+            **self._flowrl_kwargs,
+        )
+
     def _compute_loss(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
         """FlowRL's loss on one micro-batch of TRL's generation batch, scaled for gradient accumulation.
 
         ``inputs`` is what ``_generate_and_score_completions`` returns: ``prompt_ids``/``prompt_mask``
         (N, P), ``completion_ids``/``completion_mask`` (N, T), ``advantages`` (N,), ``ref_per_token_logps``
-        (N, T), and, when the update is off-policy, ``old_per_token_logps`` (N, T).
+        (N, T), when the update is off-policy ``old_per_token_logps`` (N, T), and with
+        ``log_z_mode="group"`` :data:`GROUP_LOG_Z` (N,), log Z without gradient (else the head gives it).
         """
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
@@ -564,22 +741,19 @@ class FlowRLTrainer(GRPOTrainer):
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         labels[:, :-num_completion_tokens] = -100
         router = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        head = self.log_z_head is not None  # else: log_z_mode="group", the estimate is in the batch
         with self.accelerator.autocast():
             outputs = model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 labels=labels,
                 fused_lm_head=True,
-                log_z_prompt_length=prompt_ids.size(1),
+                **({"log_z_prompt_length": prompt_ids.size(1)} if head else {}),
                 **router,
             )
         logprobs = outputs.log_probs[:, -num_completion_tokens:]  # temperature-scaled, 0 off the mask
-
-        old_logprobs = inputs.get("old_per_token_logps")
-        old_logprobs = logprobs.detach() if old_logprobs is None else old_logprobs
-        if self.args.flowrl_old_logprobs == "rollout":
-            sampled = inputs["sampling_per_token_logps"]
-            old_logprobs = torch.where(torch.isnan(sampled), old_logprobs, sampled)
+        old_logprobs = self._old_logprobs(inputs, logprobs.detach())
+        log_z = outputs.log_z if head else inputs[GROUP_LOG_Z]
 
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
@@ -593,7 +767,7 @@ class FlowRLTrainer(GRPOTrainer):
             logprobs,
             old_logprobs,
             inputs["ref_per_token_logps"],
-            outputs.log_z,
+            log_z,
             inputs["advantages"],
             response_mask,
             normalizer=normalizer,
@@ -615,7 +789,11 @@ class FlowRLTrainer(GRPOTrainer):
         return loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
-        """Save the policy without the head, and the head beside it as ``log_z_head.safetensors``."""
+        """Save the policy without the head, and the head beside it as ``log_z_head.safetensors`` (in
+        ``log_z_mode="group"`` there is no head: the policy alone, as ``GRPOTrainer`` saves it)."""
+        if self.log_z_head is None:
+            super()._save(output_dir, state_dict=state_dict)
+            return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if state_dict is None:
             state_dict = self.accelerator.unwrap_model(self.model, keep_torch_compile=False).state_dict()
@@ -641,6 +819,8 @@ class FlowRLTrainer(GRPOTrainer):
         Not used for DeepSpeed or FSDP, whose own checkpoints hold the (sharded) head.
         """
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.log_z_head is None:  # log_z_mode="group": nothing beside the policy
+            return
         head_file = Path(resume_from_checkpoint) / HEAD_FILE
         if not head_file.is_file():
             raise FileNotFoundError(
@@ -713,6 +893,7 @@ def trl_dataset(rows: Sequence[Mapping[str, Any]], tokenizer: Any) -> Any:
 
 
 __all__ = [
+    "GROUP_LOG_Z",
     "LOG_Z_MODULE",
     "MAX_PROMPT_LENGTH",
     "OLD_LOGPROBS",
@@ -724,7 +905,9 @@ __all__ = [
     "attach_log_z_head",
     "drop_long_prompts",
     "exclude_log_z_from_vllm_sync",
+    "gathered_group_log_z",
     "new_log_z_head",
+    "prompt_keys",
     "require_processed_logprobs",
     "trl_dataset",
 ]

@@ -23,6 +23,7 @@ from flowrl.checkpoint import HEAD_FILE, load_log_z_head, save_log_z_head  # noq
 from flowrl.data import synthetic  # noqa: E402
 from flowrl.data.schema import write_rows  # noqa: E402
 from flowrl.integrations.trl import (  # noqa: E402
+    GROUP_LOG_Z,
     LOG_Z_MODULE,
     MAX_PROMPT_LENGTH,
     PROCESSED_LOGPROBS,
@@ -30,10 +31,12 @@ from flowrl.integrations.trl import (  # noqa: E402
     FlowRLReward,
     FlowRLTrainer,
     exclude_log_z_from_vllm_sync,
+    gathered_group_log_z,
     new_log_z_head,
+    prompt_keys,
     trl_dataset,
 )
-from flowrl.objectives import flowrl_loss  # noqa: E402
+from flowrl.objectives import flowrl_loss, group_log_z  # noqa: E402
 from flowrl.partition import LOG_Z_PREFIX, LogZHead, is_log_z_param, pool_prompt_states  # noqa: E402
 from flowrl.policy import load_model, load_tokenizer  # noqa: E402
 
@@ -356,6 +359,189 @@ def test_prompts_over_the_cap_are_removed_and_counted(
     assert len(uncapped.train_dataset) == len(rows) and uncapped.prompts_filtered == {}
 
 
+# --- log_z_mode="group": no head, each prompt's log Z estimated from all of its completions -------------
+
+
+def digit_share(response: str, example: dict) -> float:
+    """A reward a random tiny model gets varied values of (the synthetic task's is almost always 0)."""
+    return sum(c.isdigit() for c in response) / max(1, len(response))
+
+
+@pytest.fixture(scope="module")
+def group_trained(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[FlowRLTrainer, dict]:
+    out = tmp_path_factory.mktemp("group")
+    tokenizer = load_tokenizer(str(model_dir))
+    args = FlowRLConfig(
+        output_dir=str(out),
+        **{**CPU_RUN, **BATCH, "save_strategy": "steps"},
+        log_z_mode="group",
+        max_steps=2,
+        learning_rate=1e-3,
+        temperature=TEMPERATURE,
+        save_steps=2,
+    )
+    trainer = FlowRLTrainer(
+        str(model_dir),
+        reward_funcs=FlowRLReward(digit_share),
+        args=args,
+        train_dataset=trl_dataset(synthetic.rows(), tokenizer),
+        processing_class=tokenizer,
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    return trainer, before
+
+
+def test_group_mode_trains_the_policy_without_a_head(group_trained: tuple[FlowRLTrainer, dict]) -> None:
+    trainer, before = group_trained
+    rows = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) and math.isfinite(r["flowrl/log_z"]) for r in rows)
+    assert any(r["loss"] > 0 for r in rows), "the rewards must vary for the loss to mean something"
+    after = dict(trainer.model.named_parameters())
+    assert set(after) == set(before) and any(not torch.equal(before[n], after[n]) for n in before)
+    # no head anywhere: not built, not a submodule, not in the optimizer
+    assert trainer.log_z_head is None and not hasattr(trainer.model, LOG_Z_MODULE)
+    assert not [n for n in after if is_log_z_param(n)]
+    assert all(g.get("name") != LOG_Z_MODULE for g in trainer.optimizer.param_groups)
+    optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert optimized == {id(p) for p in after.values() if p.requires_grad}
+
+
+def test_group_mode_checkpoint_holds_the_policy_alone(
+    group_trained: tuple[FlowRLTrainer, dict], tmp_path: Path
+) -> None:
+    trainer, _ = group_trained
+    checkpoint = Path(trainer.args.output_dir) / "checkpoint-2"
+    trainer.save_model(str(tmp_path))
+    for directory in (checkpoint, tmp_path):
+        weights = load_file(str(directory / "model.safetensors"))
+        assert weights and not [k for k in weights if is_log_z_param(k)]
+        assert not (directory / HEAD_FILE).exists()
+    exported = load_model(str(tmp_path)).state_dict()
+    assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in exported.items())
+    trainer._load_from_checkpoint(str(checkpoint))  # resuming needs no head file
+
+
+@pytest.mark.parametrize("sequence_weighting", ["mean", "length"])
+def test_group_estimate_equals_group_log_z_on_the_batch(
+    group_trained: tuple[FlowRLTrainer, dict], sequence_weighting: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One generation batch of two prompts x 4 completions: the log Z the trainer puts into the batch is
+    flowrl.objectives.group_log_z on that batch, with ell from an independent forward of the policy."""
+    trainer, _ = group_trained
+    monkeypatch.setitem(trainer._flowrl_kwargs, "sequence_weighting", sequence_weighting)
+    model = trainer.model
+    model.train()
+    rows = [trainer.train_dataset[i] for i in (0, 0, 0, 0, 3, 3, 3, 3)]  # TRL's layout: n in a row
+    torch.manual_seed(5)
+    out = trainer._generate_and_score_completions(rows)
+    log_z = out[GROUP_LOG_Z]
+    assert log_z.shape == (8,) and not log_z.requires_grad
+
+    prompt_ids, prompt_mask = out["prompt_ids"], out["prompt_mask"]
+    completion_ids, mask = out["completion_ids"], out["completion_mask"]
+    P = prompt_ids.shape[1]
+    with torch.no_grad():
+        ids, attention = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, mask], 1)
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, P - 1 : -1] / TEMPERATURE
+        logprobs = torch.log_softmax(logits.float(), -1).gather(-1, completion_ids[..., None]).squeeze(-1)
+    logprobs = logprobs * mask
+    expected = group_log_z(
+        logprobs, logprobs, out["ref_per_token_logps"], out["advantages"], mask,
+        num_samples_per_prompt=4, **trainer._flowrl_kwargs,
+    )  # fmt: skip
+    torch.testing.assert_close(log_z, expected, atol=1e-5, rtol=1e-5)
+    assert torch.all(log_z[:4] == log_z[0]) and torch.all(log_z[4:] == log_z[4])
+    assert out["advantages"].abs().sum() > 0 and not torch.allclose(log_z[0], log_z[4])
+
+    # the loss takes log Z from the batch: a micro-batch's gradient is flowrl_loss's with it
+    out["num_items_in_batch"] = mask.sum()
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer._compute_loss(model, out)
+    assert trainer._metrics["train"]["flowrl/log_z"][-1] == pytest.approx(float(log_z.mean()), rel=1e-5)
+    assert math.isfinite(loss.item())
+
+
+def _split_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Three prompts x 4 completions, off-policy (weights from the clamp), ragged lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    n_rows, width = 12, 5
+    mask = (torch.arange(width) < torch.randint(1, width + 1, (n_rows, 1), generator=gen)).long()
+    logprobs = -torch.rand(n_rows, width, generator=gen) * 3 * mask
+    return {
+        "logprobs": logprobs,
+        "old_logprobs": (logprobs + 0.4 * torch.randn(n_rows, width, generator=gen)) * mask,
+        "ref_logprobs": -torch.rand(n_rows, width, generator=gen) * 3 * mask,
+        "advantages": torch.randn(n_rows, generator=gen),
+        "response_mask": mask,
+        "keys": torch.tensor([11] * 4 + [22] * 4 + [33] * 4),
+    }
+
+
+OPTIONS = dict(beta=2.0, max_importance_weight=1.5, sequence_weighting="length")
+
+
+def _two_processes(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """gathered_group_log_z on two "processes" (threads exchanging through a barrier, as accelerate's
+    gather does): rows 0-5 and 6-11, so the second prompt's completions are split 2 + 2."""
+    import threading
+
+    barrier, slots, results = threading.Barrier(2), [None, None], [None, None]
+
+    def run(rank: int) -> None:
+        def gather(tensor: torch.Tensor) -> torch.Tensor:
+            slots[rank] = tensor
+            barrier.wait()
+            gathered = torch.cat(slots)
+            barrier.wait()  # both have read before the next gather overwrites
+            return gathered
+
+        local = {k: v[6 * rank : 6 * rank + 6] for k, v in batch.items()}
+        results[rank] = gathered_group_log_z(
+            **local, num_generations=4, gather=gather, process_index=rank, **OPTIONS
+        )
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    return results
+
+
+def test_group_estimate_across_processes_equals_one_process() -> None:
+    batch = _split_batch()
+    one = gathered_group_log_z(**batch, num_generations=4, gather=lambda t: t, process_index=0, **OPTIONS)
+    expected = group_log_z(
+        *(batch[k] for k in ("logprobs", "old_logprobs", "ref_logprobs", "advantages", "response_mask")),
+        num_samples_per_prompt=4, **OPTIONS,
+    )  # fmt: skip
+    torch.testing.assert_close(one, expected)
+    first, second = _two_processes(batch)
+    torch.testing.assert_close(torch.cat([first, second]), expected)
+    assert first[4] == second[0] == second[1]  # the split prompt: one value on both sides
+    # a process alone would have estimated the split prompt from its own two completions
+    alone = gathered_group_log_z(
+        **{k: v[:6] for k, v in batch.items()},
+        num_generations=4,
+        gather=lambda t: t,
+        process_index=0,
+        **OPTIONS,
+    )
+    assert not torch.allclose(alone[4:6], first[4:6])
+
+
+def test_group_estimate_refuses_a_run_of_rows_with_different_prompts() -> None:
+    batch = _split_batch()
+    batch["keys"][5] = 99
+    with pytest.raises(RuntimeError, match="holds completions of different prompts"):
+        gathered_group_log_z(**batch, num_generations=4, gather=lambda t: t, process_index=0, **OPTIONS)
+    keys = prompt_keys(
+        torch.tensor([[0, 7, 8], [7, 8, 9], [5, 7, 8]]), torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1]])
+    )
+    assert keys[0] == keys[2] != keys[1]  # left padding does not count
+
+
 def test_reward_adapter_scores_rows_and_reports_failures() -> None:
     def flaky(response: str, example: dict) -> float:
         if "boom" in response:
@@ -387,13 +573,17 @@ def test_reward_adapter_scores_rows_and_reports_failures() -> None:
         (dict(flowrl_old_logprobs="rollout"), "use_vllm"),
         (dict(flowrl_importance_weight="clamped"), "unknown flowrl_importance_weight"),
         (dict(flowrl_max_prompt_length=0), "flowrl_max_prompt_length must be >= 1"),
+        (dict(log_z_mode="heads"), "unknown log_z_mode 'heads'; use one of head, group"),
+        (dict(log_z_mode="group", num_generations=1), "needs at least 2 per prompt; got num_generations=1"),
+        (dict(log_z_mode="group", num_generations_eval=1), "set num_generations_eval >= 2"),
+        (dict(log_z_mode="group", log_z_init_path="head.safetensors"), "drop log_z_init_path"),
     ],
 )
 def test_config_refuses_settings_that_would_change_the_objective(
     overrides: dict, match: str, tmp_path: Path
 ) -> None:
     with pytest.raises(ValueError, match=match):
-        FlowRLConfig(output_dir=str(tmp_path), **CPU_RUN, **BATCH, **overrides)
+        FlowRLConfig(output_dir=str(tmp_path), **{**CPU_RUN, **BATCH, **overrides})
 
 
 def test_example_configs_parse() -> None:
