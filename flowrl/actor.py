@@ -106,14 +106,15 @@ class Actor:
         response_mask: Tensor,
         old_logprobs: Tensor | None,
         ref_logprobs: Tensor | None,
-    ) -> Tensor:
-        """The objective's advantages of the whole step's sequences ((N,) or (N, T) padded to the widest).
+    ) -> tuple[Tensor, Tensor]:
+        """The objective's advantages: the whole step's ((N x world size,) or (N x world size, T) padded
+        to the widest) and this rank's rows of them ((N,) or (N, T), its own width).
 
         ``rewards`` and ``valid`` are already the step's (gathered); the per-token inputs are this rank's
         and get gathered here, so batch-level statistics (REINFORCE++'s whitening) are global.
         """
         gather = self.dp.gather
-        return self.objective.advantage_fn(
+        step_advantages = self.objective.advantage_fn(
             rewards,
             gather(response_mask),
             None if old_logprobs is None else gather(old_logprobs),
@@ -122,13 +123,9 @@ class Actor:
             valid=valid,
             **self.cfg.algorithm.advantage,
         )
-
-    def local(self, step_advantages: Tensor, response_mask: Tensor) -> Tensor:
-        """This rank's rows of the step's advantages, trimmed to its own response width."""
-        num_local = response_mask.shape[0]
-        offset = self.dp.rank * num_local
-        advantages = step_advantages[offset : offset + num_local]
-        return advantages[:, : response_mask.shape[1]] if advantages.dim() == 2 else advantages
+        num_local, width = response_mask.shape
+        mine = step_advantages[self.dp.rank * num_local : (self.dp.rank + 1) * num_local]
+        return step_advantages, mine[:, :width] if mine.dim() == 2 else mine
 
     def advantage_abs(self, step_advantages: Tensor, step_valid: Tensor, response_mask: Tensor) -> float:
         """The mean absolute advantage over the step's scored sequences (for per-token advantages: over

@@ -5,8 +5,9 @@ prompt contiguous), P prompt tokens, T response tokens. Under torchrun, N is thi
 
 One RL step:
   1. take ``prompts_per_step`` prompts, sample ``num_samples_per_prompt`` responses each;
-  2. score them (the reward registry, or the config's ``module:function``); failed rewards are counted
-     and their samples left out of the update; a step where every reward failed stops the run;
+  2. score them (:mod:`flowrl.scoring`: the reward registry, or the config's ``module:function``);
+     failed rewards are counted and their samples left out of the update; a step where every reward
+     failed stops the run;
   3. reference log-probs from the frozen copy, without gradient (on a GPU in a second thread while
      step 2 scores: ``train.overlap_reference``); old log-probs too when the batch makes more than one
      optimizer step (for exactly one, they equal the current ones and are skipped);
@@ -18,6 +19,9 @@ One RL step:
      whatever the micro-batch size; micro-batches are cut from length-sorted rows and trimmed to their
      longest sequence, so little padding is computed;
   6. metrics: one console line, JSONL / TensorBoard / W&B, sample responses every ``sample_every``.
+
+Steps 3 to 5 are the policy's side, :class:`flowrl.actor.Actor`; checkpoints are written and resumed
+through :func:`flowrl.checkpoint.save_training` and :func:`~flowrl.checkpoint.resume_training`.
 
 Before any weights load, :mod:`flowrl.preflight` checks the inputs and the output directory. A SIGINT or
 SIGTERM (:mod:`flowrl.stopping`) is honoured at three points of a step, agreed across ranks: after the
@@ -54,6 +58,7 @@ from flowrl.logging import MetricsLogger, plot_metrics, read_metrics
 from flowrl.models import build_scheduler, needs_reference, prepare_models
 from flowrl.objectives import OBJECTIVES, Objective
 from flowrl.policy import Policy, load_tokenizer
+from flowrl.rewards.base import RewardResult
 from flowrl.rollout import RolloutBatch, SamplingParams, build_engine
 from flowrl.scoring import Scorer, Scores
 from flowrl.stopping import StopRequested
@@ -168,31 +173,7 @@ class Trainer:
             self.dp.broadcast_parameters(self.policy.parameters())
 
         # Everything loaded: only now does the run directory change (an earlier run is replaced here).
-        if self.dp.is_main:
-            if overwrite:
-                removed = preflight.clear_run(self.run_dir)
-                if removed:
-                    print(f"--overwrite: removed {', '.join(removed)} from {self.run_dir}", flush=True)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-            if self.prompts.skipped:
-                total = len(self.prompts.skipped) + len(self.prompts.examples)
-                limit = cfg.data.max_prompt_length
-                self._print(reports.write_skipped(self.run_dir, self.prompts.skipped, total, limit))
-        self.logger = (
-            MetricsLogger(
-                self.run_dir,
-                total_steps=cfg.train.total_steps,
-                tensorboard=cfg.train.tensorboard,
-                wandb_project=cfg.train.wandb_project,
-                config=asdict(cfg),
-                append=resume_from is not None,
-                resume_step=self.step,
-                progress=cfg.train.progress,
-            )
-            if self.dp.is_main
-            else None
-        )
+        self.logger = self._open_run_dir(overwrite=overwrite, resumed=resume_from is not None)
         self.dp.barrier()  # the run directory exists for every rank
 
     # -- pieces of one step ------------------------------------------------------------------------
@@ -202,18 +183,51 @@ class Trainer:
             tqdm.write(text, file=sys.stdout)
             sys.stdout.flush()
 
+    def _open_run_dir(self, *, overwrite: bool, resumed: bool) -> MetricsLogger | None:
+        """Rank 0 clears an earlier run (``overwrite``), writes ``config.yaml`` and the skipped prompts,
+        and opens the metrics logger (appending to a ``resumed`` run's); other ranks get no logger."""
+        if not self.dp.is_main:
+            return None
+        cfg = self.cfg
+        if overwrite:
+            removed = preflight.clear_run(self.run_dir)
+            if removed:
+                print(f"--overwrite: removed {', '.join(removed)} from {self.run_dir}", flush=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        if self.prompts.skipped:
+            total = len(self.prompts.skipped) + len(self.prompts.examples)
+            limit = cfg.data.max_prompt_length
+            self._print(reports.write_skipped(self.run_dir, self.prompts.skipped, total, limit))
+        return MetricsLogger(
+            self.run_dir,
+            total_steps=cfg.train.total_steps,
+            tensorboard=cfg.train.tensorboard,
+            wandb_project=cfg.train.wandb_project,
+            config=asdict(cfg),
+            append=resumed,
+            resume_step=self.step,
+            progress=cfg.train.progress,
+        )
+
     def _rollout(self, indices: list[int], first: int) -> RolloutBatch:
         """Sample this rank's responses to ``indices``, the prompts at positions ``first, first + 1, ...``
         of the step, in one call: the engine keeps ``rollout.batch_size`` sequences decoding, prompts
         taking the slots of finished ones. Each prompt's samples are seeded by ``(seed, step, its
-        position)``: the same whichever process generates them and whatever the batch size."""
+        position)``: the same whichever process generates them and whatever the batch size. The engine
+        gets the policy's weights first when they changed since its last rollout."""
+        if self._engine_stale:  # the policy changed since the engine last saw it
+            self.engine.sync_weights(self.policy.model)
+            self._engine_stale = False
         prompts = [self.prompts.prompt_ids[i] for i in indices]
         seeds = [
             derive_seed(self.cfg.train.seed, "rollout", self.step, first + k) for k in range(len(indices))
         ]
         gather = sharding.gathered(self.units) if self.sharded else nullcontext()
         with gather, self.actor.autocast():  # gathered once per step; on a GPU: bf16 weights, bf16 KV cache
-            return self.engine.generate(prompts, self.sampling, seeds=seeds)
+            rollout = self.engine.generate(prompts, self.sampling, seeds=seeds)
+        self.engine.release_memory()  # what generation holds on the device, while the update runs
+        return rollout
 
     def _save(self) -> None:
         """Rank 0 writes the checkpoint (every rank holds the same weights and state, or, sharded, every
@@ -269,11 +283,7 @@ class Trainer:
             # 1. rollout: every rank draws the step's prompts and samples its contiguous share
             first = dp.rank * self.prompts_per_rank
             indices = self.sampler.next(t.prompts_per_step)[first : first + self.prompts_per_rank]
-            if self._engine_stale:  # the policy changed since the engine last saw it
-                self.engine.sync_weights(self.policy.model)
-                self._engine_stale = False
             rollout = self._rollout(indices, first)
-            self.engine.release_memory()
             torch.manual_seed(derive_seed(t.seed, "update", self.step, dp.rank))  # dropout
             generated = time.perf_counter()
             if self._stop_agreed():  # nothing of this step is applied yet: abandon it
@@ -281,18 +291,8 @@ class Trainer:
                 stopped = True
                 break
 
-            # 2. rewards, failures counted and left out (never scored 0); on a GPU the reference forward
-            # runs beside them in a second thread: neither reads the other, the verifiers and sandboxes
-            # work in their own processes, and torch releases the GIL. Scoring stays on this thread,
-            # where a custom reward may use signals.
-            reference = None
-            if self.ref_policy is not None:  # its entropy is never read
-                run = self._beside.submit if self.overlap_reference else _run_now
-                reference = run(actor.logprobs, self.ref_policy, rollout, with_entropy=False)
-            try:
-                texts, results = self.scorer.score(rollout, indices)
-            finally:  # a failed scoring waits for the pass, so no thread outlives the step
-                ref_logprobs = None if reference is None else reference.result()[0]
+            # 2. rewards, failures counted and left out (never scored 0); the reference pass beside them
+            texts, results, ref_logprobs = self._score_beside_reference(rollout, indices)
             if self._stop_agreed():  # a Ctrl-C may have reached the scorers too: abandon the step
                 self._abandon_step(sampler_state)
                 stopped = True
@@ -304,10 +304,9 @@ class Trainer:
             if actor.needs_old_logprobs(int(scores.step_valid.sum())):
                 old_logprobs, entropy = actor.logprobs(self.policy, rollout, with_entropy=True)
             mask = rollout.response_mask.float()
-            step_advantages = actor.advantages(
+            step_advantages, advantages = actor.advantages(
                 scores.step_rewards, scores.step_valid, mask, old_logprobs, ref_logprobs
             )
-            advantages = actor.local(step_advantages, mask)
             scored = time.perf_counter()
 
             # 5. update on the sequences whose reward was computed (a stop signal now waits for it)
@@ -322,10 +321,8 @@ class Trainer:
             self._engine_stale = True
 
             # 6. metrics over every rank's sequences, logs, samples, checkpoint
-            metrics.update(self.scorer.metrics(scores, indices))
-            metrics.update(self._step_metrics(rollout, scores, step_advantages, (started, generated, scored)))
-            if entropy is not None:
-                metrics["actor/entropy"] = actor.entropy(entropy, mask)
+            times = (started, generated, scored)
+            metrics.update(self._step_metrics(rollout, scores, indices, step_advantages, entropy, times))
             if self.logger is not None:
                 console = self.step % max(t.log_every, 1) == 0 or self.step == t.total_steps
                 self.logger.log(self.step, metrics, console=console)
@@ -338,29 +335,62 @@ class Trainer:
                 break
         return self._finish(stopped)
 
+    def _score_beside_reference(
+        self, rollout: RolloutBatch, indices: list[int]
+    ) -> tuple[list[str], list[RewardResult], Tensor | None]:
+        """The responses decoded and scored, and the reference's log-probs (None without a reference).
+
+        With ``train.overlap_reference`` (the default on a GPU) the reference forward runs beside the
+        scoring in a second thread: neither reads the other, the verifiers and sandboxes work in their
+        own processes, and torch releases the GIL. Scoring stays on this thread, where a custom reward
+        may use signals.
+        """
+        reference = None
+        if self.ref_policy is not None:  # its entropy is never read
+            run = self._beside.submit if self.overlap_reference else _run_now
+            reference = run(self.actor.logprobs, self.ref_policy, rollout, with_entropy=False)
+        try:
+            texts, results = self.scorer.score(rollout, indices)
+        finally:  # a failed scoring waits for the pass, so no thread outlives the step
+            ref_logprobs = None if reference is None else reference.result()[0]
+        return texts, results, ref_logprobs
+
     def _step_metrics(
-        self, rollout: RolloutBatch, scores: Scores, step_advantages: Tensor, times: tuple[float, ...]
+        self,
+        rollout: RolloutBatch,
+        scores: Scores,
+        indices: list[int],
+        step_advantages: Tensor,
+        entropy: Tensor | None,
+        times: tuple[float, float, float],
     ) -> dict[str, float]:
-        """The step's advantage, response-length and timing metrics, over every rank's sequences;
-        ``times``: when the step started, its rollout ended, and its scoring and log-prob passes ended."""
+        """The step's reward, advantage, response-length and timing metrics over every rank's sequences
+        (and the entropy from the no-gradient pass when it ran); ``times``: when the step started, its
+        rollout ended, and its scoring and log-prob passes ended."""
         started, generated, scored = times
         dp, mask = self.dp, rollout.response_mask.float()
         lengths = dp.gather(rollout.response_lengths.float())
+        metrics = self.scorer.metrics(scores, indices)
         advantage_abs = self.actor.advantage_abs(step_advantages, scores.step_valid, mask)
         now = time.perf_counter()
-        return {
-            "actor/advantage_abs": advantage_abs,
-            "rollout/response_length": float(lengths.mean()),
-            "rollout/response_length_max": float(lengths.max()),
-            "rollout/truncation_rate": float(dp.gather(rollout.truncated).float().mean()),
-            "optim/lr": self.optimizer.param_groups[0]["lr"],
-            "perf/rollout_time_s": generated - started,
-            "perf/score_and_logprob_time_s": scored - generated,
-            "perf/update_time_s": now - scored,
-            "perf/step_time_s": now - started,
-            "perf/tokens_per_s": float(lengths.sum()) / (now - started),
-            "perf/model_state_gb": self.actor.model_state_bytes() / 1e9,
-        }
+        metrics.update(
+            {
+                "actor/advantage_abs": advantage_abs,
+                "rollout/response_length": float(lengths.mean()),
+                "rollout/response_length_max": float(lengths.max()),
+                "rollout/truncation_rate": float(dp.gather(rollout.truncated).float().mean()),
+                "optim/lr": self.optimizer.param_groups[0]["lr"],
+                "perf/rollout_time_s": generated - started,
+                "perf/score_and_logprob_time_s": scored - generated,
+                "perf/update_time_s": now - scored,
+                "perf/step_time_s": now - started,
+                "perf/tokens_per_s": float(lengths.sum()) / (now - started),
+                "perf/model_state_gb": self.actor.model_state_bytes() / 1e9,
+            }
+        )
+        if entropy is not None:
+            metrics["actor/entropy"] = self.actor.entropy(entropy, mask)
+        return metrics
 
     def _finish(self, stopped: bool) -> TrainResult:
         """After the last step: a stopped run's checkpoint, the logs closed, the plot; every rank's result."""
