@@ -22,8 +22,9 @@ Prompts longer than ``--flowrl_max_prompt_length`` tokens (the paper's 2048; ``N
 removed before training; the count is printed at the start and recorded in ``run_info.json``.
 
 At the end the policy is saved to ``--output_dir`` (without the log Z head) with the head beside it
-(``log_z_head.safetensors``), and the main process writes ``run_info.json``: the number of processes
-that actually ran, the engine, versions, the prompts the cap removed and the logged metrics.
+(``log_z_head.safetensors``; ``--log_z_mode group`` has no head), and the main process writes
+``run_info.json``: the number of processes that actually ran, the engine, versions, the prompts the cap
+removed and the logged metrics.
 """
 
 from __future__ import annotations
@@ -101,9 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             "log_history": trainer.state.log_history,
         }
         (Path(args.output_dir) / "run_info.json").write_text(json.dumps(info, indent=2))
-        print(
-            f"saved the policy and {args.output_dir}/log_z_head.safetensors; {info['world_size']} process(es)"
-        )
+        head = f" and {args.output_dir}/log_z_head.safetensors" if trainer.log_z_head is not None else ""
+        print(f"saved the policy{head}; {info['world_size']} process(es)")
     return 0
 
 

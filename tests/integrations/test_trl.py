@@ -39,9 +39,11 @@ from flowrl.integrations.trl import (  # noqa: E402
 from flowrl.objectives import flowrl_loss, group_log_z  # noqa: E402
 from flowrl.partition import LOG_Z_PREFIX, LogZHead, is_log_z_param, pool_prompt_states  # noqa: E402
 from flowrl.policy import load_model, load_tokenizer  # noqa: E402
+from tests.helpers.trl_group_log_z_probe import digit_share  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "examples" / "trl" / "train_flowrl_trl.py"
+PROBE = REPO / "tests" / "helpers" / "trl_group_log_z_probe.py"
 TINY = dict(hidden_size=32, num_layers=1, num_heads=2)
 TEMPERATURE = 0.7  # != 1, so a missing temperature scaling would show
 CPU_RUN = dict(use_cpu=True, bf16=False, report_to="none", save_strategy="no", gradient_checkpointing=False)
@@ -362,11 +364,6 @@ def test_prompts_over_the_cap_are_removed_and_counted(
 # --- log_z_mode="group": no head, each prompt's log Z estimated from all of its completions -------------
 
 
-def digit_share(response: str, example: dict) -> float:
-    """A reward a random tiny model gets varied values of (the synthetic task's is almost always 0)."""
-    return sum(c.isdigit() for c in response) / max(1, len(response))
-
-
 @pytest.fixture(scope="module")
 def group_trained(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[FlowRLTrainer, dict]:
     out = tmp_path_factory.mktemp("group")
@@ -653,6 +650,86 @@ def test_two_process_torchrun_trains_and_saves(model_dir: Path, tmp_path: Path) 
     saved = load_file(str(out / HEAD_FILE))
     assert set(saved) == {LOG_Z_PREFIX + k for k in initial}
     assert all(not torch.equal(saved[LOG_Z_PREFIX + k], v) for k, v in initial.items())
+
+
+def _joined(records: list[dict]) -> dict[str, torch.Tensor]:
+    """The records of one call on every process, rows concatenated in process order (each process pads
+    its completions to its own longest, so the per-token tensors are padded to the longest of all)."""
+    width = max(r["response_mask"].shape[1] for r in records)
+    joined = {}
+    for name in ("logprobs", "old_logprobs", "ref_logprobs", "response_mask"):
+        joined[name] = torch.cat(
+            [torch.nn.functional.pad(r[name], (0, width - r[name].shape[1])) for r in records]
+        )
+    for name in ("advantages", "keys"):
+        joined[name] = torch.cat([r[name] for r in records])
+    return joined
+
+
+@pytest.mark.slow  # torchrun: several processes
+def test_two_process_group_log_z_equals_one_process(model_dir: Path, tmp_path: Path) -> None:
+    """log_z_mode='group' under torchrun (2 gloo processes): 3 prompts x 4 completions per generation
+    batch, 6 rows per process, so the second prompt's completions are split 2 + 2. Every estimate each
+    process made equals the one process's estimate on the whole batch (both processes' rows joined):
+    flowrl.objectives.group_log_z, and the adapter's own function with a gather over one process."""
+    data = write_rows(synthetic.rows(), tmp_path / "train.jsonl")
+    out, records = tmp_path / "out", tmp_path / "records"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(PROBE), str(records)]
+    command += ["--model_name_or_path", str(model_dir), "--train_files", str(data), "--output_dir", str(out)]
+    command += ["--reward_function", "tests.helpers.trl_group_log_z_probe:digit_share"]
+    command += [
+        "--log_z_mode",
+        "group",
+        "--max_steps",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--disable_tqdm",
+        "true",
+    ]
+    for key, value in {**CPU_RUN, **BATCH, "per_device_train_batch_size": 6}.items():
+        command += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["world_size"] == 2
+    losses = [r["loss"] for r in info["log_history"] if "loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert not (out / HEAD_FILE).exists()
+    assert not [k for k in load_file(str(out / "model.safetensors")) if is_log_z_param(k)]
+
+    calls = sorted({int(p.stem.split("_call")[1]) for p in records.glob("rank0_call*.pt")})
+    assert calls == [0, 1]  # one generation batch per optimizer step
+    for call in calls:
+        ranks = [torch.load(records / f"rank{rank}_call{call}.pt") for rank in (0, 1)]
+        assert all(r["keys"].shape == (6,) for r in ranks)
+        first, second = ranks[0]["keys"], ranks[1]["keys"]
+        # prompt A x 4 + B x 2 | B x 2 + C x 4: B's completions are on both processes
+        assert torch.all(first[:4] == first[0]) and torch.all(second[2:] == second[2])
+        assert first[4] == first[5] == second[0] == second[1] != first[0]
+        got = torch.cat([r["log_z"] for r in ranks])
+        batch = _joined(ranks)
+        options = dict(ranks[0]["options"])
+        num_generations = options.pop("num_generations")
+        assert num_generations == 4 and options["beta"] == 15.0
+        tensors = [
+            batch[k] for k in ("logprobs", "old_logprobs", "ref_logprobs", "advantages", "response_mask")
+        ]
+        expected = group_log_z(*tensors, num_samples_per_prompt=4, **options)
+        torch.testing.assert_close(got, expected)
+        one_process = gathered_group_log_z(
+            *tensors, batch["keys"], num_generations=4, gather=lambda t: t, process_index=0, **options
+        )
+        torch.testing.assert_close(got, one_process)
+        assert batch["advantages"].abs().sum() > 0, "the rewards must vary for the test to mean much"
+        # the split prompt's estimate uses all four completions: not what either process's two give
+        halves = [
+            group_log_z(*(t[rows] for t in tensors), num_samples_per_prompt=2, **options)[0]
+            for rows in (slice(4, 6), slice(6, 8))
+        ]
+        assert all(not torch.isclose(h, got[4]) for h in halves)
 
 
 def test_peft_lora_trains_adapters_and_head_with_the_base_as_reference(
