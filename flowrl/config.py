@@ -4,7 +4,8 @@
 the overrides with OmegaConf structured configs (types checked by OmegaConf), then :func:`validate`
 checks the combinations. An unknown key is named together with the closest valid one.
 
-Defaults trace to the paper (arXiv 2509.15207, spec section 4) unless a comment says otherwise.
+Defaults trace to the paper (arXiv 2509.15207; docs/algorithm.md#4-training-settings) unless a comment
+says otherwise.
 """
 
 from __future__ import annotations
@@ -81,13 +82,13 @@ class AlgorithmConfig:
 class LogZConfig:
     """Where FlowRL's log Z(x) comes from, and the partition head's settings."""
 
-    # "head": a learned partition head on the prompt's hidden states (the paper's, spec section 2);
+    # "head": the paper's learned partition head on the prompt (docs/algorithm.md#2-partition-function);
     # "group": no head, log Z of a prompt = the importance-weighted mean over its n samples of
     # beta * r_hat + ell_ref - ell, the value that minimizes the group's loss, computed before the update
     # without gradient (flowrl.objectives.group_log_z says why detaching changes no gradient). The
     # settings below are the head's, unused in group mode.
     mode: str = "head"
-    num_layers: int = 3  # MLP depth (spec section 2); 0 = no head, log Z = 0 (the authors' ablation)
+    num_layers: int = 3  # MLP depth (docs/algorithm.md#3-switches); 0 = no head, log Z = 0 (ablation)
     dropout: float = 0.1
     lr: float | None = None  # None: the policy's learning rate (the reference code shares the optimizer)
     weight_decay: float | None = None  # None: the policy's weight decay

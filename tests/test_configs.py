@@ -11,7 +11,8 @@ from flowrl.config import load_config
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 
-# spec section 4: (prompts per step, optimizer steps per rollout batch, rollout temperature)
+# docs/algorithm.md#4-training-settings: (prompts per step, optimizer steps per rollout batch,
+# rollout temperature)
 PAPER = {
     "paper_qwen2.5-7b_math": (512, 16, 1.0),
     "paper_qwen2.5-32b_math": (512, 16, 1.0),

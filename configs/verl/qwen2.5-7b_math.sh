@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # FlowRL on verl 0.9: Qwen2.5-7B (base) on DAPO-Math-17k, the paper's 7B math run (arXiv 2509.15207;
-# docs/flowrl-spec.md section 4): 1 node x 8 GPUs, 512 prompts x 8 samples per step, 16 optimizer steps
+# docs/algorithm.md#4-training-settings): 1 node x 8 GPUs, 512 prompts x 8 samples per step, 16 optimizer steps
 # per rollout batch (mini-batch 32 prompts = 256 sequences), 2048 / 8192 prompt / response tokens,
 # temperature 1.0, AdamW lr 1e-6, weight decay 0.1, grad clip 1.0, 10 warm-up steps, 200 steps.
 # NOT RUN: written against verl 0.9.1's config schema (checked on CPU by tests/integrations/test_verl.py);

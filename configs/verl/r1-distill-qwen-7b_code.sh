@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # FlowRL on verl 0.9: DeepSeek-R1-Distill-Qwen-7B on the DeepCoder train set, the paper's 7B code run
-# (arXiv 2509.15207; docs/flowrl-spec.md section 4): 1 node x 8 GPUs, vLLM tensor-parallel 2, 64 prompts
+# (arXiv 2509.15207; docs/algorithm.md#4-training-settings): 1 node x 8 GPUs, vLLM tensor-parallel 2, 64 prompts
 # x 8 samples per step, 2 optimizer steps per rollout batch (mini-batch 32 prompts = 256 sequences),
 # 2048 / 8192 prompt / response tokens, temperature 0.6, AdamW lr 1e-6, weight decay 0.1, grad clip 1.0,
 # 10 warm-up steps, 20 epochs. Rewards run the problems' tests in the bubblewrap sandbox on the reward

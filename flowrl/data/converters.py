@@ -314,7 +314,7 @@ def load_code_tests(ground_truth: str) -> dict[str, Any]:
 def limit_tests(ground_truth: str, max_tests: int) -> str:
     """Keep at most ``max_tests`` input/output tests, the ones with the longest inputs (original order).
 
-    The paper runs at most 15 tests per problem, the longest inputs (spec section 5); test-code tests
+    The paper runs at most 15 tests per problem, the longest inputs (docs/algorithm.md#code); test-code tests
     are returned unchanged.
     """
     if max_tests < 1:

@@ -6,7 +6,7 @@
            DeepSeek-R1 evaluation; Math-Verify reads the last ``\\boxed{}``). Used for math evaluation.
 ``code``   the problem, how the program is run (stdin/stdout or the function to write, with the
            starter code), and a request for the solution in one ```python block (the code reward
-           takes the last fenced block, spec section 5).
+           takes the last fenced block, docs/algorithm.md#code).
 ``raw``    the problem text as published, nothing added.
 
 Every template gives a single user message; the chat template of the model is applied later.

@@ -6,9 +6,9 @@ flags into an :class:`EvalConfig`, prints the table and sets the exit status)::
     flowrl eval --model runs/flowrl --model base=Qwen/Qwen2.5-7B \\
         --data data/aime24.parquet data/math500.parquet --output-dir outputs/eval
 
-Defaults are the paper's evaluation protocol (arXiv 2509.15207, spec section 6): 16 samples per
-problem, temperature 0.6, top_p 0.95, up to 8192 response tokens. Each data file (verl's schema) is
-one benchmark, named by its ``data_source`` (or the file's stem when files share one).
+Defaults are the paper's evaluation protocol (arXiv 2509.15207, docs/algorithm.md#6-evaluation): 16
+samples per problem, temperature 0.6, top_p 0.95, up to 8192 response tokens. Each data file (verl's
+schema) is one benchmark, named by its ``data_source`` (or the file's stem when files share one).
 
 Three phases, each its own function and each leaving files the next one starts from:
 
@@ -62,7 +62,7 @@ from typing import Any
 
 from flowrl.evaluation.metrics import default_ks, diversity_summary, macro_average, summarize_correctness
 
-PAPER_NUM_SAMPLES = 16  # spec section 6: 16 samples per problem
+PAPER_NUM_SAMPLES = 16  # docs/algorithm.md#6-evaluation: 16 samples per problem
 PAPER_TEMPERATURE = 0.6
 PAPER_TOP_P = 0.95
 PAPER_MAX_NEW_TOKENS = 8192

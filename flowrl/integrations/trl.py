@@ -104,7 +104,7 @@ update is on-policy); ``rollout``: the log-probs vLLM reported while sampling, s
 corrects the vLLM/trainer mismatch (tokens vLLM could not score fall back to ``trainer``)."""
 
 MAX_PROMPT_LENGTH = 2048
-"""The paper's prompt cap in tokens (spec section 4; verl's ``data.max_prompt_length``)."""
+"""The paper's prompt cap in tokens (docs/algorithm.md#4-training-settings; verl's ``max_prompt_length``)."""
 
 PROCESSED_LOGPROBS = "processed_logprobs"
 """vLLM ``--logprobs-mode`` whose log-probs are those of the sampling distribution (after temperature and
@@ -130,7 +130,7 @@ class FlowRLConfig(GRPOConfig):
     FlowRL does not have (leave it at 0); FlowRL's reward inverse temperature is ``flowrl_beta``.
     """
 
-    # Defaults that differ from GRPOConfig's: the paper's training setup (docs/flowrl-spec.md, section 4).
+    # Defaults that differ from GRPOConfig's: the paper's setup (docs/algorithm.md#4-training-settings).
     weight_decay: float = field(
         default=0.1, metadata={"help": "AdamW weight decay (FlowRL's paper: 0.1, with lr 1e-6 and clip 1.0)."}
     )

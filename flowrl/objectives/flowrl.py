@@ -9,7 +9,7 @@ FlowRL fits the policy to the target ``p*(y|x) = exp(beta r_hat(x, y)) pi_ref(y|
 KL(pi || p*) is, in gradient, the trajectory-balance loss of GFlowNets: a squared residual between
 ``log Z(x) + log pi(y|x)`` and ``beta r_hat + log pi_ref(y|x)``, with length-normalized log-probs and a
 sequence-level importance weight for off-policy samples. The switches below are the choices on which
-the paper, its reference code and the verl recipe differ (docs/flowrl-spec.md, section 3).
+the paper, its reference code and the verl recipe differ (docs/algorithm.md#3-switches, each with its source).
 
 ``log Z(x)`` comes from one of two places (``log_z.mode`` in the trainer's config):
 

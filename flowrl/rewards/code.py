@@ -1,6 +1,6 @@
 """Code rewards: run model-written Python against tests, isolated by bubblewrap.
 
-The reward (FlowRL spec section 5): take the last fenced code block of the response, run at most
+The reward (docs/algorithm.md#code): take the last fenced code block of the response, run at most
 ``max_tests`` tests (15, the longest inputs first), reward 1 only if all pass, else 0.
 
 **What the sandbox protects against** (each claim has one adversarial test in
@@ -82,10 +82,10 @@ from flowrl.rewards.base import RewardResult, RewardStatus
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 5.0
-"""Per-test time limit ("a few seconds", FlowRL spec section 5)."""
+"""Per-test time limit (the paper's "a few seconds", docs/algorithm.md#code)."""
 DEFAULT_MEMORY_MB = 1024
 DEFAULT_MAX_TESTS = 15
-"""At most this many tests per problem, the longest inputs first (FlowRL spec section 5)."""
+"""At most this many tests per problem, the longest inputs first (docs/algorithm.md#code)."""
 STARTUP_TIMEOUT_S = 15.0
 """The sandbox must be up this soon (bwrap + interpreter start, generous for loaded machines)."""
 PER_TEST_GRACE_S = 2.0

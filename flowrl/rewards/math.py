@@ -83,7 +83,7 @@ that makes the check overrun its deadline (status ``timeout``, still counted sep
 ``\\boxed{(10^{100})!}`` gets DAPO's -1 instead of escaping the update). Only failures of the machinery
 or the data leave a sample out (NaN, status ``error``): a worker that died, a missing dependency, a gold
 answer that cannot be parsed. See :mod:`flowrl.rewards.base`. :func:`math_reward` is the training
-reward: +1/-1 for DAPO data (``data_source`` containing ``"dapo"``, FlowRL spec section 5; group
+reward: +1/-1 for DAPO data (``data_source`` containing ``"dapo"``, docs/algorithm.md#math; group
 normalization removes the scale), 1/0 for everything else (evaluation benchmarks, GSM8K, MATH).
 """
 
@@ -1056,7 +1056,7 @@ def is_correct(response: str, ground_truth: str) -> bool:
 
 
 def wrong_score_for(data_source: str | None) -> float:
-    """-1 for DAPO-style data (FlowRL spec section 5), 0 otherwise."""
+    """-1 for DAPO-style data (docs/algorithm.md#math), 0 otherwise."""
     return -1.0 if data_source and "dapo" in data_source.lower() else 0.0
 
 

@@ -712,7 +712,8 @@ def test_the_launcher_makes_every_ray_process_import_the_plugin(monkeypatch) -> 
 def test_the_reward_function_scores_as_the_projects_trainer_does() -> None:
     """reward.custom_reward_function.path=pkg://flowrl.integrations.verl.reward (the launch scripts')."""
     assert compute_score("math_dapo", "So it is 4.\nAnswer: 4", "4") == 1.0
-    assert compute_score("math_dapo", "Answer: 5", "4") == -1.0  # DAPO data: -1 when wrong (spec section 5)
+    # DAPO data: -1 when wrong (docs/algorithm.md#math)
+    assert compute_score("math_dapo", "Answer: 5", "4") == -1.0
     assert compute_score("aime24", "The answer is \\boxed{7}.", "7") == 1.0
     with pytest.raises(ValueError, match="no reward function"):
         compute_score("no_such_source", "Answer: 1", "1")

@@ -92,7 +92,7 @@ def test_worked_example_metrics() -> None:
 
 
 def _spec_loss(batch: dict[str, torch.Tensor], **options) -> torch.Tensor:
-    """Spec section 1 written out one sequence at a time on the real tokens only (no masks)."""
+    """docs/algorithm.md section 1 written out one sequence at a time on the real tokens only (no masks)."""
     beta = options.get("beta", 15.0)
     mode = options.get("importance_weight", "clamp")
     max_w = options.get("max_importance_weight", 10.0)

@@ -271,7 +271,7 @@ def test_is_correct() -> None:
 
 
 def test_math_reward_signs_follow_the_data_source() -> None:
-    # FlowRL spec section 5: DAPO data is +1/-1; everything else 1/0.
+    # docs/algorithm.md#math: DAPO data is +1/-1; everything else 1/0.
     right, wrong = "Answer: 3", "Answer: 4"
     dapo = {"data_source": "math_dapo", "reward_model": {"ground_truth": "3"}}
     aime = {"data_source": "aime24", "reward_model": {"ground_truth": "3"}}

@@ -43,7 +43,7 @@ copies these keys onto the Hugging Face config; the FlowRL engine deletes them f
 
 @dataclass(frozen=True)
 class LogZSettings:
-    """Shape and input of the log Z head (the project's ``log_z`` section; spec section 2)."""
+    """Shape and input of the log Z head (the ``log_z`` section; docs/algorithm.md#2-partition-function)."""
 
     num_layers: int = NUM_LAYERS  # Linear layers; 0: no parameters, log Z = 0 (the authors' ablation)
     dropout: float = DROPOUT  # after each hidden block (the reference code's)

@@ -77,7 +77,7 @@ SCALED_MODE = "seq-mean-token-sum-norm"
 
 @dataclass(frozen=True)
 class FlowRLLossOptions:
-    """FlowRL's loss switches (the ``flowrl`` section of the verl config; spec section 3)."""
+    """FlowRL's loss switches (the ``flowrl`` section of the verl config; docs/algorithm.md#3-switches)."""
 
     beta: float = BETA  # inverse temperature of the target exp(beta r_hat) pi_ref / Z (paper: 15)
     importance_weight: str = "clamp"  # one of flowrl.objectives.flowrl.IMPORTANCE_WEIGHT_MODES

@@ -8,7 +8,8 @@ verl's v1 pipeline (``verl.trainer.main_ppo.run_ppo`` with ``TaskRunnerV1``) exa
 see :data:`flowrl.integrations.verl.trainer.FLOWRL_DEFAULTS`). Unlike verl's Hydra entry point, Hydra's
 own flags (``--cfg``, ``-m``) are not supported; ``--print-config`` prints the composed config and exits.
 
-``configs/verl/*.sh`` are the paper's runs (spec section 4) as launch scripts around this module.
+``configs/verl/*.sh`` are the paper's runs (docs/algorithm.md#4-training-settings) as launch scripts
+around this module.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ FLOWRL_OVERRIDES: tuple[str, ...] = (
     "actor_rollout_ref.actor.kl_loss_coef=0.0",
     "actor_rollout_ref.actor.entropy_coeff=0.0",
     f"actor_rollout_ref.actor.policy_loss.loss_mode={LOSS_MODE}",
-    # The plain mean over sequences of the length-normalized squared residual (spec section 1).
+    # The plain mean over sequences of the length-normalized squared residual (docs/algorithm.md#1-objective).
     "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean",
     "actor_rollout_ref.actor.strategy=fsdp2",
     # The reference code's optimizer: AdamW, weight decay 0.1 (verl's default is 0.01).

@@ -3,7 +3,7 @@
 verl calls ``compute_score(data_source, solution_str, ground_truth, extra_info)`` once per response in
 its reward workers. This dispatches on ``data_source`` exactly as the project's trainer does
 (:func:`flowrl.rewards.registry.get_reward_fn`): math sources get the Math-Verify check (+1 correct,
--1 wrong on DAPO data, 0 otherwise; spec section 5), code sources run the problem's tests in the
+-1 wrong on DAPO data, 0 otherwise; docs/algorithm.md#5-rewards), code sources run the problem's tests in the
 bubblewrap sandbox (1 if all pass, else 0), so a verl run and a run of the project's trainer train on
 the same reward. Needs ``flowrl[math]`` for math and ``bwrap`` on the reward workers' hosts for code.
 

@@ -48,7 +48,7 @@ FLOWRL_DEFAULTS: dict[str, Any] = {
     **dataclasses.asdict(FlowRLLossOptions()),
     "log_z": dataclasses.asdict(LogZSettings()),
 }
-"""The ``flowrl`` section of the verl config, with its defaults (spec sections 1-3)."""
+"""The ``flowrl`` section of the verl config, with its defaults (docs/algorithm.md#3-switches)."""
 
 _VERL_ACTOR_PREFIX = "actor/"
 """What verl's trainer puts in front of every actor metric name that lacks it (``rename_dict``)."""
