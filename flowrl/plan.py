@@ -3,7 +3,7 @@
 :func:`plan_memory` reads the shape of the policy from its ``config.json`` (no weights, no download),
 applies the trainer's rules for dtypes, sharding and phases, and returns a :class:`MemoryPlan`: bytes
 per device of every component in every phase, the peak, whether it fits, and the cheapest changes that
-make it fit, each planned again. ``flowrl plan`` (:mod:`flowrl.plan_cli`) prints it.
+make it fit, each planned again. ``flowrl plan`` (:mod:`flowrl.commands.plan`) prints it.
 
 Legend (every symbol used in the formulas below and in ``docs/memory.md``):
 
