@@ -59,14 +59,16 @@ from flowrl.integrations.verl import (  # noqa: E402
 )
 from flowrl.integrations.verl.engine import micro_batch_prompt_positions  # noqa: E402
 from flowrl.integrations.verl.head import LOG_Z_MODULE, prompt_positions  # noqa: E402
+from flowrl.integrations.verl.loss import GROUP_LOG_Z, group_log_z_by_uid  # noqa: E402
 from flowrl.integrations.verl.main import compose_config, propagate_plugin  # noqa: E402
 from flowrl.integrations.verl.reward import compute_score  # noqa: E402
 from flowrl.integrations.verl.trainer import (  # noqa: E402
+    FLOWRL_DEFAULTS,
     apply_log_z_settings,
     flowrl_section,
     unprefix_flowrl_metrics,
 )
-from flowrl.objectives import flowrl_loss  # noqa: E402
+from flowrl.objectives import flowrl_loss, group_log_z  # noqa: E402
 from flowrl.objectives.masked import masked_mean  # noqa: E402
 from flowrl.partition import LOG_Z_PREFIX, LogZHead, is_log_z_param, pool_prompt_states  # noqa: E402
 
@@ -323,6 +325,7 @@ def test_the_trainer_logs_flowrl_metrics_under_their_own_names(actor_config, mon
 
     monkeypatch.setattr(PPOTrainerSync, "_update_actor", verl_update_actor)
     trainer = object.__new__(FlowRLTrainerSync)
+    trainer.log_z_settings = LogZSettings()
     logged = {"training/global_step": 1}
     assert trainer._update_actor("batch", metrics=logged) == "batch"
     assert not any(k.startswith("actor/flowrl/") for k in logged)
@@ -947,8 +950,9 @@ def cpu_engine(model_dir: Path, tmp_path_factory):
         initialize: bool = True,
         init_path: str | None = None,
         lora_rank: int = 0,
+        mode: str = "head",
     ) -> FlowRLFSDPEngine:
-        settings = LogZSettings(num_layers=3, dropout=0.0, init_path=init_path)
+        settings = LogZSettings(mode=mode, num_layers=3, dropout=0.0, init_path=init_path)
         model_config = HFModelConfig(
             path=str(model_dir),
             override_config={"attn_implementation": "sdpa", **settings.to_override_config()},
@@ -1293,3 +1297,218 @@ def test_verls_model_merger_makes_a_clean_model_of_a_flowrl_checkpoint(cpu_engin
         head = load_exported_head(out)
         for name, value in head.state_dict().items():
             torch.testing.assert_close(value, state[LOG_Z_PREFIX + name])
+
+
+# ---------------------------------------------------------------------------------------------
+# flowrl.log_z.mode=group: no head; the driver estimates each uid group's log Z before the update
+
+
+GROUP_CONFIG = [*REQUIRED, "flowrl.log_z.mode=group", "actor_rollout_ref.rollout.n=3"]
+
+
+def driver_batch(seed: int = 7):
+    """What the driver reads back from the TransferQueue before the actor update: 3 prompts x 3 responses
+    in the order verl's balance_batch left them (groups scattered), plus a filler sample (its own pad
+    uid, response mask all zero); nested per-token fields, uid a non-tensor field. Returns the
+    TensorDict and the padded tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    uids = ["u2", "u0", "u1", "u0", "u2", "pad0", "u1", "u0", "u2", "u1"]
+    lengths = [3, 5, 2, 4, 1, 1, 5, 2, 3, 4]
+    b, t = len(uids), max(lengths)
+    mask = torch.tensor([[j < n for j in range(t)] for n in lengths])
+    mask[uids.index("pad0")] = False
+    old = torch.where(mask, -torch.rand(b, t, generator=gen) * 3, 0.0)
+    ref = torch.where(mask, -torch.rand(b, t, generator=gen) * 3, 0.0)
+    advantages = torch.where(mask, torch.randn(b, generator=gen).unsqueeze(1), 0.0)
+    fields = {
+        "response_mask": nested([mask[i, :n].long() for i, n in enumerate(lengths)]),
+        "old_log_probs": nested([old[i, :n] for i, n in enumerate(lengths)]),
+        "ref_log_prob": nested([ref[i, :n] for i, n in enumerate(lengths)]),
+        "advantages": nested([advantages[i, :n] for i, n in enumerate(lengths)]),
+        "uid": uids,
+    }
+    padded = {"old": old, "ref": ref, "advantages": advantages, "mask": mask, "uids": uids}
+    return tu.get_tensordict(tensor_dict=fields), padded
+
+
+def expected_group_log_z(padded: dict, options: FlowRLLossOptions, **kwargs) -> torch.Tensor:
+    """group_log_z with contiguous groups (the rows of each uid gathered), put back in the batch order."""
+    groups = ["u0", "u1", "u2"]
+    order = [i for g in groups for i, uid in enumerate(padded["uids"]) if uid == g]
+    rows = torch.tensor(order)
+    mask = padded["mask"][rows]
+    contiguous = group_log_z(
+        padded["old"][rows], padded["old"][rows], padded["ref"][rows],
+        masked_mean(padded["advantages"][rows], mask, dim=-1), mask,
+        num_samples_per_prompt=3, beta=options.beta, importance_weight=options.importance_weight, **kwargs,
+    )  # fmt: skip
+    expected = torch.zeros(len(padded["uids"]))  # the filler: 0
+    expected[rows] = contiguous
+    return expected
+
+
+@pytest.mark.parametrize("loss_agg_mode", ["seq-mean-token-mean", "token-mean"])
+def test_group_log_z_by_uid_is_group_log_z_over_each_uid(loss_agg_mode: str) -> None:
+    _, padded = driver_batch()
+    got = group_log_z_by_uid(
+        padded["uids"], padded["old"], padded["ref"], padded["advantages"], padded["mask"],
+        options=OPTIONS, loss_agg_mode=loss_agg_mode,
+    )  # fmt: skip
+    weighting = "length" if loss_agg_mode == "token-mean" else "mean"
+    torch.testing.assert_close(got, expected_group_log_z(padded, OPTIONS, sequence_weighting=weighting))
+    for uid in ("u0", "u1", "u2"):
+        values = {float(got[i]) for i, u in enumerate(padded["uids"]) if u == uid}
+        assert len(values) == 1
+    assert len({float(v) for v in got}) == 4  # three groups and the filler's 0
+
+
+class FakeQueue:
+    """The TransferQueue calls the driver makes: one batch, read back by field, written by field."""
+
+    def __init__(self, data) -> None:
+        self.data, self.put = data, None
+
+    def kv_batch_get(self, keys, partition_id, select_fields):
+        assert keys == KEYS and partition_id == "train"
+        return self.data.select(*select_fields)
+
+    def kv_batch_put(self, keys, partition_id, fields):
+        assert keys == KEYS and partition_id == "train"
+        self.put = fields
+        return Meta(keys, fields=sorted(fields.keys()))
+
+
+KEYS = [f"k{i}" for i in range(10)]
+
+
+@dataclasses.dataclass
+class Meta:  # the KVBatchMeta fields the driver reads
+    keys: list
+    partition_id: str = "train"
+    fields: list | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def test_the_driver_writes_each_groups_log_z_before_the_actor_update(monkeypatch) -> None:
+    import flowrl.integrations.verl.trainer as trainer_module
+
+    config = compose_config(GROUP_CONFIG)
+    data, padded = driver_batch()
+    queue = FakeQueue(data)
+    monkeypatch.setattr(trainer_module, "tq", queue)
+    updated = []
+
+    def verl_update_actor(self, batch, metrics):  # the workers then read the batch with the new field
+        updated.append(batch)
+        return batch
+
+    monkeypatch.setattr(PPOTrainerSync, "_update_actor", verl_update_actor)
+    trainer = object.__new__(FlowRLTrainerSync)
+    trainer.config = config
+    trainer.flowrl_options, trainer.log_z_settings = flowrl_section(config)
+    assert trainer.log_z_settings.mode == "group"
+    returned = trainer._update_actor(Meta(KEYS), metrics={})
+    assert updated == [returned] and returned.fields == [GROUP_LOG_Z]
+    written = queue.put[GROUP_LOG_Z]
+    assert written.is_nested
+    rows = written.unbind()
+    assert [len(r) for r in rows] == [len(r) for r in data["response_mask"].unbind()]  # advantages' layout
+    expected = expected_group_log_z(padded, trainer.flowrl_options)
+    for row, value in zip(rows, expected, strict=True):
+        torch.testing.assert_close(row, torch.full_like(row, float(value)))
+    # head mode writes nothing
+    queue.put = None
+    trainer.log_z_settings = LogZSettings()
+    trainer._update_actor(Meta(KEYS), metrics={})
+    assert queue.put is None
+
+
+def with_group_log_z(batch: Batch, log_z: torch.Tensor) -> Batch:
+    """The micro-batch as the workers get it in group mode: each sample's log Z on its response tokens."""
+    rows = [torch.full((r,), float(v)) for (_, r), v in zip(batch.lengths, log_z, strict=True)]
+    batch.data[GROUP_LOG_Z] = nested(rows)
+    return batch
+
+
+def test_the_closure_takes_log_z_from_the_batch_in_group_mode(actor_config) -> None:
+    batch = make_batch()
+    log_z = torch.randn(len(LENGTHS), generator=torch.Generator().manual_seed(3))
+    with_group_log_z(batch, log_z)
+    set_global_counts(batch.data, global_batch_size=len(LENGTHS), batch_num_tokens=int(batch.mask.sum()))
+    output = {"log_probs": batch.model_output()["log_probs"]}  # the engine gives no log_z without a head
+    loss, metrics = flowrl_actor_loss(actor_config, output, batch.data, options=OPTIONS)
+    batch.log_z = log_z
+    expected, expected_metrics = reference_loss(batch)
+    torch.testing.assert_close(loss, expected)
+    assert metrics["flowrl/log_z"].aggregate() == pytest.approx(float(log_z.mean()), rel=1e-6)
+    got = torch.autograd.grad(loss, batch.logprobs)[0]
+    torch.testing.assert_close(got, torch.autograd.grad(expected, batch.logprobs)[0])
+    del batch.data[GROUP_LOG_Z]
+    with pytest.raises(ValueError, match="no log_z and the batch no flowrl_log_z"):
+        flowrl_actor_loss(actor_config, output, batch.data, options=OPTIONS)
+
+
+def test_group_mode_config_and_its_checks() -> None:
+    assert FLOWRL_DEFAULTS["log_z"]["mode"] == "head"
+    config = compose_config(GROUP_CONFIG)
+    _, settings = flowrl_section(config)
+    assert settings.mode == "group"
+    apply_log_z_settings(config, settings)
+    assert LogZSettings.from_override_config(config.actor_rollout_ref.model.override_config).mode == "group"
+    for overrides, fix in [
+        (["actor_rollout_ref.rollout.n=1"], "rollout.n=1: set it >= 2"),
+        (["flowrl.log_z.mode=groups"], "flowrl.log_z.mode='groups' is unknown"),
+        (["flowrl.log_z.init_path=/x/log_z_head.safetensors"], "init_path=null or mode=head"),
+    ]:
+        with pytest.raises(ValueError, match=fix):
+            compose_config([*GROUP_CONFIG, *overrides])
+
+
+def test_group_mode_engine_has_no_head_and_trains_on_the_batchs_log_z(
+    cpu_engine, model_dir: Path, actor_config, tmp_path: Path
+) -> None:
+    """The FlowRL engine with flowrl.log_z.mode=group: no head in the model, the optimizer, the weight
+    streams or a checkpoint; a training step with log Z from the batch has the loss and gradients of
+    flowrl_loss computed without verl."""
+    from transformers import AutoModelForCausalLM
+
+    engine = cpu_engine(mode="group")
+    assert engine.log_z is None and not head_names(engine)
+    assert not hasattr(engine.module, LOG_Z_MODULE)
+    optimized = [p for g in engine.optimizer.param_groups for p in g["params"]]
+    assert len(optimized) == len(list(engine.module.parameters()))
+    before = full_state(engine)
+    batch = engine_batch()
+    log_z = torch.tensor([0.5, -0.25, 1.0, 0.0, -1.5, 0.75])
+    with_group_log_z(batch, log_z)
+    loss_fn = partial(flowrl_actor_loss, config=actor_config, options=OPTIONS)
+    with engine.train_mode():
+        out = engine.train_batch(batch.data, loss_function=loss_fn)
+        grads = {n: p.grad.full_tensor() for n, p in engine.module.named_parameters()}
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.load_state_dict(before)
+    rows = []
+    for prompt, response in zip(
+        batch.data["prompts"].unbind(), batch.data["responses"].unbind(), strict=True
+    ):
+        logits = model(input_ids=torch.cat([prompt, response]).unsqueeze(0)).logits[0, len(prompt) - 1 : -1]
+        rows.append(torch.log_softmax(logits, -1).gather(-1, response.unsqueeze(-1)).squeeze(-1))
+    expected, _ = flowrl_loss(
+        torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), batch.old, batch.ref, log_z,
+        masked_mean(batch.advantages, batch.mask, dim=-1), batch.mask, beta=OPTIONS.beta,
+    )  # fmt: skip
+    expected.backward()
+    assert sum(out["loss"]) == pytest.approx(expected.item(), rel=1e-4)
+    assert out["metrics"]["flowrl/log_z"].aggregate() == pytest.approx(float(log_z.mean()), rel=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    full, _ = engine.get_per_tensor_param()
+    assert {name for name, _ in full} == set(before)
+    engine.save_checkpoint(str(tmp_path), global_step=1)
+    assert not (tmp_path / HEAD_FILE).exists() and not list(tmp_path.glob("log_z_head*"))
+    hf_weights = load_file(str(tmp_path / "huggingface" / "model.safetensors"))
+    assert hf_weights and not any(map(is_log_z_param, hf_weights))

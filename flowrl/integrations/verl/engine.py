@@ -32,6 +32,10 @@ verl's own ``language_model`` engine stays registered and untouched). Relative t
   wraps the policy (``target_modules: all-linear`` would wrap the head's Linear layers and freeze their
   weights), so the policy trains adapters and the head trains in full.
 
+With ``flowrl.log_z.mode=group`` no head is built: the engine is verl's, the loss reads each sample's
+log Z from the batch (the driver's group estimate, :mod:`flowrl.integrations.verl.trainer`), and
+checkpoints, weight streams and merged models hold the policy alone.
+
 Supported: ``strategy=fsdp2``, ``ulysses_sequence_parallel_size=1``, text-only causal LMs, with or
 without ``use_remove_padding``, with or without LoRA. FSDP1 is refused (gathering the head out of
 FSDP1's flat parameters for its file is not implemented). None of this has run on a GPU; see
@@ -162,9 +166,9 @@ class FlowRLFSDPEngine(FSDPEngineWithLMHead):
             self.model_config.model_type = FLOWRL_MODEL_TYPE
         for config in {id(c): c for c in (module.config, self.model_config.hf_config)}.values():
             strip_log_z_settings(config)
-        if self.engine_config.forward_only:
-            return module
         settings = self.log_z_settings
+        if self.engine_config.forward_only or settings.mode == "group":
+            return module  # the reference policy, or log Z from the batch (group mode): no head
         hidden_size = module.config.get_text_config().hidden_size
         init_context = get_init_weight_context_manager(
             use_meta_tensor=not self.model_config.hf_config.tie_word_embeddings, mesh=self.device_mesh

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flowrl.objectives.flowrl import LOG_Z_MODES
 from flowrl.partition import DROPOUT, LOG_Z_PREFIX, NUM_LAYERS, LogZHead, is_log_z_param, pool_prompt_states
 
 LOG_Z_MODULE = LOG_Z_PREFIX.rstrip(".")
@@ -43,8 +44,13 @@ copies these keys onto the Hugging Face config; the FlowRL engine deletes them f
 
 @dataclass(frozen=True)
 class LogZSettings:
-    """Shape and input of the log Z head (the ``log_z`` section; docs/algorithm.md#2-partition-function)."""
+    """Where log Z comes from, and the head's shape and input (the ``log_z`` section;
+    docs/algorithm.md#2-partition-function)."""
 
+    # "head": the partition head below (the paper's); "group": no head, each prompt's log Z is the group
+    # estimate over the samples sharing its uid, computed by the driver before the actor update
+    # (flowrl.objectives.group_log_z); the settings below are then unused
+    mode: str = "head"
     num_layers: int = NUM_LAYERS  # Linear layers; 0: no parameters, log Z = 0 (the authors' ablation)
     dropout: float = DROPOUT  # after each hidden block (the reference code's)
     detach_input: bool = False  # stop the trajectory-balance gradient into the backbone through log Z
@@ -52,6 +58,15 @@ class LogZSettings:
     init_path: str | None = None  # a log_z_head.safetensors to start from; None: a fresh head
 
     def __post_init__(self) -> None:
+        if self.mode not in LOG_Z_MODES:
+            raise ValueError(
+                f"flowrl.log_z.mode={self.mode!r} is unknown; use one of {', '.join(LOG_Z_MODES)}"
+            )
+        if self.mode == "group" and self.init_path is not None:
+            raise ValueError(
+                "flowrl.log_z.init_path starts a partition head, and flowrl.log_z.mode=group has none: set "
+                "init_path=null or mode=head"
+            )
         if self.num_layers < 0:
             raise ValueError(f"flowrl.log_z.num_layers must be >= 0 (0: no head), got {self.num_layers}")
         if not 0 <= self.dropout < 1:

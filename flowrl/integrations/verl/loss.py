@@ -10,8 +10,10 @@ verl 0.9 selects a policy loss by name (``actor_rollout_ref.actor.policy_loss.lo
 two keyword tensors, because verl's stock closure (``verl.workers.utils.losses.ppo_loss``) never hands a
 policy loss the reference log-probs or log Z. :func:`flowrl_actor_loss` is the closure that does: it has
 ``ppo_loss``'s shape, ``(config, model_output, data, dp_group)``, reads log Z from the model output of
-:class:`~flowrl.integrations.verl.engine.FlowRLFSDPEngine` and ``ref_log_prob`` from the batch, and the
-FlowRL trainer installs it on every actor rank with ``set_loss_fn``. The math is
+:class:`~flowrl.integrations.verl.engine.FlowRLFSDPEngine` (or, with ``flowrl.log_z.mode=group``, from
+the batch, where the driver wrote each uid group's estimate: :func:`group_log_z_by_uid`) and
+``ref_log_prob`` from the batch, and the FlowRL trainer installs it on every actor rank with
+``set_loss_fn``. The math is
 :func:`flowrl.objectives.flowrl_loss`, called once per micro-batch; nothing here recomputes it.
 
 The reduction follows verl's global-batch convention (``core_algos.agg_loss``): each micro-batch's sum
@@ -40,6 +42,7 @@ mini-batches) are left out of the sum and still count in ``global_batch_size``, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +54,7 @@ from verl.utils import tensordict_utils as tu
 from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.padding import no_padding_2_padding
 
-from flowrl.objectives import flowrl_loss
+from flowrl.objectives import flowrl_loss, group_log_z
 from flowrl.objectives.flowrl import (
     BETA,
     CLIP_EPS,
@@ -70,6 +73,11 @@ SEQUENCE_WEIGHTING = {
     "seq-mean-token-sum-norm": "length",
 }
 """verl ``loss_agg_mode`` -> ``flowrl_loss(sequence_weighting=...)``; other modes have no FlowRL meaning."""
+
+GROUP_LOG_Z = "flowrl_log_z"
+"""Batch field of each sample's log Z under ``flowrl.log_z.mode=group``: written by the driver
+(:meth:`flowrl.integrations.verl.trainer.FlowRLTrainerSync._update_actor`) on every response token, as
+verl writes ``advantages``, so verl's mini- and micro-batching carry it with the rest of each sample."""
 
 SCALED_MODE = "seq-mean-token-sum-norm"
 """The one ``loss_agg_mode`` verl's ``actor.loss_scale_factor`` applies to (``core_algos.agg_loss``)."""
@@ -108,6 +116,59 @@ def sequence_advantages(advantages: Tensor, response_mask: Tensor) -> Tensor:
         (B,) the sequence's r_hat.
     """
     return masked_mean(advantages, response_mask, dim=-1)
+
+
+def group_log_z_by_uid(
+    uids: Sequence[Any],
+    old_log_prob: Tensor,
+    ref_log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    *,
+    options: FlowRLLossOptions,
+    loss_agg_mode: str = "seq-mean-token-mean",
+) -> Tensor:
+    """(B,) each sample's log Z under ``flowrl.log_z.mode=group``: :func:`flowrl.objectives.group_log_z`
+    over the samples that share its ``uid`` (verl's group of one prompt's ``rollout.n`` responses; the
+    batch may be in any order, as verl's ``balance_batch`` leaves it).
+
+    ``ell`` is the old policy's, ``old_log_prob``: the actor before this step's update (or, with
+    ``algorithm.rollout_correction.bypass_mode=true``, the rollout's log-probs, which then stand in for
+    it), so the weights are 1 and the estimate is the exact minimizer of the first mini-batch's loss;
+    for later mini-batches and epochs it is held, like the advantages (a per-prompt baseline, see
+    :func:`~flowrl.objectives.group_log_z`). The options and ``loss_agg_mode`` are the loss's, so the
+    weights are too. Samples without response tokens (verl's filler samples) are left out of every mean
+    and get 0.
+
+    Args:
+        uids: (B,) the group id of each sample (any hashable: verl's are strings).
+        old_log_prob, ref_log_prob: (B, T) padded per-token log-probs.
+        advantages: (B, T) verl's GRPO advantage, broadcast over each response.
+        response_mask: (B, T), 1 on real response tokens.
+        options: FlowRL's switches.
+        loss_agg_mode: the actor's, for the sequence weighting.
+
+    Returns:
+        (B,) float32, without gradient history.
+    """
+    ids: dict[Any, int] = {}
+    group_ids = torch.tensor([ids.setdefault(uid, len(ids)) for uid in uids], device=advantages.device)
+    mask = response_mask.to(torch.bool)
+    return group_log_z(
+        old_log_prob,
+        old_log_prob,
+        ref_log_prob,
+        sequence_advantages(advantages, mask),
+        mask,
+        group_ids=group_ids,
+        valid=mask.any(dim=-1),
+        beta=options.beta,
+        importance_weight=options.importance_weight,
+        max_importance_weight=options.max_importance_weight,
+        clip_eps=options.clip_eps,
+        reference=options.reference,
+        sequence_weighting=SEQUENCE_WEIGHTING[loss_agg_mode],
+    )
 
 
 def _normalizer(
@@ -170,7 +231,8 @@ def compute_policy_loss_flowrl(
             closure as ``ppo_loss`` does). None: a local mean (single rank, one micro-batch).
         rollout_is_weights: must be None: FlowRL has its own sequence-level importance weight.
         ref_log_prob: (B, T) log-probs of the reference policy.
-        log_z: (B,) log Z of each sequence's prompt, from the partition head.
+        log_z: (B,) log Z of each sequence's prompt, from the partition head (or, in group mode, the
+            driver's group estimate, without gradient).
         options: FlowRL's switches; None: the defaults.
 
     Returns:
@@ -244,10 +306,12 @@ def flowrl_actor_loss(
         config: verl's ``ActorConfig`` of the actor (``policy_loss.loss_mode`` must be ``"flowrl"``;
             ``loss_agg_mode``, ``loss_scale_factor``; ``global_batch_info`` is updated here, as
             ``ppo_loss`` does).
-        model_output: the engine's outputs: nested ``log_probs`` (B, prompt + response) and ``log_z`` (B,).
+        model_output: the engine's outputs: nested ``log_probs`` (B, prompt + response) and ``log_z`` (B,)
+            (``log_z`` only with the head, ``flowrl.log_z.mode=head``).
         data: the micro-batch TensorDict: nested ``response_mask``, ``old_log_probs``, ``advantages``,
-            ``ref_log_prob``, ``prompts``/``responses`` for the layout, and the non-tensor ``dp_size``,
-            ``global_batch_size``, ``batch_num_tokens``.
+            ``ref_log_prob``, ``prompts``/``responses`` for the layout, in group mode
+            :data:`GROUP_LOG_Z` (each sample's log Z on its response tokens), and the non-tensor
+            ``dp_size``, ``global_batch_size``, ``batch_num_tokens``.
         dp_group: unused (the global counts come in ``data``).
         options: FlowRL's switches.
 
@@ -265,10 +329,14 @@ def flowrl_actor_loss(
             "flowrl_actor_loss is installed, but actor_rollout_ref.actor.policy_loss.loss_mode="
             f"{loss_mode!r}: set it to {LOSS_MODE!r}"
         )
-    if "log_z" not in model_output:
+    group = GROUP_LOG_Z in data.keys()  # flowrl.log_z.mode=group: the driver's estimate, no head
+    if "log_z" not in model_output and not group:
         raise ValueError(
-            "the model output has no log_z: set +actor_rollout_ref.model.model_type=flowrl_language_model "
-            "so that the actor runs on FlowRLFSDPEngine, which computes log Z in training passes"
+            "the model output has no log_z and the batch no flowrl_log_z: set "
+            "+actor_rollout_ref.model.model_type=flowrl_language_model so that the actor runs on "
+            "FlowRLFSDPEngine, which computes log Z in training passes (flowrl.log_z.mode=head), or train "
+            "with trainer.v1.trainer_mode=flowrl_sync, whose driver writes the group estimate into the "
+            "batch (flowrl.log_z.mode=group)"
         )
     if "ref_log_prob" not in data.keys():
         raise ValueError(
@@ -285,7 +353,12 @@ def flowrl_actor_loss(
         global_batch_size=global_batch_size,
         loss_scale_factor=config.loss_scale_factor,  # as ppo_loss hands it to agg_loss
     )
-    padded = data.select("response_mask", "old_log_probs", "advantages", "ref_log_prob").to_padded_tensor()
+    fields = ["response_mask", "old_log_probs", "advantages", "ref_log_prob"] + (
+        [GROUP_LOG_Z] if group else []
+    )
+    padded = data.select(*fields).to_padded_tensor()
+    # group mode: the driver wrote each sample's value on every response position; the first is exact
+    log_z = padded[GROUP_LOG_Z][:, 0] if group else model_output["log_z"]
     loss, metrics = get_policy_loss_fn(loss_mode)(
         old_log_prob=padded["old_log_probs"],
         log_prob=log_prob,
@@ -294,7 +367,7 @@ def flowrl_actor_loss(
         loss_agg_mode=config.loss_agg_mode,
         config=config,
         ref_log_prob=padded["ref_log_prob"],
-        log_z=model_output["log_z"],
+        log_z=log_z,
         options=options,
     )
     return loss, Metric.from_dict(metrics, aggregation=AggregationType.MEAN)

@@ -2,7 +2,7 @@
 
 Selected with ``trainer.v1.trainer_mode=flowrl_sync`` (:data:`TRAINER_MODE`). verl's step pipeline is
 unchanged (sample -> reward -> old log-probs -> reference log-probs -> advantages -> actor update ->
-weight sync); the trainer does three things around it:
+weight sync); the trainer does these things around it:
 
 * it checks once, before any worker starts, that the verl config describes FlowRL (:func:`check_config`:
   GRPO advantages normalized by the group std, a reference policy without a KL term, the ``flowrl``
@@ -14,10 +14,13 @@ weight sync); the trainer does three things around it:
   :func:`~flowrl.integrations.verl.loss.flowrl_actor_loss` on every actor rank with ``set_loss_fn``;
 * it logs FlowRL's metrics under the project's names (docs/metrics.md): verl prefixes every actor
   metric with ``actor/``, which would turn ``flowrl/log_z`` into ``actor/flowrl/log_z``;
-  :meth:`FlowRLTrainerSync._update_actor` takes that prefix off again (:func:`unprefix_flowrl_metrics`).
+  :meth:`FlowRLTrainerSync._update_actor` takes that prefix off again (:func:`unprefix_flowrl_metrics`);
+* with ``flowrl.log_z.mode=group`` (no head), before the actor update it writes each sample's log Z,
+  the group estimate over the samples sharing its ``uid``, into the batch
+  (:meth:`FlowRLTrainerSync._put_group_log_z`), where the loss closure reads it.
 
 The ``flowrl`` section of the config (defaults: :data:`FLOWRL_DEFAULTS`) holds the loss switches
-(:class:`~flowrl.integrations.verl.loss.FlowRLLossOptions`) and ``log_z`` (the head).
+(:class:`~flowrl.integrations.verl.loss.FlowRLLossOptions`) and ``log_z`` (its mode and the head).
 """
 
 from __future__ import annotations
@@ -26,19 +29,24 @@ import dataclasses
 from functools import partial
 from typing import Any
 
+import transfer_queue as tq
 from omegaconf import DictConfig, OmegaConf, open_dict
+from tensordict import TensorDict
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.utils.config import omega_conf_to_dataclass
+from verl.workers.utils.padding import response_to_nested
 
 from flowrl.integrations.verl.engine import FLOWRL_MODEL_TYPE
 from flowrl.integrations.verl.head import LogZSettings
 from flowrl.integrations.verl.loss import (
+    GROUP_LOG_Z,
     LOSS_MODE,
     SCALED_MODE,
     SEQUENCE_WEIGHTING,
     FlowRLLossOptions,
     flowrl_actor_loss,
+    group_log_z_by_uid,
 )
 
 TRAINER_MODE = "flowrl_sync"
@@ -159,7 +167,13 @@ def check_config(config: DictConfig) -> None:
     problems = [message for ok, message in requirements if not ok]
     if problems:
         raise ValueError("the verl config does not describe a FlowRL run:\n  - " + "\n  - ".join(problems))
-    flowrl_section(config)  # validates the flowrl section
+    _, log_z = flowrl_section(config)  # validates the flowrl section
+    n = int(config.actor_rollout_ref.rollout.n)
+    if log_z.mode == "group" and n < 2:
+        raise ValueError(
+            f"flowrl.log_z.mode=group estimates each prompt's log Z from its rollout.n responses, and "
+            f"actor_rollout_ref.rollout.n={n}: set it >= 2 (the paper's 8), or flowrl.log_z.mode=head"
+        )
 
 
 def apply_log_z_settings(config: DictConfig, settings: LogZSettings) -> None:
@@ -175,16 +189,46 @@ class FlowRLTrainerSync(PPOTrainerSync):
 
     def __init__(self, config: DictConfig) -> None:
         check_config(config)
-        self.flowrl_options, log_z_settings = flowrl_section(config)
-        apply_log_z_settings(config, log_z_settings)
+        self.flowrl_options, self.log_z_settings = flowrl_section(config)
+        apply_log_z_settings(config, self.log_z_settings)
         super().__init__(config)
 
     def _update_actor(self, batch: Any, metrics: dict) -> Any:
-        """verl's actor update; its metrics land in ``metrics`` with FlowRL's names unprefixed."""
+        """verl's actor update; its metrics land in ``metrics`` with FlowRL's names unprefixed. With
+        ``flowrl.log_z.mode=group`` the batch first gets each sample's log Z (:meth:`_put_group_log_z`)."""
+        if self.log_z_settings.mode == "group":
+            batch = self._put_group_log_z(batch)
         actor_metrics: dict[str, Any] = {}
         batch = super()._update_actor(batch, actor_metrics)
         metrics.update(unprefix_flowrl_metrics(actor_metrics))
         return batch
+
+    def _put_group_log_z(self, batch: Any) -> Any:
+        """Write :data:`~flowrl.integrations.verl.loss.GROUP_LOG_Z` into the step's batch in the
+        TransferQueue: each sample's group estimate over the samples sharing its ``uid``
+        (:func:`~flowrl.integrations.verl.loss.group_log_z_by_uid`), on each of its response tokens as
+        verl writes the advantages. The driver holds the whole step's batch, so every group is whole
+        here, whatever the data-parallel split the workers get later. Returns the batch's new metadata.
+        """
+        fields = ["uid", "response_mask", "old_log_probs", "ref_log_prob", "advantages"]
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        response_mask = data["response_mask"]  # nested: one row per sample, its response length
+        padded = data.to_padded_tensor()
+        uids = list(padded.pop("uid").tolist())
+        log_z = group_log_z_by_uid(
+            uids,
+            padded["old_log_probs"],
+            padded["ref_log_prob"],
+            padded["advantages"],
+            padded["response_mask"],
+            options=self.flowrl_options,
+            loss_agg_mode=self.config.actor_rollout_ref.actor.loss_agg_mode,
+        )
+        per_token = log_z.float().unsqueeze(1).expand_as(padded["advantages"]).contiguous()
+        output = TensorDict(
+            {GROUP_LOG_Z: response_to_nested(per_token, response_mask)}, batch_size=len(batch)
+        )
+        return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)
 
     def on_init_end(self) -> None:
         actor_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.actor)
