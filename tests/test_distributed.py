@@ -201,6 +201,28 @@ def test_torchrun_matches_one_process_and_resumes(model_dir: Path, data_file: Pa
 
 
 @pytest.mark.slow  # torchrun: several processes
+def test_torchrun_group_log_z_matches_one_process(model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    """log_z.mode=group: each rank draws whole prompts and samples all of a prompt's responses itself, so
+    every group is whole on one rank and its estimate is the one process's. The same metrics (log Z and
+    the residual included) and the same weights as one process, with no head (an empty head file)."""
+    group = {"log_z.mode": "group", "train.total_steps": 2}
+    expected = single_process(model_dir, data_file, tmp_path / "single", **group)
+    assert len({r["reward/mean"] for r in expected}) == 2, "the reward must vary for the test to mean much"
+    assert all(r["flowrl/log_z"] != 0 for r in expected)
+
+    run = tmp_path / "dp"
+    config = write_config(tmp_path / "dp.yaml", overrides(model_dir, data_file, run, **group))
+    result = torchrun(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    keys = ("flowrl/log_z", "flowrl/residual_abs", *COMPARED)
+    assert_same_run(read_metrics(run / "metrics.jsonl"), expected, keys)
+    for step in ("step_000001", "step_000002"):
+        checkpoint = run / "checkpoints" / step
+        assert not load_file(str(checkpoint / HEAD_FILE))  # the layout's head file, empty: no head
+        assert_same_weights(checkpoint, tmp_path / "single/checkpoints" / step)
+
+
+@pytest.mark.slow  # torchrun: several processes
 def test_torchrun_reinforce_pp_failed_rewards_and_stop(
     model_dir: Path, data_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
