@@ -105,11 +105,13 @@ def test_group_estimate_of_log_z_matches_the_target_without_a_learned_log_z() ->
     assert "flowrl_log_z" not in result
 
 
+@pytest.mark.slow  # a whole experiment per target; the default target (default_run) stays in the fast tier
 def test_goal_holds_for_another_three_mode_target() -> None:
     result = run_toy(ToyConfig(modes=(15, 45, 85), weights=(2.0, 1.0, 1.0)))
     _assert_flowrl_matches_and_maximizers_collapse(result, num_modes=3)
 
 
+@pytest.mark.slow
 def test_goal_holds_for_a_four_mode_target_from_the_command_line(tmp_path: Path) -> None:
     json_path = tmp_path / "four.json"
     argv = [

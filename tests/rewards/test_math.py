@@ -562,8 +562,24 @@ TIMEOUT_S = 1.0
 SLACK_S = 3.0  # killing and replacing a worker, plus a loaded machine
 
 
+@pytest.fixture
+def warm_pool() -> fm.VerifierPool:
+    """The verifier pool with every worker started and ready, so a time bound measures the check, not a
+    worker's start-up (the pool's first start, or the replacement of one an earlier timeout killed)."""
+    pool = fm.get_pool()
+    give_up = time.monotonic() + 120
+    while not (len(pool._workers) == pool.num_workers and all(w.ready for w in pool._workers)):
+        assert time.monotonic() < give_up, "the verifier workers did not start"
+        n = pool.num_workers  # sqrt: no fast path, so the workers answer (and report ready on the way)
+        assert all(
+            r.status is RewardStatus.CORRECT for r in fm.score_many(["\\boxed{\\sqrt{4}}"] * n, ["2"] * n)
+        )
+        time.sleep(0.05)
+    return pool
+
+
 @pytest.mark.parametrize("response", list(PATHOLOGICAL.values()), ids=list(PATHOLOGICAL))
-def test_pathological_answers_are_bounded_in_time(response: str) -> None:
+def test_pathological_answers_are_bounded_in_time(response: str, warm_pool: fm.VerifierPool) -> None:
     start = time.monotonic()
     result = fm.score(response, "5", timeout_s=TIMEOUT_S)
     elapsed = time.monotonic() - start
@@ -582,7 +598,7 @@ def test_timeout_scores_wrong_is_counted_and_the_worker_is_replaced() -> None:
     assert fm.is_correct("\\boxed{\\sqrt{25}}", "5")  # the replacement worker answers (no fast path)
 
 
-def test_default_deadline_from_a_non_main_thread() -> None:
+def test_default_deadline_from_a_non_main_thread(warm_pool: fm.VerifierPool) -> None:
     """Math-Verify's signal-based timeout fails off the main thread; ours does not."""
     out: list = []
     thread = threading.Thread(target=lambda: out.append(fm.score(PATHOLOGICAL["taller tower"], "5")))

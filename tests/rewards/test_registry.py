@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from flowrl.data.converters import DATASETS
 from flowrl.rewards import code as code_rewards
 from flowrl.rewards import math as math_rewards
 from flowrl.rewards import registry
@@ -23,22 +24,26 @@ def row(data_source: str, ground_truth: Any) -> dict[str, Any]:
     return {"data_source": data_source, "reward_model": {"style": "rule", "ground_truth": ground_truth}}
 
 
-@pytest.mark.parametrize(
-    "data_source",
-    ["math_dapo", "math", "gsm8k", "deepscaler", "aime24", "aime25", "amc23", "math500", "minerva",
-     "olympiadbench", "math_anything_new", "HuggingFaceH4/MATH-500", "AIME24"],
-)  # fmt: skip
-def test_math_sources(data_source: str) -> None:
-    assert registry.get_reward_fn(data_source) is math_rewards.math_reward
+REWARD_OF_ABILITY = {"math": math_rewards.math_reward, "code": code_rewards.code_reward}
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_every_prepared_dataset_is_scored_by_the_reward_of_its_ability(name: str) -> None:
+    """What ``flowrl data prepare`` writes as ``data_source`` (the dataset's name) reaches the reward of the
+    dataset's ability, also in upper case and with an ``org/`` prefix, as other tools write it."""
+    for spelled in (name, name.upper(), f"SomeOrg/{name}"):
+        assert registry.get_reward_fn(spelled) is REWARD_OF_ABILITY[DATASETS[name].ability], spelled
 
 
 @pytest.mark.parametrize(
-    "data_source",
-    ["deepcoder", "taco", "apps", "livecodebench", "humanevalplus", "codecontests", "taco_verified",
-     "livecodebench/code_generation_lite", "mbpp"],
+    ("data_source", "ability"),
+    [("math_anything_new", "math"), ("MATH_v2", "math"), ("org/math-hard", "math"),
+     ("taco_verified", "code"), ("lcb_v5", "code"), ("someone/livecodebench_v6", "code")],
 )  # fmt: skip
-def test_code_sources(data_source: str) -> None:
-    assert registry.get_reward_fn(data_source) is code_rewards.code_reward
+def test_new_variants_of_known_sources_need_no_registration(data_source: str, ability: str) -> None:
+    """Any name starting with "math" is math; a known code source with a suffix (a version, a filtered
+    subset) is code: a new release of a dataset is scored without touching the registry."""
+    assert registry.get_reward_fn(data_source) is REWARD_OF_ABILITY[ability]
 
 
 def test_unknown_source_names_the_fix() -> None:
