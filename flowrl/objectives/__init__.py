@@ -14,7 +14,11 @@ provide. The trainer calls::
     loss, metrics = objective.loss_fn(logprobs=..., old_logprobs=..., advantages=..., response_mask=...,
                                       [ref_logprobs=...,] [log_z=...,] normalizer=normalizer, **loss_kwargs)
 
-and the micro-batch losses add up to the loss of the whole mini-batch. For an objective that takes
+and the micro-batch losses add up to the loss of the whole mini-batch. ``loss_kwargs`` and
+``advantage_kwargs`` are instances of ``objective.loss_options`` and ``objective.advantage_options``
+(:mod:`flowrl.objectives.options`): typed dataclasses of the functions' keyword options with their
+defaults, defined next to each function, and mappings, so ``**`` passes them; they are the config's
+``algorithm.loss`` and ``algorithm.advantage``. For an objective that takes
 ``log_z``, the trainer's ``log_z.mode`` says where it comes from: a partition head (``"head"``, the
 policy's forward returns it) or, with ``"group"``, ``objective.group_log_z_fn`` computed once per step
 before the update, from the log-probs without gradient, and passed per sequence like the advantages.
@@ -27,7 +31,6 @@ before the update, from the log-probs without gradient, and passed per sequence 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +39,8 @@ from torch import Tensor
 
 from flowrl.objectives.advantages import (
     KL_ESTIMATORS,
+    GroupAdvantageOptions,
+    ReinforcePPAdvantageOptions,
     gae,
     group_normalized_rewards,
     kl_penalty,
@@ -43,9 +48,11 @@ from flowrl.objectives.advantages import (
 )
 from flowrl.objectives.flowrl import (
     IMPORTANCE_WEIGHT_MODES,
+    LOG_Z_MODE,
     LOG_Z_MODES,
     REFERENCES,
     SEQUENCE_WEIGHTINGS,
+    FlowRLLossOptions,
     flowrl_loss,
     group_log_z,
     group_log_z_terms,
@@ -53,7 +60,7 @@ from flowrl.objectives.flowrl import (
     sequence_importance_weight,
     weighted_mean_by_group,
 )
-from flowrl.objectives.grpo import dr_grpo_loss, grpo_loss
+from flowrl.objectives.grpo import DrGRPOLossOptions, GRPOLossOptions, dr_grpo_loss, grpo_loss
 from flowrl.objectives.masked import (
     LOSS_AGG_MODES,
     aggregate_loss,
@@ -65,8 +72,9 @@ from flowrl.objectives.masked import (
     masked_whiten,
     mean_over_sequences,
 )
-from flowrl.objectives.ppo import clipped_surrogate, ppo_policy_loss, value_loss
-from flowrl.objectives.reinforce_pp import reinforce_pp_loss
+from flowrl.objectives.options import NoOptions, Options, default_of
+from flowrl.objectives.ppo import PPOLossOptions, clipped_surrogate, ppo_policy_loss, value_loss
+from flowrl.objectives.reinforce_pp import ReinforcePPLossOptions, reinforce_pp_loss
 
 LossFn = Callable[..., tuple[Tensor, dict[str, Tensor]]]
 
@@ -104,6 +112,13 @@ class Objective:
     ``actor/kl_loss`` / ``actor/ref_kl`` metrics (GRPO, Dr. GRPO): at ``kl_coef=0`` the trainer skips the
     reference model and passes ``ref_logprobs=None`` (never a stand-in, whose KL would be logged as if
     real), and those metrics are left out. With ``kl_coef != 0``, None raises a ValueError."""
+    loss_options: type[Options] = NoOptions
+    """The dataclass of ``loss_fn``'s options (``algorithm.loss``), with its defaults."""
+    advantage_options: type[Options] = NoOptions
+    """The dataclass of ``advantage_fn``'s options (``algorithm.advantage``), with its defaults."""
+    needs_groups: bool = True
+    """The objective compares the samples of one prompt (group-normalized rewards, FlowRL's log Z), so a
+    run needs ``num_samples_per_prompt >= 2``; REINFORCE++ whitens over the whole batch instead."""
     group_log_z_fn: Callable[..., Tensor] | None = None
     """For an objective with ``uses_log_z``: the group estimate that replaces the head under
     ``log_z.mode="group"``, ``group_log_z_fn(logprobs, old_logprobs, ref_logprobs, advantages,
@@ -117,14 +132,9 @@ class Objective:
         return self.uses_log_z and log_z_mode == "head"
 
 
-def _default(fn: Callable[..., Any], argument: str) -> Any:
-    """The default of a function's argument, read from its signature so the two cannot drift apart."""
-    return inspect.signature(fn).parameters[argument].default
-
-
 def _units_by_agg_mode(loss_fn: LossFn) -> Callable[..., float]:
     """``count_units`` for a loss aggregated with ``loss_agg_mode`` (default: the loss's own)."""
-    default_mode = _default(loss_fn, "loss_agg_mode")
+    default_mode = default_of(loss_fn, "loss_agg_mode")
 
     def units(response_mask: Tensor, *, loss_agg_mode: str = default_mode, **_loss_kwargs: Any) -> float:
         return count_units(response_mask, loss_agg_mode)
@@ -135,7 +145,7 @@ def _units_by_agg_mode(loss_fn: LossFn) -> Callable[..., float]:
 def _flowrl_units(
     response_mask: Tensor,
     *,
-    sequence_weighting: str = _default(flowrl_loss, "sequence_weighting"),
+    sequence_weighting: str = default_of(flowrl_loss, "sequence_weighting"),
     **_loss_kwargs: Any,
 ) -> float:
     # Length weighting divides by the summed lengths, i.e. the token count; the plain mean by N.
@@ -154,7 +164,7 @@ def _group_advantages(
     ref_logprobs: Tensor | None,
     *,
     num_samples_per_prompt: int,
-    eps: float = _default(group_normalized_rewards, "eps"),
+    eps: float = default_of(group_normalized_rewards, "eps"),
     valid: Tensor | None = None,
 ) -> Tensor:
     """GRPO's group-normalized rewards (FlowRL's r_hat); see :func:`group_normalized_rewards`."""
@@ -181,8 +191,8 @@ def _reinforce_pp_advantages(
     ref_logprobs: Tensor,
     *,
     num_samples_per_prompt: int,
-    kl_coef: float = _default(reinforce_pp_advantages, "kl_coef"),
-    kl_estimator: str = _default(reinforce_pp_advantages, "kl_estimator"),
+    kl_coef: float = default_of(reinforce_pp_advantages, "kl_coef"),
+    kl_estimator: str = default_of(reinforce_pp_advantages, "kl_estimator"),
     valid: Tensor | None = None,
 ) -> Tensor:
     """REINFORCE++ advantages; groups play no part (the whole batch is whitened)."""
@@ -215,6 +225,8 @@ OBJECTIVES: dict[str, Objective] = {
         uses_ref_logprobs=True,
         needs_values=False,
         count_units=_flowrl_units,
+        loss_options=FlowRLLossOptions,
+        advantage_options=GroupAdvantageOptions,
         group_log_z_fn=group_log_z,
     ),
     "grpo": Objective(
@@ -226,6 +238,8 @@ OBJECTIVES: dict[str, Objective] = {
         needs_values=False,
         count_units=_units_by_agg_mode(grpo_loss),
         ref_logprobs_only_for_kl=True,
+        loss_options=GRPOLossOptions,
+        advantage_options=GroupAdvantageOptions,
     ),
     "dr_grpo": Objective(
         name="dr_grpo",
@@ -236,6 +250,7 @@ OBJECTIVES: dict[str, Objective] = {
         needs_values=False,
         count_units=_units_by_agg_mode(dr_grpo_loss),
         ref_logprobs_only_for_kl=True,
+        loss_options=DrGRPOLossOptions,
     ),
     "reinforce_pp": Objective(
         name="reinforce_pp",
@@ -246,6 +261,9 @@ OBJECTIVES: dict[str, Objective] = {
         needs_values=False,
         count_units=_units_by_agg_mode(reinforce_pp_loss),
         advantage_uses_ref_logprobs=True,
+        loss_options=ReinforcePPLossOptions,
+        advantage_options=ReinforcePPAdvantageOptions,
+        needs_groups=False,
     ),
     "ppo": Objective(
         name="ppo",
@@ -255,6 +273,8 @@ OBJECTIVES: dict[str, Objective] = {
         uses_ref_logprobs=False,
         needs_values=True,
         count_units=_units_by_agg_mode(ppo_policy_loss),
+        loss_options=PPOLossOptions,
+        needs_groups=False,
     ),
 }
 """Every objective by name. Only "ppo" has ``needs_values``."""
@@ -262,12 +282,22 @@ OBJECTIVES: dict[str, Objective] = {
 __all__ = [
     "IMPORTANCE_WEIGHT_MODES",
     "KL_ESTIMATORS",
+    "LOG_Z_MODE",
     "LOG_Z_MODES",
     "LOSS_AGG_MODES",
     "OBJECTIVES",
     "REFERENCES",
     "SEQUENCE_WEIGHTINGS",
+    "DrGRPOLossOptions",
+    "FlowRLLossOptions",
+    "GRPOLossOptions",
+    "GroupAdvantageOptions",
+    "NoOptions",
     "Objective",
+    "Options",
+    "PPOLossOptions",
+    "ReinforcePPAdvantageOptions",
+    "ReinforcePPLossOptions",
     "aggregate_loss",
     "clipped_surrogate",
     "count_units",

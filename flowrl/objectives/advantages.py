@@ -11,6 +11,8 @@ Advantages are targets, not functions of the parameters: every estimator runs un
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -22,6 +24,7 @@ from flowrl.objectives.masked import (
     masked_sum,
     masked_whiten,
 )
+from flowrl.objectives.options import Options, check_choice, option
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 """Schulman's per-token estimators of KL(pi || pi_ref) from tokens sampled from pi ("Approximating KL
@@ -208,3 +211,30 @@ def gae(
         advantages[:, t] = next_advantage
     advantages = apply_mask(advantages, response_mask)
     return advantages, apply_mask(advantages + values, response_mask)
+
+
+@dataclass(frozen=True)
+class GroupAdvantageOptions(Options):
+    """The option of the group-normalized advantage (GRPO's, FlowRL's r_hat):
+    :func:`group_normalized_rewards`'s ``eps``."""
+
+    eps: float = option(group_normalized_rewards, "eps", "added to the group's reward std (verl's epsilon)")
+
+    def __post_init__(self) -> None:
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0 (it keeps a group of equal rewards finite), got {self.eps}")
+
+
+@dataclass(frozen=True)
+class ReinforcePPAdvantageOptions(Options):
+    """The keyword options of :func:`reinforce_pp_advantages`, with its defaults."""
+
+    kl_coef: float = option(
+        reinforce_pp_advantages, "kl_coef", "weight of the per-token KL penalty in the reward"
+    )
+    kl_estimator: str = option(
+        reinforce_pp_advantages, "kl_estimator", f"per-token KL estimate: {', '.join(KL_ESTIMATORS)}"
+    )
+
+    def __post_init__(self) -> None:
+        check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)

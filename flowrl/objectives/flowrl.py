@@ -24,6 +24,7 @@ the paper, its reference code and the verl recipe differ (docs/algorithm.md#3-sw
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -36,6 +37,7 @@ from flowrl.objectives.masked import (
     mean_over_sequences,
     sequence_lengths,
 )
+from flowrl.objectives.options import Options, check_choice, option
 
 BETA = 15.0
 """Inverse temperature of the target distribution (the paper's value, hard-coded in its code)."""
@@ -58,16 +60,11 @@ SEQUENCE_WEIGHTINGS = ("mean", "length")
 loss-scaling bug in the reference code did)."""
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; use one of {', '.join(choices)}")
-
-
 def _log_weight_bounds(
     mode: str, max_importance_weight: float, clip_eps: float
 ) -> tuple[float | None, float | None]:
     """The interval ``(low, high)`` that ``mode`` clamps ``log_w`` to; None for an open side."""
-    _check_choice("importance_weight", mode, IMPORTANCE_WEIGHT_MODES)
+    check_choice("importance_weight", mode, IMPORTANCE_WEIGHT_MODES)
     if mode == "clamp":
         if not max_importance_weight > 0:
             raise ValueError(f"max_importance_weight must be positive, got {max_importance_weight}")
@@ -206,8 +203,8 @@ def flowrl_loss(
         weighted by their sizes. The loss itself is not among them: it is what the caller
         backpropagates and logs (``actor/loss`` in the trainer).
     """
-    _check_choice("reference", reference, REFERENCES)
-    _check_choice("sequence_weighting", sequence_weighting, SEQUENCE_WEIGHTINGS)
+    check_choice("reference", reference, REFERENCES)
+    check_choice("sequence_weighting", sequence_weighting, SEQUENCE_WEIGHTINGS)
     check_batch_shapes(
         response_mask,
         per_token={"logprobs": logprobs, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs},
@@ -245,9 +242,44 @@ def flowrl_loss(
     return loss, {name: value.detach() for name, value in metrics.items()}
 
 
+@dataclass(frozen=True)
+class FlowRLLossOptions(Options):
+    """FlowRL's loss switches: the keyword options of :func:`flowrl_loss` (and of :func:`group_log_z`,
+    whose weights must be the loss's), with its defaults (docs/algorithm.md#3-switches)."""
+
+    beta: float = option(
+        flowrl_loss, "beta", "inverse temperature of the target exp(beta r_hat) pi_ref / Z (the paper's 15)"
+    )
+    importance_weight: str = option(
+        flowrl_loss,
+        "importance_weight",
+        "sequence importance weight: clamp min(w, max_importance_weight) (the authors' later default), "
+        "clip [1 - clip_eps, 1 + clip_eps] (the paper's text), none (unbounded), on_policy (1)",
+    )
+    max_importance_weight: float = option(flowrl_loss, "max_importance_weight", "cap of the clamp weight")
+    clip_eps: float = option(flowrl_loss, "clip_eps", "half-width of the clip weight's interval")
+    reference: str = option(
+        flowrl_loss, "reference", "policy in the residual: ref (pi_ref, the paper) or old (an ablation)"
+    )
+    sequence_weighting: str = option(
+        flowrl_loss,
+        "sequence_weighting",
+        "mean (plain mean over sequences) or length (weighted by response length: the reference code's "
+        "loss-scaling bug)",
+    )
+
+    def __post_init__(self) -> None:
+        _log_weight_bounds(self.importance_weight, self.max_importance_weight, self.clip_eps)
+        check_choice("reference", self.reference, REFERENCES)
+        check_choice("sequence_weighting", self.sequence_weighting, SEQUENCE_WEIGHTINGS)
+
+
 LOG_Z_MODES = ("head", "group")
 """Where ``log Z(x)`` comes from: ``head``, a learned partition head (the paper); ``group``, the group
 estimate of :func:`group_log_z` (no head)."""
+
+LOG_Z_MODE = LOG_Z_MODES[0]
+"""The default: the paper's partition head."""
 
 
 def group_log_z(
@@ -375,8 +407,8 @@ def group_log_z_terms(
     Returns:
         ``(target, weight)``, both (N,), without gradient history.
     """
-    _check_choice("reference", reference, REFERENCES)
-    _check_choice("sequence_weighting", sequence_weighting, SEQUENCE_WEIGHTINGS)
+    check_choice("reference", reference, REFERENCES)
+    check_choice("sequence_weighting", sequence_weighting, SEQUENCE_WEIGHTINGS)
     check_batch_shapes(
         response_mask,
         per_token={"logprobs": logprobs, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs},

@@ -15,13 +15,15 @@ metric is reported then.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 from torch import Tensor
 
-from flowrl.objectives.advantages import kl_penalty
+from flowrl.objectives.advantages import KL_ESTIMATORS, kl_penalty
 from flowrl.objectives.masked import aggregate_loss, apply_mask, check_batch_shapes, masked_kl_k3
-from flowrl.objectives.ppo import CLIP_EPS, clipped_surrogate
+from flowrl.objectives.options import check_choice, option
+from flowrl.objectives.ppo import CLIP_EPS, PPOLossOptions, clipped_surrogate
 
 
 def grpo_loss(
@@ -142,4 +144,35 @@ def dr_grpo_loss(
         loss_agg_mode=loss_agg_mode,
         normalizer=normalizer,
         max_response_length=max_response_length,
+    )
+
+
+@dataclass(frozen=True)
+class GRPOLossOptions(PPOLossOptions):
+    """The keyword options of :func:`grpo_loss`, with its defaults: the clipped surrogate's and the KL
+    loss's."""
+
+    loss_agg_mode: str = option(
+        grpo_loss, "loss_agg_mode", "aggregation over tokens and sequences (the paper: seq-mean-token-mean)"
+    )
+    kl_coef: float = option(
+        grpo_loss, "kl_coef", "weight of the KL loss to the reference; 0: none, no reference"
+    )
+    kl_estimator: str = option(
+        grpo_loss, "kl_estimator", f"per-token KL estimate of the KL loss: {', '.join(KL_ESTIMATORS)}"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+
+
+@dataclass(frozen=True)
+class DrGRPOLossOptions(GRPOLossOptions):
+    """The keyword options of :func:`dr_grpo_loss`: :class:`GRPOLossOptions` with its own aggregation."""
+
+    loss_agg_mode: str = option(
+        dr_grpo_loss,
+        "loss_agg_mode",
+        "aggregation: token sums over a constant length (seq-mean-token-sum-norm, Dr. GRPO's)",
     )

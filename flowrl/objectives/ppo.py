@@ -11,24 +11,38 @@ their advantages (GAE, group-normalized rewards, whitened KL-shaped returns) and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import Tensor
 
 from flowrl.objectives.masked import (
+    LOSS_AGG_MODES,
     aggregate_loss,
     apply_mask,
     check_batch_shapes,
     masked_kl_k3,
     masked_mean,
 )
+from flowrl.objectives.options import Options, check_choice, option
 
 CLIP_EPS = 0.2
 """PPO's ratio clip range epsilon (1707.06347, sec. 6.1, and verl's default)."""
 
 CLIP_RANGE_VALUE = 0.2
 """Clip range of the value prediction around the old one (verl's ``cliprange_value``)."""
+
+
+def _clip_high(clip_eps: float, clip_eps_high: float | None) -> float:
+    """The upper clip range (``clip_eps_high``, or ``clip_eps`` when None), after checking both."""
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    if not (0 < clip_eps < 1 and high > 0):
+        raise ValueError(
+            f"clip ranges must satisfy 0 < clip_eps < 1 and clip_eps_high > 0, got clip_eps={clip_eps}, "
+            f"clip_eps_high={clip_eps_high}"
+        )
+    return high
 
 
 def clipped_surrogate(
@@ -74,12 +88,7 @@ def clipped_surrogate(
         per_token={"logprobs": logprobs, "old_logprobs": old_logprobs, **per_token_advantages},
         per_sequence={} if per_token_advantages else {"advantages": advantages},
     )
-    high = clip_eps if clip_eps_high is None else clip_eps_high
-    if not (0 < clip_eps < 1 and high > 0):
-        raise ValueError(
-            f"clip ranges must satisfy 0 < clip_eps < 1 and clip_eps_high > 0, got clip_eps={clip_eps}, "
-            f"clip_eps_high={clip_eps_high}"
-        )
+    high = _clip_high(clip_eps, clip_eps_high)
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
     # Masking the log-ratio (not only the loss) keeps padding out of exp and of the gradient.
@@ -103,6 +112,30 @@ def clipped_surrogate(
 
 ppo_policy_loss = clipped_surrogate
 """PPO's policy loss is the clipped surrogate itself (with GAE advantages, see :func:`gae`)."""
+
+
+@dataclass(frozen=True)
+class PPOLossOptions(Options):
+    """The keyword options of :func:`clipped_surrogate` (PPO's policy loss), with its defaults."""
+
+    clip_eps: float = option(clipped_surrogate, "clip_eps", "ratio clip range: [1 - clip_eps, 1 + clip_eps]")
+    clip_eps_high: float | None = option(
+        clipped_surrogate, "clip_eps_high", "upper clip range (DAPO's clip-higher); null: clip_eps"
+    )
+    loss_agg_mode: str = option(
+        clipped_surrogate,
+        "loss_agg_mode",
+        f"aggregation over tokens and sequences: {', '.join(LOSS_AGG_MODES)}",
+    )
+    max_response_length: int | None = option(
+        clipped_surrogate,
+        "max_response_length",
+        "divisor of seq-mean-token-sum-norm; null: the micro-batch's padded response length",
+    )
+
+    def __post_init__(self) -> None:
+        check_choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
+        _clip_high(self.clip_eps, self.clip_eps_high)
 
 
 def value_loss(

@@ -12,10 +12,13 @@ and the policy is updated with PPO's clipped surrogate, averaged over all tokens
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor
 
-from flowrl.objectives.masked import check_batch_shapes
-from flowrl.objectives.ppo import CLIP_EPS, clipped_surrogate
+from flowrl.objectives.masked import LOSS_AGG_MODES, check_batch_shapes
+from flowrl.objectives.options import Options, check_choice, option
+from flowrl.objectives.ppo import CLIP_EPS, PPOLossOptions, clipped_surrogate
 
 
 def reinforce_pp_loss(
@@ -55,3 +58,20 @@ def reinforce_pp_loss(
         normalizer=normalizer,
         max_response_length=max_response_length,
     )
+
+
+@dataclass(frozen=True)
+class ReinforcePPLossOptions(Options):
+    """The keyword options of :func:`reinforce_pp_loss`, with its defaults."""
+
+    clip_eps: float = option(reinforce_pp_loss, "clip_eps", PPOLossOptions.help_of("clip_eps"))
+    loss_agg_mode: str = option(
+        reinforce_pp_loss, "loss_agg_mode", "aggregation over tokens and sequences (REINFORCE++: token-mean)"
+    )
+    max_response_length: int | None = option(
+        reinforce_pp_loss, "max_response_length", PPOLossOptions.help_of("max_response_length")
+    )
+
+    def __post_init__(self) -> None:
+        check_choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
+        PPOLossOptions(clip_eps=self.clip_eps)  # the same clip range check

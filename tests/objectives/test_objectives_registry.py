@@ -86,6 +86,54 @@ def test_objective_options_are_keyword_only_arguments_with_defaults() -> None:
         assert "normalizer" in {p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
+def _keyword_options(fn, reserved: set[str]) -> dict[str, object]:
+    parameters = inspect.signature(fn).parameters.values()
+    return {
+        p.name: p.default
+        for p in parameters
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in reserved
+    }
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_each_objectives_option_dataclasses_are_its_functions_options(name: str) -> None:
+    """algorithm.loss / algorithm.advantage are these dataclasses: exactly the functions' keyword options,
+    with the functions' defaults, each with a help text (what a saved config and --help show)."""
+    objective = OBJECTIVES[name]
+    advantage_reserved = {"num_samples_per_prompt", "valid"}
+    if name == "ppo":  # its advantage_fn only explains that PPO needs a critic
+        advantage_reserved |= set(_keyword_options(objective.advantage_fn, set()))
+    for options, fn, reserved in (
+        (objective.loss_options, objective.loss_fn, {"normalizer"}),
+        (objective.advantage_options, objective.advantage_fn, advantage_reserved),
+    ):
+        defaults = options()
+        assert dict(defaults) == _keyword_options(fn, reserved), (name, options)
+        assert all(options.help_of(n) for n in options.names()), (name, options)
+        assert {**defaults} == dict(defaults)  # a mapping: fn(**options) passes them
+
+
+def test_options_refuse_unknown_keys_and_bad_values_naming_the_choices() -> None:
+    loss = OBJECTIVES["flowrl"].loss_options
+    assert loss.from_mapping({"beta": 3.0}, "algorithm.loss").beta == 3.0
+    with pytest.raises(
+        ValueError, match="unknown option algorithm.loss.bta; did you mean 'beta'.*valid: beta,"
+    ):
+        loss.from_mapping({"bta": 3.0}, "algorithm.loss")
+    with pytest.raises(ValueError, match="unknown importance_weight 'clamped'; use one of clamp, clip"):
+        loss(importance_weight="clamped")
+    with pytest.raises(ValueError, match="unknown loss_agg_mode"):
+        OBJECTIVES["grpo"].loss_options(loss_agg_mode="sum")
+    with pytest.raises(ValueError, match="unknown kl_estimator 'k4'"):
+        OBJECTIVES["reinforce_pp"].advantage_options(kl_estimator="k4")
+    with pytest.raises(ValueError, match=r"valid: none: it takes no options"):
+        OBJECTIVES["dr_grpo"].advantage_options.from_mapping({"eps": 1e-4}, "algorithm.advantage")
+
+
+def test_objectives_say_whether_they_need_groups() -> None:
+    assert [n for n, o in OBJECTIVES.items() if o.needs_groups] == ["flowrl", "grpo", "dr_grpo"]
+
+
 def test_ppo_advantage_fn_explains_that_it_needs_a_value_model(make_batch) -> None:
     _, args = _advantage_inputs(make_batch)
     with pytest.raises(ValueError, match="PPO needs a value model.*gae"):
