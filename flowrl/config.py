@@ -57,6 +57,13 @@ class DataConfig:
     shuffle: bool = True  # reshuffle every epoch (seeded)
 
 
+DEFAULT_PREFILL_TOKENS = 4096
+"""Prompt tokens prefilled in one forward (``rollout.prefill_tokens``). Prefill holds a layer's working
+memory for every token at once (a 7B model's MLP: about 150 KB per token in bf16), so admitting a quarter
+of 64 slots with 2k-token prompts at once would need about 4 GB; 4096 tokens keep it near 0.6 GB, while
+each forward is still large enough to keep a GPU's matrix units busy."""
+
+
 @dataclass
 class RolloutConfig:
     engine: str = "hf"  # "hf": the project's decode loop on the policy itself; "vllm": flowrl[vllm], CUDA
@@ -66,6 +73,7 @@ class RolloutConfig:
     top_k: int = 0  # 0 disables top-k
     max_new_tokens: int = 8192  # paper: 8192 response tokens
     batch_size: int = 64  # hf engine: decode slots (continuous batching); vLLM schedules its own
+    prefill_tokens: int = DEFAULT_PREFILL_TOKENS  # hf engine: prompt tokens prefilled per forward
     gpu_memory_utilization: float = 0.3  # vllm: its share of the GPU (weights + KV cache), the rest trains
     vllm_dtype: str = "bfloat16"  # vllm: the dtype of its copy of the weights
     enable_sleep_mode: bool = False  # vllm: free its KV cache and offload its weights during updates
@@ -340,6 +348,8 @@ def validate(cfg: Config) -> None:
         )
     if cfg.rollout.batch_size < 1:
         raise ValueError(f"rollout.batch_size (decode slots) must be >= 1, got {cfg.rollout.batch_size}")
+    if cfg.rollout.prefill_tokens < 1:
+        raise ValueError(f"rollout.prefill_tokens must be >= 1, got {cfg.rollout.prefill_tokens}")
     if cfg.rollout.temperature <= 0:
         raise ValueError("rollout.temperature must be > 0 for training (log-probs are divided by it)")
     if cfg.log_z.num_layers < 0:

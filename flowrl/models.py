@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from flowrl import sharding
 from flowrl.checkpoint import HEAD_FILE, load_log_z_head, model_dir_of
 from flowrl.config import Config
+from flowrl.host_memory import release_freed_memory, return_large_blocks
 from flowrl.partition import LogZHead, log_z_param_groups
 from flowrl.policy import Policy, is_peft_model, load_model
 
@@ -220,6 +221,7 @@ def prepare_models(
         shard: shard the policy and the reference with FSDP2 (under torchrun, ``train.strategy=fsdp2``).
     """
     m = cfg.model
+    return_large_blocks()  # host memory: freed weights, gradients and activations leave the process
     model = load_policy_model(cfg, device, model_dir_of(checkpoint) if checkpoint is not None else None)
     grad_ckpt = m.gradient_checkpointing if m.gradient_checkpointing is not None else device.type == "cuda"
     if grad_ckpt:
@@ -227,6 +229,8 @@ def prepare_models(
         if m.lora.rank > 0:  # the frozen embeddings give no gradient for checkpointed layers to carry
             model.enable_input_require_grads()
     model.config.use_cache = True
+    if not shard:
+        tied_embedding_gradient_in_place(model)
     head = None
     if uses_log_z and cfg.log_z.mode == "head":  # log_z.mode=group estimates log Z: no head at all
         head = LogZHead(model.config.hidden_size, num_layers=cfg.log_z.num_layers, dropout=cfg.log_z.dropout)
@@ -239,7 +243,7 @@ def prepare_models(
     mixed = device.type == "cuda" and (cfg.train.bf16 is not False)
     if shard:  # before the reference loads: one full model in memory at a time
         units = sharding.shard_policy(policy, mixed_precision=mixed)
-        sharding.release_freed_memory()
+        release_freed_memory()
     reference: nn.Module | None = None
     if needs_reference and m.lora.rank > 0:
         reference = AdaptersDisabled(policy)
@@ -256,15 +260,54 @@ def prepare_models(
     if shard:
         if isinstance(reference, Policy):
             sharding.shard_policy(reference, mixed_precision=mixed)
-            sharding.release_freed_memory()
+            release_freed_memory()
         _first_forward(policy, device, with_log_z=head is not None)
         if isinstance(reference, Policy):
             _first_forward(reference, device, with_log_z=False)
         for unit in units:  # the root keeps its gathered weights after a forward: the optimizer must
             unit.reshard()  # be built over the sharded parameters, which are registered again here
-        sharding.release_freed_memory()
+        release_freed_memory()
     optimizer = build_optimizer(cfg, policy, device)
     return Models(policy, reference, optimizer, lora=m.lora.rank > 0, units=units)
+
+
+def tied_embedding_gradient_in_place(model: nn.Module) -> bool:
+    """Add a trained input embedding's gradient into its tied output head's gradient in place.
+
+    With tied embeddings (Qwen2.5 up to 3B, Llama 3.2), autograd sums the two uses' gradients before
+    storing them: the head's (V x H) and the embedding's (V x H again, or sparse rows) make a third
+    V x H tensor at the end of every backward, full fine-tuning's peak (0.5 GiB in float32 for
+    Qwen2.5-0.5B). Here the lookup reads the weight detached, so the head's gradient is the weight's
+    only one and is stored as soon as it is computed; the lookup's output is a leaf whose gradient, when
+    it arrives at the end of backward, is added into the weight's rows with ``index_add_`` and dropped.
+    Values and gradients are the same as without it.
+
+    Returns whether the model has such an embedding (untied, frozen or not an ``nn.Embedding``: untouched).
+    """
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(emb, nn.Embedding) or out is None or out.weight is not emb.weight:
+        return False
+    if not emb.weight.requires_grad:
+        return False
+    emb.register_forward_hook(_lookup_without_weight_edge)
+    return True
+
+
+def _lookup_without_weight_edge(emb: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+    if not torch.is_grad_enabled() or not output.requires_grad:
+        return None
+    ids, weight = args[0], emb.weight
+    lookup = output.detach().requires_grad_(True)  # same values; the graph to the weight is dropped
+
+    def scatter(leaf: Tensor) -> None:
+        grad = leaf.grad.reshape(-1, weight.shape[1]).to(weight.dtype)
+        if weight.grad is None:  # no head gradient in this backward
+            weight.grad = torch.zeros_like(weight)
+        weight.grad.index_add_(0, ids.reshape(-1), grad)
+        leaf.grad = None
+
+    lookup.register_post_accumulate_grad_hook(scatter)
+    return lookup
 
 
 @torch.no_grad()

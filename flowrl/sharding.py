@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from flowrl.host_memory import release_freed_memory
 from flowrl.policy import Policy, causal_lm
 
 
@@ -184,19 +185,3 @@ def gather_checkpoint(
         model.pop(name, None)
     head = {k[len(LOG_Z_PREFIX) :]: v for k, v in full.items() if k.startswith(LOG_Z_PREFIX)}
     return model, head, full_optimizer_state(optimizer)
-
-
-def release_freed_memory() -> None:
-    """Give freed host memory back to the system (glibc's ``malloc_trim``) after the full weights were
-    dropped for their shards: on CPU the allocator would otherwise keep the whole model's heap, and the
-    process's resident memory would not shrink at all. A no-op where there is no glibc."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
-        pass

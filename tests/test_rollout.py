@@ -172,22 +172,29 @@ def test_sampled_responses_do_not_depend_on_the_decode_slots(setup, share: float
     params = SamplingParams(n=6, temperature=0.9, top_p=0.95, max_new_tokens=30, return_logprobs=True)
     seeds = [101, 202, 303, 404, 505]
     joins = []
-    join = hf_rollout._Slots.join
+    concat = hf_rollout._Slots.concat
     monkeypatch.setattr(
-        hf_rollout._Slots, "join", lambda self, other: joins.append(len(other)) or join(self, other)
+        hf_rollout._Slots, "concat", staticmethod(lambda parts: joins.append(len(parts)) or concat(parts))
     )
     batches = {}
-    for slots in (30, 7, 3):
+    # (decode slots, prefill budget in tokens): 4 tokens prefill one prompt at a time
+    for slots, prefill_tokens in ((30, 4096), (7, 4096), (3, 4096), (30, 4), (7, 4)):
         engine = HFRolloutEngine(
             model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            batch_size=slots, show_progress=False,
+            batch_size=slots, prefill_tokens=prefill_tokens, show_progress=False,
         )  # fmt: skip
-        batches[slots] = engine.generate(prompts, params, seeds=seeds)
-    assert len(joins) >= 8  # with 7 and 3 slots, waiting rows joined running batches
-    whole = batches[30]
+        joins.clear()
+        batches[slots, prefill_tokens] = engine.generate(prompts, params, seeds=seeds)
+        if (
+            slots == 30 and prefill_tokens == 4
+        ):  # 30 rows admitted at once, prefilled a prompt or a few at a time
+            assert joins[0] >= 20
+        elif slots < 30:  # waiting rows joined running batches
+            assert sum(parts > 1 for parts in joins) >= 4
+    whole = batches[30, 4096]
     lengths = whole.response_lengths
     assert lengths.min() < 30 and len(set(lengths.tolist())) > 4  # rows end at many different steps
-    for slots in (7, 3):
+    for slots in ((7, 4096), (3, 4096), (30, 4), (7, 4)):
         assert torch.equal(batches[slots].response_ids, whole.response_ids)
         assert torch.equal(batches[slots].response_mask, whole.response_mask)
         torch.testing.assert_close(

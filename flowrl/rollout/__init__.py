@@ -33,6 +33,7 @@ def build_engine(cfg: Any, model: nn.Module, tokenizer: Any, *, show_progress: b
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         batch_size=r.batch_size,
+        prefill_tokens=r.prefill_tokens,
         show_progress=show_progress,
     )
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from flowrl.config import DEFAULT_PREFILL_TOKENS
 from flowrl.rollout.base import RolloutBatch, SamplingParams, assemble, left_pad
 from flowrl.streams import mix64, stream_keys, stream_uniforms  # noqa: F401 - mix64: part of this API
 
@@ -78,6 +79,17 @@ def _full_attention_layers(cache: Any) -> list[Any] | None:
     return list(layers)
 
 
+def _joinable(cache: Any) -> bool:
+    """Whether a new, empty cache of this model will take rows mid-decode: every layer a plain
+    ``DynamicLayer`` (known from the model's config before anything is cached)."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return False
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
 def _left_pad_columns(x: Tensor, width: int) -> Tensor:
     """``x`` (..., L, d) or (b, L) padded on the left of its sequence axis to ``width`` columns."""
     if x.dim() == 2:
@@ -121,24 +133,29 @@ class _Slots:
             self.positions[idx], self.cache, self.logits[idx],
         )  # fmt: skip
 
-    def join(self, other: _Slots) -> _Slots:
-        """These rows and ``other``'s in one batch: both caches left-padded to the longer one."""
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        mine, theirs = _full_attention_layers(self.cache), _full_attention_layers(other.cache)
-        assert mine is not None and theirs is not None and len(mine) == len(theirs)
-        for a, b in zip(mine, theirs, strict=True):
-            a.keys = torch.cat([_left_pad_columns(a.keys, width), _left_pad_columns(b.keys, width)])
-            a.values = torch.cat([_left_pad_columns(a.values, width), _left_pad_columns(b.values, width)])
+    @staticmethod
+    def concat(parts: list[_Slots]) -> _Slots:
+        """The rows of all ``parts`` in one batch: their caches left-padded to the longest and concatenated
+        layer by layer (one layer's copy at a time beside the caches), into the first part's cache."""
+        if len(parts) == 1:
+            return parts[0]
+        width = max(p.mask.shape[1] for p in parts)
+        layers = [_full_attention_layers(p.cache) for p in parts]
+        assert all(ls is not None and len(ls) == len(layers[0]) for ls in layers)  # type: ignore[arg-type]
+        for per_part in zip(*layers, strict=True):
+            per_part[0].keys = torch.cat([_left_pad_columns(la.keys, width) for la in per_part])
+            per_part[0].values = torch.cat([_left_pad_columns(la.values, width) for la in per_part])
+            for la in per_part[1:]:
+                la.keys = la.values = None  # this layer's copy is in the first part's cache now
+
+        def cat(name: str) -> Tensor:
+            return torch.cat([getattr(p, name) for p in parts])
+
         return _Slots(
-            torch.cat([self.rows, other.rows]),
-            torch.cat([self.produced, other.produced]),
-            torch.cat([self.produced_host, other.produced_host]),
-            torch.cat([self.eos_seen, other.eos_seen]),
-            torch.cat([_left_pad_columns(self.mask, width), _left_pad_columns(other.mask, width)]),
-            torch.cat([self.positions, other.positions]),
-            self.cache,
-            torch.cat([self.logits, other.logits]),
-        )
+            cat("rows"), cat("produced"), cat("produced_host"), cat("eos_seen"),
+            torch.cat([_left_pad_columns(p.mask, width) for p in parts]),
+            cat("positions"), parts[0].cache, cat("logits"),
+        )  # fmt: skip
 
 
 class HFRolloutEngine:
@@ -165,6 +182,10 @@ class HFRolloutEngine:
         pad_token_id: the tokenizer's pad id.
         eos_token_id: the id (or ids) that end a response.
         batch_size: decode slots (sequences decoded together); bounds generation memory.
+        prefill_tokens: prompts admitted together are prefilled in groups of at most this many (padded)
+            tokens, at least one prompt each, and joined into the batch: the prefill's activations are
+            bounded by this budget, not by the number of decode slots (models whose cache cannot take
+            rows mid-decode prefill a batch at once).
         show_progress: a progress bar over finished sequences.
     """
 
@@ -175,10 +196,14 @@ class HFRolloutEngine:
         pad_token_id: int,
         eos_token_id: int | list[int],
         batch_size: int = 64,
+        prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
         show_progress: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size (decode slots) must be >= 1, got {batch_size}")
+        if prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
+        self.prefill_tokens = prefill_tokens
         self.model = model
         self.pad_token_id = pad_token_id
         self.eos_token_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
@@ -258,6 +283,24 @@ class HFRolloutEngine:
         except TypeError:  # transformers releases before the config argument
             return DynamicCache()
 
+    def _prefill_groups(
+        self, prompts: list[list[int]], first: int, forward: Any, device: torch.device
+    ) -> _Slots:
+        """Rows ``first, first + 1, ...`` for ``prompts``, prefilled in groups of at most
+        ``prefill_tokens`` padded tokens (at least one prompt each) and joined."""
+        parts, start = [], 0
+        while start < len(prompts):
+            end, longest = start + 1, len(prompts[start])
+            while (
+                end < len(prompts)
+                and (end + 1 - start) * max(longest, len(prompts[end])) <= self.prefill_tokens
+            ):
+                longest = max(longest, len(prompts[end]))
+                end += 1
+            parts.append(self._prefill(prompts[start:end], first + start, forward, device))
+            start = end
+        return _Slots.concat(parts)
+
     def _prefill(self, prompts: list[list[int]], first: int, forward: Any, device: torch.device) -> _Slots:
         """Rows ``first, first + 1, ...`` for ``prompts``: the prompts through the model, left-padded."""
         ids, mask = left_pad(prompts, self.pad_token_id, device)
@@ -294,14 +337,14 @@ class HFRolloutEngine:
 
         slots: _Slots | None = None
         waiting = 0  # the next row to admit
-        joinable = False  # whether this model's cache takes rows mid-decode (known after the first prefill)
+        joinable = _joinable(self._new_cache())  # whether this model's cache takes rows mid-decode
+        prefill = self._prefill_groups if joinable else self._prefill
         while True:
             free = self.batch_size - (len(slots) if slots is not None else 0)
             if waiting < total and (slots is None or (joinable and free >= threshold)):
                 take = min(free, total - waiting)
-                new = self._prefill(prompts[waiting : waiting + take], waiting, forward, device)
-                joinable = _full_attention_layers(new.cache) is not None
-                slots = new if slots is None else slots.join(new)
+                new = prefill(prompts[waiting : waiting + take], waiting, forward, device)
+                slots = new if slots is None else _Slots.concat([slots, new])
                 waiting += take
             if slots is None:
                 break

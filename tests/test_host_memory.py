@@ -1,0 +1,98 @@
+"""Where full fine-tuning's memory goes: a tied embedding's gradient, and freed host memory."""
+
+from __future__ import annotations
+
+import ctypes.util
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from flowrl.models import tied_embedding_gradient_in_place
+from flowrl.policy import Policy
+
+
+def _model(tied: bool) -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
+    return Qwen2ForCausalLM(cfg)
+
+
+def _grads(model: Qwen2ForCausalLM, backwards: int) -> dict[str, torch.Tensor]:
+    policy = Policy(model, logprob_chunk_size=7)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(backwards):  # accumulation across micro-batches, as the trainer does
+        ids = torch.randint(0, 300, (3, 12), generator=gen)
+        out = policy(ids, torch.ones_like(ids), 5, with_log_z=False)
+        out.logprobs.sum().backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("backwards", [1, 2])
+def test_a_tied_embeddings_gradient_added_in_place_equals_autograds(backwards: int) -> None:
+    dense = _grads(_model(tied=True), backwards)
+    model = _model(tied=True)
+    assert tied_embedding_gradient_in_place(model)
+    in_place = _grads(model, backwards)
+    assert dense.keys() == in_place.keys()
+    for name, grad in in_place.items():
+        torch.testing.assert_close(grad, dense[name], rtol=1e-5, atol=1e-7)
+
+
+def test_an_embedding_alone_still_gets_its_gradient() -> None:
+    model = _model(tied=True)
+    tied_embedding_gradient_in_place(model)
+    emb = model.get_input_embeddings()
+    emb(torch.tensor([[1, 2, 2]])).sum().backward()  # no output head in this pass
+    with torch.no_grad():
+        assert not emb(torch.tensor([1])).requires_grad  # passes without gradient are untouched
+    expected = torch.zeros_like(emb.weight)
+    expected[1], expected[2] = 1.0, 2.0
+    torch.testing.assert_close(emb.weight.grad, expected)
+
+
+def test_untied_or_frozen_embeddings_are_left_alone() -> None:
+    untied = _model(tied=False)
+    assert not tied_embedding_gradient_in_place(untied)
+    assert not untied.get_input_embeddings()._forward_hooks
+    frozen = _model(tied=True)
+    frozen.requires_grad_(False)
+    assert not tied_embedding_gradient_in_place(frozen)
+    assert not frozen.get_input_embeddings()._forward_hooks
+
+
+@pytest.mark.skipif(ctypes.util.find_library("c") is None, reason="no C library found")
+def test_large_blocks_go_back_to_the_system_when_freed() -> None:
+    """With the threshold fixed, a freed 16 MB tensor leaves the process's resident memory at once, also
+    after glibc would have raised its threshold past it (by freeing a larger mapped block)."""
+    script = """
+import torch
+from flowrl.host_memory import return_large_blocks
+def rss():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096
+ok = return_large_blocks() if FIX else True
+torch.ones(6 << 20).sum()  # 24 MB, mapped and freed: glibc would raise its threshold to it here
+before = rss()
+t = torch.ones(4 << 20)  # 16 MB
+held = rss() - before
+del t
+print(ok, held, rss() - before)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", "FIX = True\n" + script], capture_output=True, text=True, check=True
+    ).stdout
+    ok, held, after = out.split()
+    if ok != "True":
+        pytest.skip("not glibc: the threshold cannot be set")
+    assert int(held) > 15e6
+    assert int(after) < 2e6
