@@ -28,7 +28,7 @@ SIGTERM (:mod:`flowrl.stopping`) is honoured at three points of a step, agreed a
 rollout and after scoring, where the step is abandoned (nothing of it is applied), and at its end; then
 the checkpoint of the last completed step is written and :meth:`Trainer.fit` returns.
 
-Data parallelism (``torchrun --nproc_per_node K -m flowrl.cli train CONFIG.yaml``): K processes compute
+Data parallelism (``torchrun --nproc_per_node K -m flowrl.commands train CONFIG.yaml``): K processes compute
 what one process computes; :mod:`flowrl.distributed` says how (prompts, random streams, advantages,
 mini-batches, metrics), :mod:`flowrl.sharding` what ``train.strategy=fsdp2`` adds.
 """
