@@ -47,6 +47,7 @@ def _commands_loaded(*modules: str) -> list[str]:
     return done.stdout.split()
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch and transformers
 def test_the_library_imports_without_the_commands() -> None:
     assert _commands_loaded(*LIBRARY) == []
     assert _commands_loaded("flowrl.commands.toy") == [

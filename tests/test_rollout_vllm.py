@@ -31,6 +31,7 @@ needs_vllm_gpu = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and transformers
 def test_vllm_is_imported_only_when_chosen() -> None:
     code = "import sys, flowrl.trainer, flowrl.rollout, flowrl.rollout.vllm; print('vllm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
