@@ -26,6 +26,8 @@ demo: $(STAMP)
 toy: $(STAMP)
 	$(BIN)/flowrl toy --plot outputs/toy.png
 
+# The default tier: in-process tests, at or under a minute on an idle 2-core machine. CI adds test-slow
+# (subprocess and multi-process tests, longer end-to-end runs) and test-verl.
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
