@@ -4,6 +4,11 @@
 the overrides with OmegaConf structured configs (types checked by OmegaConf), then :func:`validate`
 checks the combinations. An unknown key is named together with the closest valid one.
 
+``algorithm.loss`` and ``algorithm.advantage`` hold the chosen objective's options: the dataclasses
+defined next to its functions (``flowrl.objectives``: ``FlowRLLossOptions``, ``GRPOLossOptions``, ...;
+:func:`options_help` lists them all). A YAML mapping with some of their keys maps onto them, the others
+keep their defaults, and a loaded config (and the ``config.yaml`` saved with a run) shows every one.
+
 Defaults trace to the paper (arXiv 2509.15207; docs/algorithm.md#4-training-settings) unless a comment
 says otherwise.
 """
@@ -12,15 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from flowrl.objectives import LOG_Z_MODE, LOG_Z_MODES, OBJECTIVES, Options
+from flowrl.partition import DROPOUT, NUM_LAYERS
+from flowrl.policy import DEFAULT_LOGPROB_CHUNK_SIZE
 
 
 @dataclass
@@ -43,11 +52,12 @@ class ModelConfig:
     # the reference model's weights (full fine-tuning only; with LoRA the reference is the base itself);
     # None: bfloat16 on GPU, the policy's dtype on CPU
     ref_dtype: str | None = None
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (rank 0: full fine-tuning)
     attn_implementation: str = "sdpa"  # "sdpa", "eager" or "flash_attention_2"
     gradient_checkpointing: bool | None = None  # None: on for GPU, off on CPU
-    trust_remote_code: bool = False
-    logprob_chunk_size: int = 1024  # tokens per chunk of the log-softmax (memory: chunk x vocabulary)
+    trust_remote_code: bool = False  # run the model repository's own code (transformers' trust_remote_code)
+    # tokens per chunk of the log-softmax (memory: chunk x vocabulary)
+    logprob_chunk_size: int = DEFAULT_LOGPROB_CHUNK_SIZE
 
 
 @dataclass
@@ -69,7 +79,7 @@ class RolloutConfig:
     engine: str = "hf"  # "hf": the project's decode loop on the policy itself; "vllm": flowrl[vllm], CUDA
     num_samples_per_prompt: int = 8  # n responses per prompt (a GRPO/FlowRL group)
     temperature: float = 1.0  # paper: 1.0 for math, 0.6 for code; log-probs use the same temperature
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling; 1.0 disables it
     top_k: int = 0  # 0 disables top-k
     max_new_tokens: int = 8192  # paper: 8192 response tokens
     batch_size: int = 64  # hf engine: decode slots (continuous batching); vLLM schedules its own
@@ -82,8 +92,11 @@ class RolloutConfig:
 @dataclass
 class AlgorithmConfig:
     name: str = "flowrl"  # a key of flowrl.objectives.OBJECTIVES: flowrl, grpo, dr_grpo, reinforce_pp
-    loss: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the objective's loss function
-    advantage: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its advantage function
+    # The objective's loss options: OBJECTIVES[name].loss_options (flowrl: FlowRLLossOptions with beta,
+    # importance_weight, ...), every one with its default once loaded; a YAML mapping maps onto it.
+    # (Typed Any here because the dataclass depends on name: validate() makes it that dataclass.)
+    loss: Any = field(default_factory=dict)
+    advantage: Any = field(default_factory=dict)  # its advantage's: OBJECTIVES[name].advantage_options
 
 
 @dataclass
@@ -95,9 +108,10 @@ class LogZConfig:
     # beta * r_hat + ell_ref - ell, the value that minimizes the group's loss, computed before the update
     # without gradient (flowrl.objectives.group_log_z says why detaching changes no gradient). The
     # settings below are the head's, unused in group mode.
-    mode: str = "head"
-    num_layers: int = 3  # MLP depth (docs/algorithm.md#3-switches); 0 = no head, log Z = 0 (ablation)
-    dropout: float = 0.1
+    mode: str = LOG_Z_MODE
+    # MLP depth (docs/algorithm.md#3-switches); 0 = no head, log Z = 0 (ablation)
+    num_layers: int = NUM_LAYERS
+    dropout: float = DROPOUT  # after each hidden block of the head (the reference code's)
     lr: float | None = None  # None: the policy's learning rate (the reference code shares the optimizer)
     weight_decay: float | None = None  # None: the policy's weight decay
     detach_input: bool = False  # stop the TB gradient into the backbone through log Z
@@ -106,11 +120,13 @@ class LogZConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-6
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0
+    """AdamW (the reference code's optimizer) and its schedule."""
+
+    lr: float = 1e-6  # the policy's learning rate (the paper's)
+    weight_decay: float = 0.1  # AdamW's decoupled weight decay (the paper's)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's (beta1, beta2), torch's
+    eps: float = 1e-8  # AdamW's epsilon, torch's default
+    max_grad_norm: float = 1.0  # gradients clipped to this global norm (the paper's)
     warmup_steps: int = 10  # RL steps of linear warm-up
     schedule: str = "constant"  # after warm-up: "constant" or "cosine"
 
@@ -124,7 +140,7 @@ class RewardConfig:
 @dataclass
 class TrainConfig:
     total_steps: int = 200  # RL steps (one rollout batch each)
-    prompts_per_step: int = 512
+    prompts_per_step: int = 512  # prompts per rollout batch (each gets num_samples_per_prompt responses)
     mini_batch_size: int = 256  # sequences per optimizer step (paper: 32 prompts x 8 = 256)
     micro_batch_size: int = 8  # sequences per forward/backward; does not change the loss
     # sequences per forward of the passes without gradient (reference, old policy), which keep no
@@ -137,19 +153,19 @@ class TrainConfig:
     # keep AdamW's states and float32 master weights in host memory (one-GPU full fine-tuning): 12 bytes
     # per trainable parameter off the device, two copies per optimizer step over the host link
     offload_optimizer: bool = False
-    seed: int = 0
+    seed: int = 0  # seeds the head, sampling, data order and dropout (results repeat for a seed)
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
     bf16: bool | None = None  # autocast to bfloat16; None: on for CUDA, off on CPU
     # run the reference forward in a second thread while rewards are scored; None: on for CUDA, off on
     # CPU (there torch already uses every core, and a second thread's OpenMP team competes with decoding)
     overlap_reference: bool | None = None
-    output_dir: str = "runs/flowrl"
+    output_dir: str = "runs/flowrl"  # the run's directory: config.yaml, metrics, checkpoints, plots
     save_every: int = 50  # steps between checkpoints (and always at the end); 0 = only at the end
     keep_checkpoints: int = 2  # most recent checkpoints kept on disk
     log_every: int = 1  # steps between console lines (JSONL / TensorBoard / W&B get every step)
     sample_every: int = 10  # steps between printed sample responses; 0 = never
-    num_samples_to_show: int = 3
-    tensorboard: bool = True
+    num_samples_to_show: int = 3  # sample responses printed every sample_every steps
+    tensorboard: bool = True  # also write TensorBoard event files (metrics.jsonl is always written)
     wandb_project: str | None = None  # log to W&B when set and wandb is installed
     progress: bool = True  # progress bars during generation and updates
     plot: bool = True  # PNG of reward, loss, log Z and length at the end
@@ -230,21 +246,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
-# The option sections of an objective: (config section, the function whose keyword-only arguments they
-# are, the arguments the trainer passes itself).
-_OBJECTIVE_OPTIONS = {
-    "loss": ("loss_fn", {"normalizer"}),
-    "advantage": ("advantage_fn", {"num_samples_per_prompt", "valid"}),
-}
+# The option sections of an objective: config section -> the Objective attribute with its dataclass.
+_OBJECTIVE_OPTIONS = {"loss": "loss_options", "advantage": "advantage_options"}
 
 
 def _keys(conf: Any) -> list[str]:
     return [str(k) for k in conf.keys()] if isinstance(conf, DictConfig) else []
-
-
-def _allowed_kwargs(fn: Any, reserved: set[str]) -> list[str]:
-    params = inspect.signature(fn).parameters
-    return [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in reserved]
 
 
 def drop_options_of_other_objective(
@@ -270,16 +277,14 @@ def drop_options_of_other_objective(
         One note per dropped option, e.g. ``note: algorithm.name=grpo does not take algorithm.loss.beta
         (from configs/x.yaml); dropped``.
     """
-    from flowrl.objectives import OBJECTIVES
-
     name = cfg.algorithm.name
     if name == file_objective or name not in OBJECTIVES or file_objective not in OBJECTIVES:
         return []
     notes = []
-    for section, (fn_attr, reserved) in _OBJECTIVE_OPTIONS.items():
+    for section, attribute in _OBJECTIVE_OPTIONS.items():
         options: dict[str, Any] = getattr(cfg.algorithm, section)
-        taken = _allowed_kwargs(getattr(OBJECTIVES[name], fn_attr), reserved)
-        written_for = _allowed_kwargs(getattr(OBJECTIVES[file_objective], fn_attr), reserved)
+        taken = getattr(OBJECTIVES[name], attribute).names()
+        written_for = getattr(OBJECTIVES[file_objective], attribute).names()
         for key in list(options):
             if key not in taken and key in written_for and key not in explicit.get(section, set()):
                 del options[key]
@@ -290,19 +295,60 @@ def drop_options_of_other_objective(
     return notes
 
 
-def _check_kwargs(fn: Any, kwargs: dict[str, Any], where: str, reserved: set[str]) -> None:
-    allowed = _allowed_kwargs(fn, reserved)
-    for key in kwargs:
-        if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown option {where}.{key}{hint} (valid: {', '.join(allowed)})")
+def typed_options(options: type[Options], values: Mapping[str, Any], where: str) -> Options:
+    """``values`` (a config section: a mapping with some of the options) as the ``options`` dataclass.
+
+    The keys are checked first (an unknown one is named with the closest option and all valid ones),
+    then the values' types through OmegaConf (so YAML's ``1e-6`` or ``"0.3"`` become floats), then the
+    dataclass's own checks (choices, ranges); each error names ``where``.
+    """
+    if isinstance(values, options):
+        return values
+    values = dict(values)  # a dict, a DictConfig, or another objective's options (whose keys then fail)
+    options.check_keys(values, where)
+    schema = OmegaConf.structured(options)
+    OmegaConf.set_readonly(schema, False)  # a frozen dataclass's node is read-only
+    try:
+        merged = OmegaConf.merge(schema, values)
+    except ValidationError as exc:
+        message = str(exc.msg).splitlines()[0]
+        raise ValueError(f"invalid value in {where}: {message} (key {where}.{exc.full_key})") from exc
+    try:
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from exc
+
+
+def _with_typed_options(algorithm: AlgorithmConfig) -> AlgorithmConfig:
+    """``algorithm`` with its ``loss`` and ``advantage`` as the objective's dataclasses."""
+    objective = OBJECTIVES[algorithm.name]
+    typed = {
+        section: typed_options(
+            getattr(objective, attribute), getattr(algorithm, section), f"algorithm.{section}"
+        )
+        for section, attribute in _OBJECTIVE_OPTIONS.items()
+    }
+    return dataclasses.replace(algorithm, **typed)
+
+
+def options_help() -> str:
+    """Every objective's ``algorithm.loss`` / ``algorithm.advantage`` options with defaults and help."""
+    lines = []
+    for name, objective in OBJECTIVES.items():
+        if objective.needs_values:
+            continue  # PPO needs a critic: not a choice of this trainer
+        lines.append(f"algorithm.name={name}:")
+        for section, attribute in _OBJECTIVE_OPTIONS.items():
+            lines += [f"  {line}" for line in getattr(objective, attribute).describe(f"algorithm.{section}")]
+    return "\n".join(lines)
 
 
 def validate(cfg: Config) -> None:
-    """Check combinations OmegaConf's types cannot; raise ``ValueError`` saying what to change."""
-    from flowrl.objectives import LOG_Z_MODES, OBJECTIVES
+    """Check combinations OmegaConf's types cannot; raise ``ValueError`` saying what to change.
 
+    ``cfg.algorithm.loss`` and ``cfg.algorithm.advantage`` become the objective's option dataclasses
+    (:func:`typed_options`), every option with its value or default.
+    """
     name = cfg.algorithm.name
     if name not in OBJECTIVES:
         raise ValueError(f"algorithm.name={name!r} is not one of {sorted(OBJECTIVES)}")
@@ -312,19 +358,16 @@ def validate(cfg: Config) -> None:
             f"algorithm.name={name!r} needs a value model, which the LM trainer does not train; "
             "use flowrl, grpo, dr_grpo or reinforce_pp"
         )
-    _check_kwargs(objective.loss_fn, cfg.algorithm.loss, "algorithm.loss", {"normalizer"})
-    _check_kwargs(
-        objective.advantage_fn,
-        cfg.algorithm.advantage,
-        "algorithm.advantage",
-        {"num_samples_per_prompt", "valid"},
-    )
+    cfg.algorithm = _with_typed_options(cfg.algorithm)
     t = cfg.train
     n = cfg.rollout.num_samples_per_prompt
     if n < 1 or t.prompts_per_step < 1:
         raise ValueError("rollout.num_samples_per_prompt and train.prompts_per_step must be >= 1")
-    if n == 1 and name != "reinforce_pp":
-        raise ValueError(f"{name} normalizes rewards within a group: set rollout.num_samples_per_prompt >= 2")
+    if n == 1 and objective.needs_groups:
+        raise ValueError(
+            f"{name} compares the responses of a prompt within its group: set "
+            "rollout.num_samples_per_prompt >= 2"
+        )
     if t.micro_batch_size < 1 or t.mini_batch_size < t.micro_batch_size:
         raise ValueError(
             f"need 1 <= train.micro_batch_size <= train.mini_batch_size "
@@ -390,10 +433,16 @@ def validate(cfg: Config) -> None:
 
 
 def to_yaml(cfg: Config) -> str:
-    """The resolved config as YAML (printed at start and saved with the run)."""
+    """The resolved config as YAML (printed at start and saved with the run): every option of the
+    objective shows, with its value or default."""
+    if cfg.algorithm.name in OBJECTIVES:
+        cfg = dataclasses.replace(cfg, algorithm=_with_typed_options(cfg.algorithm))
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def from_dict(data: dict[str, Any]) -> Config:
-    """A :class:`Config` from a plain dict (a saved run's config)."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))  # type: ignore[return-value]
+    """A :class:`Config` from a plain dict (a saved run's config), its objective's options typed."""
+    cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))  # type: ignore[assignment]
+    if cfg.algorithm.name in OBJECTIVES:
+        cfg.algorithm = _with_typed_options(cfg.algorithm)
+    return cfg

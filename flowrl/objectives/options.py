@@ -77,6 +77,13 @@ class Options(Mapping[str, Any]):
                 a value the dataclass refuses.
         """
         values = dict(values or {})
+        cls.check_keys(values, where)
+        return cls(**values)
+
+    @classmethod
+    def check_keys(cls, values: Mapping[str, Any], where: str) -> None:
+        """Raise a ValueError for the first key of ``values`` that is not an option, naming the closest
+        option and all valid ones (``where``: the section's name, e.g. ``"algorithm.loss"``)."""
         names = cls.names()
         for key in values:
             if key not in names:
@@ -84,13 +91,17 @@ class Options(Mapping[str, Any]):
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 valid = ", ".join(names) if names else "none: it takes no options"
                 raise ValueError(f"unknown option {where}.{key}{hint} (valid: {valid})")
-        return cls(**values)
 
     @classmethod
     def describe(cls, prefix: str) -> list[str]:
-        """One line per option: ``prefix.name = default: help`` (for ``--help`` and docs)."""
+        """One line per option: ``prefix.name=default: help`` (for ``--help`` and docs)."""
         fields = dataclasses.fields(cls)
-        return [f"{prefix}.{f.name} = {f.default!r}: {f.metadata.get('help', '')}" for f in fields]
+        return [f"{prefix}.{f.name}={_shown(f.default)}: {f.metadata.get('help', '')}" for f in fields]
+
+
+def _shown(value: Any) -> str:
+    """A default as it is written on a command line or in YAML (``null`` for None)."""
+    return "null" if value is None else str(value)
 
 
 @dataclasses.dataclass(frozen=True)
