@@ -77,17 +77,14 @@ from trl.trainer.utils import FusedCausalLMOutput, disable_dropout_in_model
 from flowrl.checkpoint import HEAD_FILE, load_log_z_head
 from flowrl.objectives import flowrl_loss
 from flowrl.objectives.flowrl import (
-    BETA,
-    CLIP_EPS,
-    IMPORTANCE_WEIGHT_MODES,
+    LOG_Z_MODE,
     LOG_Z_MODES,
-    MAX_IMPORTANCE_WEIGHT,
-    REFERENCES,
-    SEQUENCE_WEIGHTINGS,
+    FlowRLLossOptions,
     group_log_z_terms,
     weighted_mean_by_group,
 )
 from flowrl.objectives.masked import masked_mean
+from flowrl.objectives.options import check_choice
 from flowrl.partition import DROPOUT, LOG_Z_PREFIX, NUM_LAYERS, LogZHead, is_log_z_param, pool_prompt_states
 from flowrl.rewards.base import RewardFn, RewardStatus
 from flowrl.rewards.registry import score_batch
@@ -119,6 +116,14 @@ _REFERENCE_SWITCH = 1.0
 compute its log-probs. The value is never used: the FlowRL loss has no KL term."""
 
 
+def _loss_option(name: str) -> Any:
+    """The ``FlowRLConfig`` field of :class:`~flowrl.objectives.FlowRLLossOptions`' option ``name``: its
+    default and help, so they are written once, next to the loss."""
+    return field(
+        default=FlowRLLossOptions.default_of(name), metadata={"help": FlowRLLossOptions.help_of(name) + "."}
+    )
+
+
 @dataclass
 class FlowRLConfig(GRPOConfig):
     """TRL's ``GRPOConfig`` plus FlowRL's loss and partition-head settings.
@@ -142,34 +147,13 @@ class FlowRLConfig(GRPOConfig):
         },
     )
 
-    flowrl_beta: float = field(
-        default=BETA,
-        metadata={"help": "Inverse temperature of FlowRL's target exp(beta r_hat) pi_ref / Z (paper: 15)."},
-    )
-    flowrl_importance_weight: str = field(
-        default="clamp",
-        metadata={
-            "help": "Sequence-level importance weight: 'clamp' min(w, flowrl_max_importance_weight) (the "
-            "authors' later default), 'clip' to [1-eps, 1+eps] (the paper's text), 'none', 'on_policy'."
-        },
-    )
-    flowrl_max_importance_weight: float = field(
-        default=MAX_IMPORTANCE_WEIGHT, metadata={"help": "Cap of the 'clamp' importance weight."}
-    )
-    flowrl_clip_eps: float = field(
-        default=CLIP_EPS, metadata={"help": "Half-width of the 'clip' importance-weight interval."}
-    )
-    flowrl_reference: str = field(
-        default="ref",
-        metadata={"help": "Policy in the residual: 'ref' (the paper) or 'old' (an ablation of the authors)."},
-    )
-    flowrl_sequence_weighting: str = field(
-        default="mean",
-        metadata={
-            "help": "'mean': plain mean over sequences; 'length': weighted by response length (what a "
-            "loss-scaling bug in the reference code did)."
-        },
-    )
+    # FlowRL's loss switches: flowrl.objectives.FlowRLLossOptions, field by field (its defaults and help).
+    flowrl_beta: float = _loss_option("beta")
+    flowrl_importance_weight: str = _loss_option("importance_weight")
+    flowrl_max_importance_weight: float = _loss_option("max_importance_weight")
+    flowrl_clip_eps: float = _loss_option("clip_eps")
+    flowrl_reference: str = _loss_option("reference")
+    flowrl_sequence_weighting: str = _loss_option("sequence_weighting")
     flowrl_old_logprobs: str = field(
         default="trainer",
         metadata={
@@ -185,7 +169,7 @@ class FlowRLConfig(GRPOConfig):
         },
     )
     log_z_mode: str = field(
-        default="head",
+        default=LOG_Z_MODE,
         metadata={
             "help": "Where log Z(x) comes from: 'head', a learned partition head on the prompt's hidden "
             "states (the paper's); 'group', no head: each prompt's log Z is the importance-weighted mean "
@@ -223,7 +207,7 @@ class FlowRLConfig(GRPOConfig):
     )
 
     def __post_init__(self) -> None:
-        _check_choice("log_z_mode", self.log_z_mode, LOG_Z_MODES)
+        check_choice("log_z_mode", self.log_z_mode, LOG_Z_MODES)
         if self.log_z_mode == "group":  # before GRPOConfig's own check, so the message names the mode
             for name in ("num_generations", "num_generations_eval"):
                 value = getattr(self, name)
@@ -241,10 +225,8 @@ class FlowRLConfig(GRPOConfig):
                     "log_z_init_path or use log_z_mode='head'"
                 )
         super().__post_init__()
-        _check_choice("flowrl_importance_weight", self.flowrl_importance_weight, IMPORTANCE_WEIGHT_MODES)
-        _check_choice("flowrl_reference", self.flowrl_reference, REFERENCES)
-        _check_choice("flowrl_sequence_weighting", self.flowrl_sequence_weighting, SEQUENCE_WEIGHTINGS)
-        _check_choice("flowrl_old_logprobs", self.flowrl_old_logprobs, OLD_LOGPROBS)
+        self.loss_options()  # FlowRLLossOptions checks its choices and bounds
+        check_choice("flowrl_old_logprobs", self.flowrl_old_logprobs, OLD_LOGPROBS)
         if self.beta != 0.0:
             raise ValueError(
                 f"beta={self.beta} is TRL's KL coefficient; FlowRL has no KL term (the reference policy "
@@ -291,10 +273,13 @@ class FlowRLConfig(GRPOConfig):
         if self.log_z_init_path is not None and not Path(self.log_z_init_path).is_file():
             raise FileNotFoundError(f"log_z_init_path {self.log_z_init_path!r} is not a file")
 
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; use one of {', '.join(choices)}")
+    def loss_options(self) -> FlowRLLossOptions:
+        """The ``flowrl_*`` loss fields as :class:`~flowrl.objectives.FlowRLLossOptions`."""
+        values = {name: getattr(self, f"flowrl_{name}") for name in FlowRLLossOptions.names()}
+        try:
+            return FlowRLLossOptions(**values)
+        except ValueError as exc:  # the options' names lack the fields' prefix
+            raise ValueError(f"FlowRLConfig: {exc} (the option <name> is the field flowrl_<name>)") from exc
 
 
 def new_log_z_head(hidden_size: int, args: FlowRLConfig) -> LogZHead:
@@ -591,14 +576,7 @@ class FlowRLTrainer(GRPOTrainer):
         self.prompts_filtered: dict[str, dict[str, int]] = {}
         if args.flowrl_max_prompt_length is not None:
             self._drop_long_prompts(args.flowrl_max_prompt_length)
-        self._flowrl_kwargs = dict(
-            beta=args.flowrl_beta,
-            importance_weight=args.flowrl_importance_weight,
-            max_importance_weight=args.flowrl_max_importance_weight,
-            clip_eps=args.flowrl_clip_eps,
-            reference=args.flowrl_reference,
-            sequence_weighting=args.flowrl_sequence_weighting,
-        )
+        self._flowrl_kwargs = dict(args.loss_options())
 
     def _drop_long_prompts(self, max_prompt_length: int) -> None:
         """Apply the prompt cap to the train and eval datasets; count and log what is removed."""

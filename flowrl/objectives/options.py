@@ -60,6 +60,11 @@ class Options(Mapping[str, Any]):
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
+    def default_of(cls, name: str) -> Any:
+        """The default of option ``name``."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}[name]
+
+    @classmethod
     def help_of(cls, name: str) -> str:
         """The help text of option ``name``."""
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}[name]

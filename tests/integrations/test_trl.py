@@ -568,7 +568,8 @@ def test_reward_adapter_scores_rows_and_reports_failures() -> None:
         (dict(entropy_coef=0.01), "entropy"),
         (dict(vllm_importance_sampling_correction=True), "flowrl_old_logprobs='rollout'"),
         (dict(flowrl_old_logprobs="rollout"), "use_vllm"),
-        (dict(flowrl_importance_weight="clamped"), "unknown flowrl_importance_weight"),
+        (dict(flowrl_importance_weight="clamped"), "unknown importance_weight 'clamped'.*flowrl_<name>"),
+        (dict(flowrl_clip_eps=1.5, flowrl_importance_weight="clip"), "clip_eps must be in"),
         (dict(flowrl_max_prompt_length=0), "flowrl_max_prompt_length must be >= 1"),
         (dict(log_z_mode="heads"), "unknown log_z_mode 'heads'; use one of head, group"),
         (dict(log_z_mode="group", num_generations=1), "needs at least 2 per prompt; got num_generations=1"),
@@ -581,6 +582,28 @@ def test_config_refuses_settings_that_would_change_the_objective(
 ) -> None:
     with pytest.raises(ValueError, match=match):
         FlowRLConfig(output_dir=str(tmp_path), **{**CPU_RUN, **BATCH, **overrides})
+
+
+def test_the_loss_fields_are_the_objectives_options(tmp_path: Path) -> None:
+    """FlowRLConfig's flowrl_* loss fields are FlowRLLossOptions field by field: its defaults and help
+    (written once, next to the loss), shown by --help, and handed to the loss as those options."""
+    import dataclasses
+
+    from trl import TrlParser
+
+    from flowrl.objectives import FlowRLLossOptions
+    from flowrl.partition import DROPOUT, NUM_LAYERS
+
+    fields = {f.name: f for f in dataclasses.fields(FlowRLConfig)}
+    for name in FlowRLLossOptions.names():
+        assert fields[f"flowrl_{name}"].default == FlowRLLossOptions.default_of(name), name
+        assert FlowRLLossOptions.help_of(name) in fields[f"flowrl_{name}"].metadata["help"], name
+    assert (fields["log_z_num_layers"].default, fields["log_z_dropout"].default) == (NUM_LAYERS, DROPOUT)
+    args = FlowRLConfig(output_dir=str(tmp_path), **CPU_RUN, flowrl_beta=3.0)
+    assert args.loss_options() == FlowRLLossOptions(beta=3.0)
+    shown = " ".join(TrlParser([FlowRLConfig]).format_help().split())
+    assert "--flowrl_beta FLOWRL_BETA" in shown and "inverse temperature of the target" in shown
+    assert "--log_z_mode LOG_Z_MODE" in shown
 
 
 def test_example_configs_parse() -> None:
