@@ -75,6 +75,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import FusedCausalLMOutput, disable_dropout_in_model
 
 from flowrl.checkpoint import HEAD_FILE, load_log_z_head
+from flowrl.config import DataConfig
 from flowrl.objectives import flowrl_loss
 from flowrl.objectives.flowrl import (
     LOG_Z_MODE,
@@ -100,8 +101,9 @@ recomputed by the trainer (or the current log-probs, detached, when TRL skips th
 update is on-policy); ``rollout``: the log-probs vLLM reported while sampling, so the weight also
 corrects the vLLM/trainer mismatch (tokens vLLM could not score fall back to ``trainer``)."""
 
-MAX_PROMPT_LENGTH = 2048
-"""The paper's prompt cap in tokens (docs/algorithm.md#4-training-settings; verl's ``max_prompt_length``)."""
+MAX_PROMPT_LENGTH = DataConfig.max_prompt_length
+"""The paper's prompt cap in tokens, the project's trainer's ``data.max_prompt_length``
+(docs/algorithm.md#4-training-settings; verl's ``max_prompt_length``)."""
 
 PROCESSED_LOGPROBS = "processed_logprobs"
 """vLLM ``--logprobs-mode`` whose log-probs are those of the sampling distribution (after temperature and

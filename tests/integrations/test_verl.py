@@ -1512,3 +1512,22 @@ def test_group_mode_engine_has_no_head_and_trains_on_the_batchs_log_z(
     assert not (tmp_path / HEAD_FILE).exists() and not list(tmp_path.glob("log_z_head*"))
     hf_weights = load_file(str(tmp_path / "huggingface" / "model.safetensors"))
     assert hf_weights and not any(map(is_log_z_param, hf_weights))
+
+
+def test_the_flowrl_section_is_the_objectives_loss_options() -> None:
+    """One definition of FlowRL's options (flowrl.objectives.FlowRLLossOptions) for the project's trainer,
+    TRL and verl: the section's defaults are its defaults; the sequence weighting is verl's
+    loss_agg_mode, so the section refuses it and the options follow the actor's mode."""
+    from flowrl.objectives import FlowRLLossOptions as Objectives
+
+    assert FlowRLLossOptions is Objectives
+    defaults = {k: v for k, v in FLOWRL_DEFAULTS.items() if k != "log_z"}
+    assert defaults == {k: v for k, v in dict(Objectives()).items() if k != "sequence_weighting"}
+    options, _ = flowrl_section(
+        compose_config([*REQUIRED, "actor_rollout_ref.actor.loss_agg_mode=token-mean"])
+    )
+    assert options == Objectives(sequence_weighting="length")
+    with pytest.raises(
+        ValueError, match="flowrl.sequence_weighting .* actor_rollout_ref.actor.loss_agg_mode"
+    ):
+        compose_config([*REQUIRED, "+flowrl.sequence_weighting=length"])

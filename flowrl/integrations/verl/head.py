@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowrl.objectives.flowrl import LOG_Z_MODES
+from flowrl.objectives.flowrl import LOG_Z_MODE, LOG_Z_MODES
 from flowrl.partition import DROPOUT, LOG_Z_PREFIX, NUM_LAYERS, LogZHead, is_log_z_param, pool_prompt_states
 
 LOG_Z_MODULE = LOG_Z_PREFIX.rstrip(".")
@@ -50,7 +50,7 @@ class LogZSettings:
     # "head": the partition head below (the paper's); "group": no head, each prompt's log Z is the group
     # estimate over the samples sharing its uid, computed by the driver before the actor update
     # (flowrl.objectives.group_log_z); the settings below are then unused
-    mode: str = "head"
+    mode: str = LOG_Z_MODE
     num_layers: int = NUM_LAYERS  # Linear layers; 0: no parameters, log Z = 0 (the authors' ablation)
     dropout: float = DROPOUT  # after each hidden block (the reference code's)
     detach_input: bool = False  # stop the trajectory-balance gradient into the backbone through log Z

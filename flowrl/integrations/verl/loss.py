@@ -43,7 +43,6 @@ mini-batches) are left out of the sum and still count in ``global_batch_size``, 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,13 +54,7 @@ from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.padding import no_padding_2_padding
 
 from flowrl.objectives import flowrl_loss, group_log_z
-from flowrl.objectives.flowrl import (
-    BETA,
-    CLIP_EPS,
-    IMPORTANCE_WEIGHT_MODES,
-    MAX_IMPORTANCE_WEIGHT,
-    REFERENCES,
-)
+from flowrl.objectives.flowrl import FlowRLLossOptions
 from flowrl.objectives.masked import masked_mean
 
 LOSS_MODE = "flowrl"
@@ -83,23 +76,10 @@ SCALED_MODE = "seq-mean-token-sum-norm"
 """The one ``loss_agg_mode`` verl's ``actor.loss_scale_factor`` applies to (``core_algos.agg_loss``)."""
 
 
-@dataclass(frozen=True)
-class FlowRLLossOptions:
-    """FlowRL's loss switches (the ``flowrl`` section of the verl config; docs/algorithm.md#3-switches)."""
-
-    beta: float = BETA  # inverse temperature of the target exp(beta r_hat) pi_ref / Z (paper: 15)
-    importance_weight: str = "clamp"  # one of flowrl.objectives.flowrl.IMPORTANCE_WEIGHT_MODES
-    max_importance_weight: float = MAX_IMPORTANCE_WEIGHT  # cap of "clamp"
-    clip_eps: float = CLIP_EPS  # half-width of "clip"
-    reference: str = "ref"  # policy in the residual: "ref" (the paper) or "old" (the authors' ablation)
-
-    def __post_init__(self) -> None:
-        for name, value, choices in (
-            ("importance_weight", self.importance_weight, IMPORTANCE_WEIGHT_MODES),
-            ("reference", self.reference, REFERENCES),
-        ):
-            if value not in choices:
-                raise ValueError(f"flowrl.{name}={value!r} is unknown; use one of {', '.join(choices)}")
+def loss_kwargs(options: FlowRLLossOptions, loss_agg_mode: str) -> dict[str, Any]:
+    """``options`` as :func:`flowrl.objectives.flowrl_loss` keywords, ``sequence_weighting`` from verl's
+    ``loss_agg_mode`` (:data:`SEQUENCE_WEIGHTING`): in verl the actor's aggregation mode decides it."""
+    return {**options, "sequence_weighting": SEQUENCE_WEIGHTING[loss_agg_mode]}
 
 
 def sequence_advantages(advantages: Tensor, response_mask: Tensor) -> Tensor:
@@ -162,12 +142,7 @@ def group_log_z_by_uid(
         mask,
         group_ids=group_ids,
         valid=mask.any(dim=-1),
-        beta=options.beta,
-        importance_weight=options.importance_weight,
-        max_importance_weight=options.max_importance_weight,
-        clip_eps=options.clip_eps,
-        reference=options.reference,
-        sequence_weighting=SEQUENCE_WEIGHTING[loss_agg_mode],
+        **loss_kwargs(options, loss_agg_mode),
     )
 
 
@@ -276,16 +251,7 @@ def compute_policy_loss_flowrl(
     )
     r_hat = sequence_advantages(advantages, mask)
     kept = [t[has_response] for t in (log_prob, old_log_prob, ref_log_prob, log_z, r_hat, mask)]
-    return flowrl_loss(
-        *kept,
-        beta=options.beta,
-        importance_weight=options.importance_weight,
-        max_importance_weight=options.max_importance_weight,
-        clip_eps=options.clip_eps,
-        reference=options.reference,
-        sequence_weighting=SEQUENCE_WEIGHTING[loss_agg_mode],
-        normalizer=normalizer,
-    )
+    return flowrl_loss(*kept, **loss_kwargs(options, loss_agg_mode), normalizer=normalizer)
 
 
 def flowrl_actor_loss(

@@ -20,7 +20,8 @@ weight sync); the trainer does these things around it:
   (:meth:`FlowRLTrainerSync._put_group_log_z`), where the loss closure reads it.
 
 The ``flowrl`` section of the config (defaults: :data:`FLOWRL_DEFAULTS`) holds the loss switches
-(:class:`~flowrl.integrations.verl.loss.FlowRLLossOptions`) and ``log_z`` (its mode and the head).
+(:class:`flowrl.objectives.FlowRLLossOptions`, the one definition the project's trainer and TRL use too)
+and ``log_z`` (its mode and the head).
 """
 
 from __future__ import annotations
@@ -52,11 +53,20 @@ from flowrl.integrations.verl.loss import (
 TRAINER_MODE = "flowrl_sync"
 """verl ``trainer.v1.trainer_mode`` of :class:`FlowRLTrainerSync`."""
 
+SET_BY_VERL = {"sequence_weighting": "actor_rollout_ref.actor.loss_agg_mode"}
+"""FlowRL options that verl's own config decides (the actor's ``loss_agg_mode`` gives the sequence weighting,
+:data:`~flowrl.integrations.verl.loss.SEQUENCE_WEIGHTING`), so they are not keys of the ``flowrl`` section."""
+
 FLOWRL_DEFAULTS: dict[str, Any] = {
-    **dataclasses.asdict(FlowRLLossOptions()),
+    **{
+        name: FlowRLLossOptions.default_of(name)
+        for name in FlowRLLossOptions.names()
+        if name not in SET_BY_VERL
+    },
     "log_z": dataclasses.asdict(LogZSettings()),
 }
-"""The ``flowrl`` section of the verl config, with its defaults (docs/algorithm.md#3-switches)."""
+"""The ``flowrl`` section of the verl config, with its defaults: flowrl.objectives.FlowRLLossOptions' (but
+those verl sets, :data:`SET_BY_VERL`) and ``log_z`` (docs/algorithm.md#3-switches)."""
 
 _VERL_ACTOR_PREFIX = "actor/"
 """What verl's trainer puts in front of every actor metric name that lacks it (``rename_dict``)."""
@@ -76,6 +86,9 @@ def unprefix_flowrl_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 def flowrl_section(config: DictConfig) -> tuple[FlowRLLossOptions, LogZSettings]:
     """The loss switches and head settings of a verl config's ``flowrl`` section (defaults if absent)."""
     section = OmegaConf.to_container(config.get("flowrl") or OmegaConf.create({}), resolve=True)
+    for name, where in SET_BY_VERL.items():
+        if name in section:
+            raise ValueError(f"flowrl.{name} is not set in the flowrl section: verl's {where} decides it")
     unknown = sorted(set(section) - set(FLOWRL_DEFAULTS))
     log_z = section.pop("log_z", None) or {}
     unknown += sorted(f"log_z.{key}" for key in set(log_z) - set(FLOWRL_DEFAULTS["log_z"]))
@@ -84,7 +97,13 @@ def flowrl_section(config: DictConfig) -> tuple[FlowRLLossOptions, LogZSettings]
             f"unknown key(s) {unknown} in the flowrl section; known: {sorted(FLOWRL_DEFAULTS)} and "
             f"log_z.{{{', '.join(FLOWRL_DEFAULTS['log_z'])}}}"
         )
-    return FlowRLLossOptions(**section), LogZSettings(**log_z)
+    loss_agg_mode = OmegaConf.select(config, "actor_rollout_ref.actor.loss_agg_mode", default=None)
+    weighting = (
+        {"sequence_weighting": SEQUENCE_WEIGHTING[loss_agg_mode]}
+        if loss_agg_mode in SEQUENCE_WEIGHTING
+        else {}
+    )
+    return FlowRLLossOptions(**section, **weighting), LogZSettings(**log_z)
 
 
 def check_config(config: DictConfig) -> None:
