@@ -313,6 +313,7 @@ print("leaked" if found else "ok")
     assert result.passed, result.detail
 
 
+@pytest.mark.slow  # waits out the program's deadline
 @needs_bwrap
 def test_claim_fork_bomb_is_contained() -> None:
     config = SandboxConfig(max_processes=16)
@@ -349,7 +350,11 @@ def test_claim_memory_bomb_is_contained() -> None:
 
 @needs_bwrap
 @pytest.mark.parametrize(
-    "program", ["while True:\n    pass", "import time\ntime.sleep(600)"], ids=["cpu", "sleep"]
+    "program",
+    [
+        pytest.param("while True:\n    pass", id="cpu"),
+        pytest.param("import time\ntime.sleep(600)", id="sleep", marks=pytest.mark.slow),  # a deadline each
+    ],
 )
 def test_claim_infinite_loop_times_out(program: str) -> None:
     start = time.monotonic()
@@ -408,6 +413,7 @@ except OSError:  # EPERM, or EINVAL: uid 0 does not even exist in its user names
     assert result.passed, result.detail
 
 
+@pytest.mark.slow  # two rounds of half a second by design
 @needs_bwrap
 def test_programs_run_in_parallel_through_a_bounded_pool() -> None:
     programs = ["import time\ntime.sleep(0.5)\nprint('ok')"] * 4

@@ -609,6 +609,7 @@ def test_timeout_scores_wrong_is_counted_and_the_worker_is_replaced() -> None:
     assert fm.is_correct("\\boxed{\\sqrt{25}}", "5")  # the replacement worker answers (no fast path)
 
 
+@pytest.mark.slow  # waits out the default deadline (3 s)
 def test_default_deadline_from_a_non_main_thread(warm_pool: fm.VerifierPool) -> None:
     """Math-Verify's signal-based timeout fails off the main thread; ours does not."""
     out: list = []
