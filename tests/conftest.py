@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from flowrl.data import synthetic
 from flowrl.data.schema import write_rows
 
 TINY = dict(hidden_size=32, num_layers=1, num_heads=2)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for the whole session. The tests' models are tiny, so a second thread only adds
+    overhead and fights the other processes (verifier workers, sandboxes, other jobs) for the cores: on a
+    loaded 2-core machine the trainer tests ran ten times slower with two. Set once for every test, so no
+    test's speed depends on which ran before it (``flowrl demo`` sets one thread for good)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
