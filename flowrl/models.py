@@ -230,7 +230,7 @@ def prepare_models(
             model.enable_input_require_grads()
     model.config.use_cache = True
     if not shard:
-        tied_embedding_gradient_in_place(model)
+        embedding_gradient_in_place(model)
     head = None
     if uses_log_z and cfg.log_z.mode == "head":  # log_z.mode=group estimates log Z: no head at all
         head = LogZHead(model.config.hidden_size, num_layers=cfg.log_z.num_layers, dropout=cfg.log_z.dropout)
@@ -271,23 +271,22 @@ def prepare_models(
     return Models(policy, reference, optimizer, lora=m.lora.rank > 0, units=units)
 
 
-def tied_embedding_gradient_in_place(model: nn.Module) -> bool:
-    """Add a trained input embedding's gradient into its tied output head's gradient in place.
+def embedding_gradient_in_place(model: nn.Module) -> bool:
+    """Add a trained input embedding's gradient into the weight's existing gradient in place, by rows.
 
-    With tied embeddings (Qwen2.5 up to 3B, Llama 3.2), autograd sums the two uses' gradients before
-    storing them: the head's (V x H) and the embedding's (V x H again, or sparse rows) make a third
-    V x H tensor at the end of every backward, full fine-tuning's peak (0.5 GiB in float32 for
-    Qwen2.5-0.5B). Here the lookup reads the weight detached, so the head's gradient is the weight's
-    only one and is stored as soon as it is computed; the lookup's output is a leaf whose gradient, when
-    it arrives at the end of backward, is added into the weight's rows with ``index_add_`` and dropped.
-    Values and gradients are the same as without it.
+    Autograd gives an embedding lookup a dense V x H gradient and adds it to what the weight already
+    holds: the output head's, when the two are tied (Qwen2.5 up to 3B, Llama 3.2), or the earlier
+    micro-batches' under accumulation. Both exist for a moment beside the result: a V x H tensor more at
+    the end of backward, full fine-tuning's peak (0.5 GiB in float32 for Qwen2.5-0.5B, 2.2 GiB for
+    Qwen2.5-7B's embedding). Here the lookup reads the weight detached, so a tied head's gradient is the
+    weight's only one and is stored as soon as it is computed; the lookup's output is a leaf whose
+    gradient, arriving at the end of backward, is added into the weight's rows (``index_put_`` with
+    accumulation, deterministic on CUDA) and dropped. Values and gradients are the same as without it.
 
-    Returns whether the model has such an embedding (untied, frozen or not an ``nn.Embedding``: untouched).
+    Returns whether the model has such an embedding (frozen, or not an ``nn.Embedding``: untouched).
     """
-    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
-    if not isinstance(emb, nn.Embedding) or out is None or out.weight is not emb.weight:
-        return False
-    if not emb.weight.requires_grad:
+    emb = model.get_input_embeddings()
+    if not isinstance(emb, nn.Embedding) or not emb.weight.requires_grad:
         return False
     emb.register_forward_hook(_lookup_without_weight_edge)
     return True
@@ -299,14 +298,14 @@ def _lookup_without_weight_edge(emb: nn.Module, args: tuple[Any, ...], output: T
     ids, weight = args[0], emb.weight
     lookup = output.detach().requires_grad_(True)  # same values; the graph to the weight is dropped
 
-    def scatter(leaf: Tensor) -> None:
+    def add_rows(leaf: Tensor) -> None:
         grad = leaf.grad.reshape(-1, weight.shape[1]).to(weight.dtype)
-        if weight.grad is None:  # no head gradient in this backward
+        if weight.grad is None:  # the first gradient of this weight since the last step
             weight.grad = torch.zeros_like(weight)
-        weight.grad.index_add_(0, ids.reshape(-1), grad)
+        weight.grad.index_put_((ids.reshape(-1),), grad, accumulate=True)
         leaf.grad = None
 
-    lookup.register_post_accumulate_grad_hook(scatter)
+    lookup.register_post_accumulate_grad_hook(add_rows)
     return lookup
 
 

@@ -38,10 +38,10 @@ Components (bytes on one device; the phases they live in follow in brackets):
                      when a mini-batch has several micro-batches (accumulation), else the output head's
     optimizer states 2 * (P_t * b_t + Z * 4) * s: AdamW's moments in the parameter's dtype; on the
                      host with train.offload_optimizer (then, on CPU, 12 * P_t + 4 * P_t at the step)
-    end-of-backward temporaries   [optimizer step] the largest of: the embedding's dense gradient
-                     added into an existing one (V * H * b_w); FSDP2's root gathered with its
-                     gradients and float32 reduce-scatter buffer (P_r * (2 b_c + 4)); the gradient
-                     norm's float32 square of the largest tensor; AdamW's temporaries (fused: none)
+    end-of-backward temporaries   [optimizer step] the largest of: FSDP2's root gathered with its
+                     gradients and float32 reduce-scatter buffer (P_r * (2 b_c + 4)); AdamW's
+                     temporaries (fused: none). The embedding's gradient is added into the weight's
+                     by rows and the gradient norm reduces each tensor in place: no copies
     autocast bf16 copies   2 * (L * linear weights per layer + V * H): full fine-tuning of fp32
                      weights under bf16 autocast keeps the cast of every trainable weight while the
                      context is open                         [rollout, update, old log-probs]
@@ -50,8 +50,9 @@ Components (bytes on one device; the phases they live in follow in brackets):
                      buffer + the output head's gradient; log-prob passes (2 P_l + P_r) * b_r
     KV cache         2 * L * g * d * b_c * B * S (+ one layer's copy while it grows), or, when the
                      start is larger, the prompts of every slot                          [rollout]
-    prefill          the prompts admitted at once (B at the start, B/4 into freed slots) through one
-                     layer: (3I * b_c + 2H * b_s + 4H) per token + the mask P_max^2 * b_c [rollout]
+    prefill          the prompts of one prefill forward (those admitted at once, B at the start and
+                     B/4 into freed slots, in groups of rollout.prefill_tokens // P_max, at least one)
+                     through one layer: (3I * b_c + 2H * b_s + 4H) per token + the mask P_max^2 * b_c
     sampling         B * V * 28 bytes (float logits, softmax, float64 CDF, log-softmax) [rollout]
     rollout tensors  ids and masks (int64, 16 * S per sequence) and the per-token float arrays
     activations      update, m * S tokens: without checkpointing L * layer_activation_bytes, with
@@ -834,10 +835,9 @@ def _plan(
     # micro-batch of the mini-batch runs with all of them allocated; the first one of a mini-batch
     # allocates them as it goes (set to None after every step), so at its start (where activations
     # peak) only the output head's exists. The optimizer-step column is the end of backward and the
-    # step: all gradients, plus the largest of the temporaries of that moment (the embedding's dense
-    # gradient added into the tied or accumulated one; under FSDP2 the root's gathered parameters and
-    # gradients with the float32 reduce-scatter buffer; the gradient norm's float32 square of the
-    # largest tensor, flowrl.sharding.grad_norm; AdamW's own, none when fused).
+    # step: all gradients, plus the largest of the temporaries of that moment (under FSDP2 the root's
+    # gathered parameters and gradients with the float32 reduce-scatter buffer; AdamW's own, none when
+    # fused). The gradient norm (flowrl.sharding.grad_norm) reduces each tensor without a copy.
     state_params = trainable * bt + Z * 4
     grads = state_params * shard
     micro_per_step = math.ceil(math.ceil(t.mini_batch_size / N) / micro)
@@ -865,19 +865,19 @@ def _plan(
         else max((st.lora_rank * max(i, o) for _, i, o in lora_dims), default=0)
     )
     largest = max(math.ceil(largest * shard), H * H if Z else 0)
-    step_tmp = largest * 4 * (1 if bt == 4 else 2)
+    step_tmp = 0
     if st.adamw == "foreach":
-        step_tmp += state_params * shard
+        step_tmp = state_params * shard
     elif st.adamw == "for-loop":
-        step_tmp += 2 * largest * bt
+        step_tmp = 2 * largest * bt
     end_of_backward = 0
     if head_trainable and fsdp:
         end_of_backward = counts.root * (2 * bc + (4 if bc != 4 else 0))
-    elif head_trainable and (accumulating or shape.tie_word_embeddings):
-        end_of_backward = V * H * bw  # the embedding's dense gradient, added into the existing one
+    # Unsharded, the embedding's gradient is added into the weight's by rows (no dense V x H copy:
+    # flowrl.models.embedding_gradient_in_place).
     add(
         "end-of-backward temporaries",
-        f"max(embedding gradient, fsdp2 root reduce-scatter, gradient norm, AdamW {st.adamw})",
+        f"max(fsdp2 root reduce-scatter, AdamW {st.adamw})",
         {"optimizer step": max(step_tmp, end_of_backward)},
     )
 
@@ -923,7 +923,11 @@ def _plan(
         kv_token = kv_bytes_per_token(shape, bc)
         prefill_token = layer_working_bytes_no_grad(shape, compute_bytes=bc, residual_bytes=bs)
 
+        # admitted prompts are prefilled in groups of rollout.prefill_tokens tokens, at least one prompt
+        per_forward = max(1, r.prefill_tokens // d.max_prompt_length)
+
         def prefill(prompts: int) -> float:
+            prompts = min(prompts, per_forward)
             mask = prompts * d.max_prompt_length**2 * bc if masked_attention else 0
             return prompts * d.max_prompt_length * prefill_token + mask
 

@@ -98,8 +98,11 @@ def local(t: Tensor) -> Tensor:
 
 def grad_norm(params: list[nn.Parameter]) -> Tensor:
     """The global L2 norm of the parameters' gradients, sharded (DTensor) or not: () float32."""
-    grads = [local(p.grad).float() for p in params if p.grad is not None]
-    squares = torch.stack([g.pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+    # one reduction per tensor, widened inside it: no squared (or float32) copy of a gradient
+    norms = [
+        torch.linalg.vector_norm(local(p.grad), dtype=torch.float32) for p in params if p.grad is not None
+    ]
+    squares = torch.stack(norms).square().sum() if norms else torch.zeros(())
     if any(is_sharded(p) for p in params) and dist.is_initialized():
         dist.all_reduce(squares)  # the shards are disjoint: their squares add up
     return squares.sqrt()

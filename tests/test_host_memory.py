@@ -1,4 +1,4 @@
-"""Where full fine-tuning's memory goes: a tied embedding's gradient, and freed host memory."""
+"""Where full fine-tuning's memory goes: an embedding's gradient, and freed host memory."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from flowrl.models import tied_embedding_gradient_in_place
+from flowrl.models import embedding_gradient_in_place
 from flowrl.policy import Policy
 
 
@@ -38,11 +38,12 @@ def _grads(model: Qwen2ForCausalLM, backwards: int) -> dict[str, torch.Tensor]:
     return {n: p.grad for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("backwards", [1, 2])
-def test_a_tied_embeddings_gradient_added_in_place_equals_autograds(backwards: int) -> None:
-    dense = _grads(_model(tied=True), backwards)
-    model = _model(tied=True)
-    assert tied_embedding_gradient_in_place(model)
+def test_an_embeddings_gradient_added_in_place_equals_autograds(tied: bool, backwards: int) -> None:
+    dense = _grads(_model(tied=tied), backwards)
+    model = _model(tied=tied)
+    assert embedding_gradient_in_place(model)
     in_place = _grads(model, backwards)
     assert dense.keys() == in_place.keys()
     for name, grad in in_place.items():
@@ -51,7 +52,7 @@ def test_a_tied_embeddings_gradient_added_in_place_equals_autograds(backwards: i
 
 def test_an_embedding_alone_still_gets_its_gradient() -> None:
     model = _model(tied=True)
-    tied_embedding_gradient_in_place(model)
+    embedding_gradient_in_place(model)
     emb = model.get_input_embeddings()
     emb(torch.tensor([[1, 2, 2]])).sum().backward()  # no output head in this pass
     with torch.no_grad():
@@ -61,13 +62,10 @@ def test_an_embedding_alone_still_gets_its_gradient() -> None:
     torch.testing.assert_close(emb.weight.grad, expected)
 
 
-def test_untied_or_frozen_embeddings_are_left_alone() -> None:
-    untied = _model(tied=False)
-    assert not tied_embedding_gradient_in_place(untied)
-    assert not untied.get_input_embeddings()._forward_hooks
+def test_frozen_embeddings_are_left_alone() -> None:
     frozen = _model(tied=True)
     frozen.requires_grad_(False)
-    assert not tied_embedding_gradient_in_place(frozen)
+    assert not embedding_gradient_in_place(frozen)
     assert not frozen.get_input_embeddings()._forward_hooks
 
 
