@@ -416,3 +416,17 @@ def test_make_targets_named_in_the_docs_exist() -> None:
     targets = _make_targets()
     missing = [(where, target) for where, target in shown if target not in targets]
     assert not missing, f"make targets not in the Makefile: {missing}"
+
+
+def test_train_help_lists_every_objectives_options_with_defaults(capsys) -> None:
+    from flowrl.commands.train import build_parser
+    from flowrl.objectives import OBJECTIVES
+
+    text = build_parser().format_help()
+    assert "algorithm.loss.beta=15.0" in text
+    for name, objective in OBJECTIVES.items():
+        if objective.needs_values:
+            continue  # PPO needs a critic: not a choice of this trainer
+        assert f"algorithm.name={name}:" in text
+        for option in objective.loss_options.__dataclass_fields__:
+            assert f"algorithm.loss.{option}=" in text, (name, option)

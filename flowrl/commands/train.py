@@ -14,13 +14,17 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flowrl.config import options_help
+
     parser = argparse.ArgumentParser(
         prog="flowrl train",
         description="Post-train a causal LM with FlowRL (or algorithm.name=grpo, dr_grpo, reinforce_pp).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
-            "example: flowrl train configs/paper_qwen2.5-7b_math.yaml model.path=Qwen/Qwen2.5-7B "
-            "data.train_files=[data/math_dapo.parquet] train.total_steps=20. Ctrl-C (or SIGTERM) stops "
-            "after the current step with a checkpoint; --resume continues from it."
+            "example: flowrl train configs/paper_qwen2.5-7b_math.yaml model.path=Qwen/Qwen2.5-7B\n"
+            "  data.train_files=[data/math_dapo.parquet] train.total_steps=20\n"
+            "Ctrl-C (or SIGTERM) stops after the current step with a checkpoint; --resume continues.\n\n"
+            "each objective's options (key=value overrides, defaults shown):\n" + options_help()
         ),
     )
     parser.add_argument("config", help="YAML config (see configs/)")
