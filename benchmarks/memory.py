@@ -11,11 +11,14 @@ length), one micro-batch of 4, 2 RL steps. Rows, each in its own process:
 
 * ``flowrl``: the project's trainer, FlowRL, full fine-tuning (policy and reference in the policy's
   dtype on CPU: float32);
+* ``flowrl_bf16_ref``: the same with the reference copy in bfloat16 (``model.ref_dtype``; a GPU run's
+  default);
 * ``grpo``: the project's trainer, GRPO at kl_coef 0 (no reference model);
 * ``flowrl_lora``: FlowRL with LoRA rank 16 on every linear layer over a bfloat16 base (loaded from a
   bfloat16 copy of the same weights); the reference is the base with its adapters disabled;
 * ``flowrl_fsdp2``: FlowRL, full fine-tuning, ``train.strategy=fsdp2`` under ``torchrun
-  --nproc_per_node 2`` (the figure is per rank: the larger of the two);
+  --nproc_per_node 2`` (the figure is per rank: the larger of the two); ``flowrl_fsdp2_bf16_ref``
+  the same with the reference in bfloat16;
 * ``trl_grpo``: TRL's ``GRPOTrainer`` (beta 0, its default: no reference), float32;
 * ``trl_grpo_peft``: the same with a peft ``LoraConfig`` (rank 16, all linear layers) over the
   bfloat16 base.
@@ -57,7 +60,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                 lora_rank=16),
     "smoke": dict(shape="tiny", prompts=2, samples=2, max_new_tokens=4, micro_batch=4, steps=2, lora_rank=4),
 }  # fmt: skip
-ROWS = ("flowrl", "flowrl_bf16_ref", "grpo", "flowrl_lora", "flowrl_fsdp2", "trl_grpo", "trl_grpo_peft")
+ROWS = (
+    "flowrl",
+    "flowrl_bf16_ref",
+    "grpo",
+    "flowrl_lora",
+    "flowrl_fsdp2",
+    "flowrl_fsdp2_bf16_ref",
+    "trl_grpo",
+    "trl_grpo_peft",
+)
 BASELINE_ROWS = ("baseline", "trl_baseline")
 GOAL_RELATIVE_ERROR = 0.15  # the plan within 15% of the measured peak, every row on CPU
 # data.max_prompt_length of every row: the digit-sum prompts ("sum 13:") are at most 7 tokens, so the
@@ -74,11 +86,11 @@ def row_settings(row: str, w: dict[str, Any]) -> dict[str, Any]:
         "algorithm": "grpo" if row in ("grpo", "baseline") or row.startswith("trl_") else "flowrl",
         "dtype": "bfloat16" if lora else "float32",
         "lora_rank": lora,
-        "ranks": 2 if row == "flowrl_fsdp2" else 1,
-        "strategy": "fsdp2" if row == "flowrl_fsdp2" else "ddp",
+        "ranks": 2 if row.startswith("flowrl_fsdp2") else 1,
+        "strategy": "fsdp2" if row.startswith("flowrl_fsdp2") else "ddp",
         "shape": "tiny" if row in BASELINE_ROWS else w["shape"],
         # the reference copy in bf16 (what a GPU run gets by default; on CPU the policy's dtype is)
-        "ref_dtype": "bfloat16" if row == "flowrl_bf16_ref" else None,
+        "ref_dtype": "bfloat16" if row.endswith("_bf16_ref") else None,
     }
 
 
