@@ -1,4 +1,4 @@
-"""What a training run reports beside its metrics, as pure functions the loop calls.
+"""What a training run reports beside its metrics, as pure functions that flowrl.scoring and the trainer call.
 
 * :func:`reward_metrics`: the step's reward statistics (mean, spread, range, accuracy, and per
   ``data_source`` when there are several), from every rank's samples;
