@@ -229,8 +229,7 @@ def prepare_models(
         if m.lora.rank > 0:  # the frozen embeddings give no gradient for checkpointed layers to carry
             model.enable_input_require_grads()
     model.config.use_cache = True
-    if not shard:
-        embedding_gradient_in_place(model)
+    embedding_gradient_in_place(model)  # sharded too: the hook sees the gathered weight and its gradient
     head = None
     if uses_log_z and cfg.log_z.mode == "head":  # log_z.mode=group estimates log Z: no head at all
         head = LogZHead(model.config.hidden_size, num_layers=cfg.log_z.num_layers, dropout=cfg.log_z.dropout)
