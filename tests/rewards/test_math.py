@@ -507,6 +507,7 @@ def test_reward_result_ok_semantics() -> None:
     assert not RewardResult(0.0, RewardStatus.ERROR).ok
 
 
+@pytest.mark.slow  # waits out two deadlines, one after the other
 def test_a_timeout_gets_the_dapo_penalty_through_the_registry() -> None:
     """The answer that times the checker out is scored -1 (DAPO) and counted under ``timeout``."""
     from flowrl.rewards import registry
@@ -629,6 +630,7 @@ def test_concurrent_callers_from_many_threads() -> None:
     assert all(verdicts)
 
 
+@pytest.mark.slow  # waits out a deadline
 def test_batch_with_a_pathological_answer_scores_the_rest() -> None:
     responses = ["\\boxed{\\sqrt{8}}", PATHOLOGICAL["tower of exponents"], "\\boxed{0.5}"]
     results = fm.score_many(responses, ["2\\sqrt{2}", "5", "\\frac{1}{2}"], timeout_s=TIMEOUT_S)
