@@ -69,6 +69,7 @@ def test_frozen_embeddings_are_left_alone() -> None:
     assert not frozen.get_input_embeddings()._forward_hooks
 
 
+@pytest.mark.slow  # a fresh interpreter
 @pytest.mark.skipif(ctypes.util.find_library("c") is None, reason="no C library found")
 def test_large_blocks_go_back_to_the_system_when_freed() -> None:
     """With the threshold fixed, a freed 16 MB tensor leaves the process's resident memory at once, also
