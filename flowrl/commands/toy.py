@@ -10,27 +10,29 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from flowrl.toy import DEFAULT_METHODS, METHODS, ToyConfig, format_table, plot_toy, run_toy
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected comma-separated integers such as 20,50,80"
-        ) from None
+def _list_of(cast: Callable[[str], Any], what: str, example: str) -> Callable[[str], tuple[Any, ...]]:
+    """An argparse type for comma-separated values, refusing with an example of the format."""
+
+    def parse(text: str) -> tuple[Any, ...]:
+        try:
+            return tuple(cast(part) for part in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected comma-separated {what} such as {example}"
+            ) from None
+
+    return parse
 
 
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected comma-separated numbers such as 1,2,1"
-        ) from None
+_int_list = _list_of(int, "integers", "20,50,80")
+_float_list = _list_of(float, "numbers", "1,2,1")
 
 
 def _name_list(text: str) -> tuple[str, ...]:
