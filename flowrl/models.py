@@ -258,7 +258,10 @@ def prepare_models(
         reference = Policy(ref_model, logprob_chunk_size=m.logprob_chunk_size)
     if shard:
         if isinstance(reference, Policy):
-            sharding.shard_policy(reference, mixed_precision=mixed)
+            for unit in sharding.shard_policy(reference, mixed_precision=mixed):
+                # no backward ever follows the reference's forward: its root (the embedding) would stay
+                # gathered from its first forward on, 0.5 B/param of the model in the reference's dtype
+                unit.set_reshard_after_forward(True)
             release_freed_memory()
         _first_forward(policy, device, with_log_z=head is not None)
         if isinstance(reference, Policy):
