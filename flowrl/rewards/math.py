@@ -800,6 +800,12 @@ class VerifierPool:
         self._ever_ready = False  # a worker has started here once: the install works
         self._start_failures = 0  # workers that died while starting since the last one started
 
+    @property
+    def all_ready(self) -> bool:
+        """Every worker is started and has reported ready (each check then pays no start-up)."""
+        with self._lock:
+            return len(self._workers) == self.num_workers and all(w.ready for w in self._workers)
+
     def _replace(self, worker: _Worker) -> None:
         worker.kill()
         self._workers.remove(worker)

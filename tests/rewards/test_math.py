@@ -569,7 +569,7 @@ def warm_pool() -> fm.VerifierPool:
     worker's start-up (the pool's first start, or the replacement of one an earlier timeout killed)."""
     pool = fm.get_pool()
     give_up = time.monotonic() + 120
-    while not (len(pool._workers) == pool.num_workers and all(w.ready for w in pool._workers)):
+    while not pool.all_ready:
         assert time.monotonic() < give_up, "the verifier workers did not start"
         n = pool.num_workers  # sqrt: no fast path, so the workers answer (and report ready on the way)
         assert all(
