@@ -25,9 +25,10 @@ from typing import Any
 MMAP_THRESHOLD_BYTES = 128 << 10
 """Blocks this large or larger are mapped on their own (glibc's ``M_MMAP_THRESHOLD``): glibc's own initial
 threshold, kept from rising. Measured on the Qwen2.5-0.5B-shaped full fine-tuning of benchmarks/memory.py
-(2 steps, CPU): peak 8.77 GiB at 128 KiB, 8.87 at 1 MiB, 8.98 at 4 MiB, with no difference in step time
-beyond the machine's noise (the allocations are few and large; the page faults of a fresh mapping are
-paid once per block)."""
+(2 steps, CPU): peak 8.77 GiB at 128 KiB, 8.87 at 1 MiB, 8.98 at 4 MiB. The price is a fresh mapping (and
+its page faults) for every such block: nothing next to a large model's steps, but 25% of the demo's wall
+time with its 1.5M-parameter model, so the trainer sets it for large policies only
+(:data:`flowrl.models.LARGE_MODEL_BYTES`)."""
 
 _M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 
