@@ -43,11 +43,11 @@ from flowrl.policy import Policy, is_peft_model, load_model
 
 ALL_LINEAR = "all-linear"
 LARGE_MODEL_BYTES = 256 << 20
-"""From this size of the policy's weights on (64M float32 parameters), the process returns freed large blocks to the system
-(:func:`flowrl.host_memory.return_large_blocks`): the model's states are then most of its memory, and a
-block's pages are worth more than the page faults of mapping it anew. Below it (the demo's 1.5M
-parameters), glibc's default is kept: mapping every temporary of 128 KiB and more cost the demo 25% of
-its wall time (17 s of system time in 84 s)."""
+"""From this size of the policy's weights on (64M float32 parameters), the process returns freed large
+blocks to the system (:func:`flowrl.host_memory.return_large_blocks`): the model's states are then most
+of its memory, and a block's pages are worth more than the page faults of mapping it anew. Below it
+(the demo's 1.5M parameters), glibc's default is kept: mapping every temporary of 128 KiB and more cost
+the demo 25% of its wall time (17 s of system time in 84 s)."""
 
 
 def _import_peft() -> Any:

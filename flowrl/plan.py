@@ -859,17 +859,16 @@ def _plan(
             "12*P_t (fp32 master + moments) + 4*P_t gradients at the step",
             {**everywhere(host), "optimizer step": host + 4 * (trainable + Z)},
         )
-    largest = (
-        counts.largest_tensor
-        if not st.lora
-        else max((st.lora_rank * max(i, o) for _, i, o in lora_dims), default=0)
-    )
-    largest = max(math.ceil(largest * shard), H * H if Z else 0)
     step_tmp = 0
     if st.adamw == "foreach":
         step_tmp = state_params * shard
-    elif st.adamw == "for-loop":
-        step_tmp = 2 * largest * bt
+    elif st.adamw == "for-loop":  # one tensor at a time: the largest one's temporaries
+        largest = (
+            counts.largest_tensor
+            if not st.lora
+            else max((st.lora_rank * max(i, o) for _, i, o in lora_dims), default=0)
+        )
+        step_tmp = 2 * max(math.ceil(largest * shard), H * H if Z else 0) * bt
     end_of_backward = 0
     if head_trainable and fsdp:
         end_of_backward = counts.root * (2 * bc + (4 if bc != 4 else 0))

@@ -65,29 +65,25 @@ def inverse_cdf_sample(scores: Tensor, uniforms: Tensor | None = None) -> Tensor
 COMPACT_FINISHED_SHARE = 0.25
 
 
-def _full_attention_layers(cache: Any) -> list[Any] | None:
+def _plain_layers(cache: Any) -> list[Any] | None:
     """The cache's layers when every one is a plain full-attention ``DynamicLayer`` (keys and values
     (b, heads, L, d), one position per column), which rows can join and leave; None otherwise (sliding
-    windows, linear attention, older transformers), and the engine then decodes batch after batch."""
+    windows, linear attention, older transformers), and the engine then decodes batch after batch.
+    Known from the model's config, before anything is cached."""
     try:
         from transformers.cache_utils import DynamicLayer
     except ImportError:
         return None
     layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
         return None
     return list(layers)
 
 
-def _joinable(cache: Any) -> bool:
-    """Whether a new, empty cache of this model will take rows mid-decode: every layer a plain
-    ``DynamicLayer`` (known from the model's config before anything is cached)."""
-    try:
-        from transformers.cache_utils import DynamicLayer
-    except ImportError:
-        return False
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+def _full_attention_layers(cache: Any) -> list[Any] | None:
+    """:func:`_plain_layers` of a cache that holds something (every layer initialized)."""
+    layers = _plain_layers(cache)
+    return layers if layers is not None and all(layer.is_initialized for layer in layers) else None
 
 
 def _left_pad_columns(x: Tensor, width: int) -> Tensor:
@@ -337,7 +333,7 @@ class HFRolloutEngine:
 
         slots: _Slots | None = None
         waiting = 0  # the next row to admit
-        joinable = _joinable(self._new_cache())  # whether this model's cache takes rows mid-decode
+        joinable = _plain_layers(self._new_cache()) is not None  # rows may join and leave mid-decode
         prefill = self._prefill_groups if joinable else self._prefill
         while True:
             free = self.batch_size - (len(slots) if slots is not None else 0)
