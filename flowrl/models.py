@@ -74,6 +74,12 @@ def lora_config(cfg: Config) -> Any:
     )
 
 
+def compute_in_bf16(cfg: Config, device: torch.device) -> bool:
+    """Whether forwards compute in bfloat16: ``train.bf16``, else on a GPU. Under FSDP2 the gathered
+    parameters are bfloat16 (``MixedPrecisionPolicy``, float32 gradient reduction); otherwise autocast."""
+    return cfg.train.bf16 if cfg.train.bf16 is not None else device.type == "cuda"
+
+
 def reference_dtype(cfg: Config, device: torch.device) -> str:
     """The reference copy's dtype: ``model.ref_dtype``, else bfloat16 on a GPU and the policy's on CPU."""
     if cfg.model.ref_dtype is not None:
@@ -246,7 +252,7 @@ def prepare_models(
     policy = Policy(model, head, logprob_chunk_size=m.logprob_chunk_size)
     policy.train()
     units: list[nn.Module] = []
-    mixed = device.type == "cuda" and (cfg.train.bf16 is not False)
+    mixed = compute_in_bf16(cfg, device)
     if shard:  # before the reference loads: one full model in memory at a time
         units = sharding.shard_policy(policy, mixed_precision=mixed)
         release_freed_memory()
@@ -289,14 +295,18 @@ def embedding_gradient_in_place(model: nn.Module) -> bool:
     the end of backward, full fine-tuning's peak (0.5 GiB in float32 for Qwen2.5-0.5B, 2.2 GiB for
     Qwen2.5-7B's embedding). Here the lookup reads the weight detached, so a tied head's gradient is the
     weight's only one and is stored as soon as it is computed; the lookup's output is a leaf whose
-    gradient, arriving at the end of backward, is added into the weight's rows (``index_put_`` with
-    accumulation, deterministic on CUDA) and dropped. Values and gradients are the same as without it.
+    gradient, arriving at the end of backward, is summed per token in float32 and added into the
+    weight's rows (one add per row, so deterministic on CUDA too) and dropped; the ``padding_idx`` row
+    gets none, as autograd gives it none. Values and gradients are the same as without it.
 
-    Returns whether the model has such an embedding (frozen, or not an ``nn.Embedding``: untouched).
+    Returns whether the model has such an embedding (frozen, sparse, renormalized, scaled by frequency,
+    or not an ``nn.Embedding``: untouched).
     """
     emb = model.get_input_embeddings()
     if not isinstance(emb, nn.Embedding) or not emb.weight.requires_grad:
         return False
+    if emb.sparse or emb.max_norm is not None or emb.scale_grad_by_freq:
+        return False  # autograd's own rules for these
     emb.register_forward_hook(_lookup_without_weight_edge)
     return True
 
@@ -308,10 +318,18 @@ def _lookup_without_weight_edge(emb: nn.Module, args: tuple[Any, ...], output: T
     lookup = output.detach().requires_grad_(True)  # same values; the graph to the weight is dropped
 
     def add_rows(leaf: Tensor) -> None:
-        grad = leaf.grad.reshape(-1, weight.shape[1]).to(weight.dtype)
+        rows, grad = ids.reshape(-1), leaf.grad.reshape(-1, weight.shape[1])
+        if emb.padding_idx is not None:  # nn.Embedding never updates its padding row
+            kept = rows != emb.padding_idx
+            rows, grad = rows[kept], grad[kept]
+        # a token's occurrences summed in float32 first (as autograd's embedding backward does), then
+        # one add per row: in bf16, adding them one by one would round at every repeat
+        unique, position = rows.unique(return_inverse=True)
+        summed = grad.new_zeros((len(unique), grad.shape[1]), dtype=torch.float32)
+        summed.index_add_(0, position, grad.float())
         if weight.grad is None:  # the first gradient of this weight since the last step
             weight.grad = torch.zeros_like(weight)
-        weight.grad.index_put_((ids.reshape(-1),), grad, accumulate=True)
+        weight.grad.index_add_(0, unique, summed.to(weight.dtype))
         leaf.grad = None
 
     lookup.register_post_accumulate_grad_hook(add_rows)

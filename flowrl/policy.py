@@ -167,8 +167,9 @@ def _wide(logits: Tensor) -> Tensor:
 
 
 def _entropy_from(logp: Tensor) -> Tensor:
-    """-sum p log p per row of ``logp`` (n, V)."""
-    return -torch.linalg.vecdot(logp.exp(), logp)
+    """-sum p log p per row of ``logp`` (n, V), in ``logp``'s dtype (CPU autocast would make it bf16)."""
+    with torch.autocast(logp.device.type, enabled=False):
+        return -torch.linalg.vecdot(logp.exp(), logp)
 
 
 class _LinearLogprobs(torch.autograd.Function):

@@ -14,9 +14,10 @@ from flowrl.models import embedding_gradient_in_place
 from flowrl.policy import Policy
 
 
-def _model(tied: bool) -> Qwen2ForCausalLM:
+def _model(tied: bool, pad_token_id: int | None = None) -> Qwen2ForCausalLM:
     torch.manual_seed(0)
     cfg = Qwen2Config(
+        pad_token_id=pad_token_id,  # the embedding's padding_idx: a row autograd never updates
         vocab_size=300,
         hidden_size=32,
         intermediate_size=64,
@@ -33,16 +34,20 @@ def _grads(model: Qwen2ForCausalLM, backwards: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     for _ in range(backwards):  # accumulation across micro-batches, as the trainer does
         ids = torch.randint(0, 300, (3, 12), generator=gen)
+        ids[:, ::4] = 0  # the padding token (when there is one) inside prompts and responses
         out = policy(ids, torch.ones_like(ids), 5, with_log_z=False)
         out.logprobs.sum().backward()
     return {n: p.grad for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("pad_token_id", [None, 0])
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("backwards", [1, 2])
-def test_an_embeddings_gradient_added_in_place_equals_autograds(tied: bool, backwards: int) -> None:
-    dense = _grads(_model(tied=tied), backwards)
-    model = _model(tied=tied)
+def test_an_embeddings_gradient_added_in_place_equals_autograds(
+    tied: bool, backwards: int, pad_token_id: int | None
+) -> None:
+    dense = _grads(_model(tied=tied, pad_token_id=pad_token_id), backwards)
+    model = _model(tied=tied, pad_token_id=pad_token_id)
     assert embedding_gradient_in_place(model)
     in_place = _grads(model, backwards)
     assert dense.keys() == in_place.keys()
@@ -67,6 +72,13 @@ def test_frozen_embeddings_are_left_alone() -> None:
     frozen.requires_grad_(False)
     assert not embedding_gradient_in_place(frozen)
     assert not frozen.get_input_embeddings()._forward_hooks
+
+
+def test_embeddings_with_their_own_gradient_rules_are_left_alone() -> None:
+    for option in ({"sparse": True}, {"max_norm": 1.0}, {"scale_grad_by_freq": True}):
+        model = _model(tied=False)
+        model.set_input_embeddings(torch.nn.Embedding(300, 32, **option))
+        assert not embedding_gradient_in_place(model), option
 
 
 @pytest.mark.slow  # a fresh interpreter

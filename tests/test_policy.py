@@ -93,11 +93,17 @@ def test_bf16_autocast_matches_autograd_under_autocast() -> None:
     hidden = torch.randn(20, 32, requires_grad=True)
     targets = torch.randint(0, 64, (20,))
     results = []
+    # the entropy of the float32 softmax over the bf16 projection (CPU autocast lowers even a dot product)
+    logp = torch.log_softmax((hidden.detach().bfloat16() @ head.weight.detach().bfloat16().T).float(), -1)
+    want_entropy = -(logp.exp() * logp).sum(-1)
     for fused in (True, False):
         hidden.grad, head.weight.grad = None, None
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            lp, _ = token_logprobs(hidden, targets, head, temperature=1.0, chunk_size=8, fused=fused)
-        assert lp.dtype == torch.float32
+            lp, ent = token_logprobs(
+                hidden, targets, head, temperature=1.0, chunk_size=8, fused=fused, with_entropy=True
+            )
+        assert lp.dtype == torch.float32 and ent is not None and ent.dtype == torch.float32
+        torch.testing.assert_close(ent, want_entropy, atol=1e-5, rtol=1e-5)
         lp.sum().backward()
         assert hidden.grad.dtype == torch.float32 and head.weight.grad.dtype == torch.float32
         results.append((lp.detach(), hidden.grad.clone(), head.weight.grad.clone()))
