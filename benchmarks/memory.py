@@ -18,7 +18,9 @@ length), one micro-batch of 4, 2 RL steps. Rows, each in its own process:
   bfloat16 copy of the same weights); the reference is the base with its adapters disabled;
 * ``flowrl_fsdp2``: FlowRL, full fine-tuning, ``train.strategy=fsdp2`` under ``torchrun
   --nproc_per_node 2`` (the figure is per rank: the larger of the two); ``flowrl_fsdp2_bf16_ref``
-  the same with the reference in bfloat16;
+  the same with the reference in bfloat16; ``flowrl_fsdp2_bf16`` the same with bfloat16 compute as well
+  (``train.bf16=true``, a GPU run's default: FSDP2 gathers bfloat16 parameters for the rollout and the
+  forwards, float32 shards, gradients and optimizer states);
 * ``trl_grpo``: TRL's ``GRPOTrainer`` (beta 0, its default: no reference), float32;
 * ``trl_grpo_peft``: the same with a peft ``LoraConfig`` (rank 16, all linear layers) over the
   bfloat16 base.
@@ -67,6 +69,7 @@ ROWS = (
     "flowrl_lora",
     "flowrl_fsdp2",
     "flowrl_fsdp2_bf16_ref",
+    "flowrl_fsdp2_bf16",
     "trl_grpo",
     "trl_grpo_peft",
 )
@@ -90,7 +93,9 @@ def row_settings(row: str, w: dict[str, Any]) -> dict[str, Any]:
         "strategy": "fsdp2" if row.startswith("flowrl_fsdp2") else "ddp",
         "shape": "tiny" if row in BASELINE_ROWS else w["shape"],
         # the reference copy in bf16 (what a GPU run gets by default; on CPU the policy's dtype is)
-        "ref_dtype": "bfloat16" if row.endswith("_bf16_ref") else None,
+        "ref_dtype": "bfloat16" if row.endswith(("_bf16_ref", "_bf16")) else None,
+        # bf16 compute (train.bf16, a GPU run's default): under fsdp2, bf16 gathered parameters
+        "bf16_compute": row.endswith("_bf16"),
     }
 
 
@@ -108,6 +113,8 @@ def overrides(
         extra["model.lora.rank"] = s["lora_rank"]
     if s["ref_dtype"]:
         extra["model.ref_dtype"] = s["ref_dtype"]
+    if s["bf16_compute"]:
+        extra["train.bf16"] = True
     return _common.trainer_overrides(
         model_dir=model_dir,
         data_file=data_file,

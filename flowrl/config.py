@@ -155,7 +155,9 @@ class TrainConfig:
     offload_optimizer: bool = False
     seed: int = 0  # seeds the head, sampling, data order and dropout (results repeat for a seed)
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
-    bf16: bool | None = None  # autocast to bfloat16; None: on for CUDA, off on CPU
+    # compute in bfloat16: autocast, or under fsdp2 bf16 gathered parameters (float32 gradient reduction);
+    # None: on for CUDA, off on CPU
+    bf16: bool | None = None
     # run the reference forward in a second thread while rewards are scored; None: on for CUDA, off on
     # CPU (there torch already uses every core, and a second thread's OpenMP team competes with decoding)
     overlap_reference: bool | None = None

@@ -461,7 +461,7 @@ def resolve_setup(cfg: Any, shape: ModelShape, *, device: str, gpus: int) -> Set
     """The trainer's rules applied to ``cfg`` on ``gpus`` processes of ``device`` ("cuda" or "cpu")."""
     import torch
 
-    from flowrl.models import needs_reference, reference_dtype  # the trainer's own rules
+    from flowrl.models import compute_in_bf16, needs_reference, reference_dtype  # the trainer's own rules
     from flowrl.objectives import OBJECTIVES
 
     if device not in ("cuda", "cpu"):
@@ -472,7 +472,7 @@ def resolve_setup(cfg: Any, shape: ModelShape, *, device: str, gpus: int) -> Set
     cuda = device == "cuda"
     lora = m.lora.rank > 0
     policy_dtype = _dtype(m.dtype, shape.checkpoint_dtype)
-    autocast = t.bf16 if t.bf16 is not None else cuda
+    autocast = compute_in_bf16(cfg, torch.device(device))
     ref_dtype: str | None = None
     if not lora and needs_reference(cfg):
         ref_dtype = _dtype(reference_dtype(cfg, torch.device(device)), shape.checkpoint_dtype)
@@ -767,7 +767,7 @@ def _plan(
     bw, bc = _b(st.policy_dtype), _b(st.compute_dtype)
     autocast_fp32 = st.autocast and bw == 4  # fp32 weights cast to bf16 op by op
     bs = 4 if autocast_fp32 else bc  # the residual stream's dtype
-    if fsdp and st.device == "cuda" and cfg.train.bf16 is not False:
+    if fsdp and st.autocast:
         # FSDP2's MixedPrecisionPolicy gathers bf16 parameters (flowrl.sharding): no autocast casts
         autocast_fp32, bc, bs = False, 2, 2
     br = _b(st.reference_dtype) if st.reference_dtype else 0
@@ -871,7 +871,10 @@ def _plan(
         step_tmp = 2 * max(math.ceil(largest * shard), H * H if Z else 0) * bt
     end_of_backward = 0
     if head_trainable and fsdp:
-        end_of_backward = counts.root * (2 * bc + (4 if bc != 4 else 0))
+        # the root's gradient in the compute dtype beside its gathered weight, then (FSDP2 frees that
+        # weight first) beside the float32 reduce-scatter input; on gloo the reduce is in place
+        # (flowrl.sharding._in_place_reduce_scatter), on NCCL it needs no copy either
+        end_of_backward = counts.root * (bc + max(bc, 4))
     # Unsharded, the embedding's gradient is added into the weight's by rows (no dense V x H copy:
     # flowrl.models.embedding_gradient_in_place).
     add(
@@ -892,8 +895,6 @@ def _plan(
 
     if fsdp:  # two layers gathered (compute, prefetch), the root from forward to backward
         gathered = (2 * counts.per_layer + counts.root) * bc
-        # the gathered gradients: the output head's from the start of backward, one layer's with its
-        # float32 reduce-scatter buffer
         # one layer's gathered gradients with their float32 reduce-scatter buffer, and the output
         # head's, formed at the start of backward and reduce-scattered with the root's at its end
         reduce = counts.per_layer * (bc + (4 if bc != 4 else 0)) + (V * H * bc if not st.lora else 0)

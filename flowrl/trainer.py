@@ -55,7 +55,7 @@ from flowrl.config import Config, to_yaml
 from flowrl.data.prompts import PromptSampler, load_prompts
 from flowrl.distributed import derive_seed
 from flowrl.logging import MetricsLogger, plot_metrics, read_metrics
-from flowrl.models import build_scheduler, needs_reference, prepare_models
+from flowrl.models import build_scheduler, compute_in_bf16, needs_reference, prepare_models
 from flowrl.objectives import OBJECTIVES, Objective
 from flowrl.policy import Policy, load_tokenizer
 from flowrl.rewards.base import RewardResult
@@ -129,9 +129,14 @@ class Trainer:
         )
         self.policy, self.ref_policy, self.optimizer = models.policy, models.reference, models.optimizer
         self.units = models.units
-        bf16 = cfg.train.bf16 if cfg.train.bf16 is not None else self.device.type == "cuda"
         self.actor = Actor(
-            cfg, self.policy, self.optimizer, self.objective, self.dp, sharded=self.sharded, bf16=bf16
+            cfg,
+            self.policy,
+            self.optimizer,
+            self.objective,
+            self.dp,
+            sharded=self.sharded,
+            bf16=compute_in_bf16(cfg, self.device),
         )
         self.scorer = Scorer(
             self.prompts.examples,

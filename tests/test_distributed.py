@@ -379,3 +379,49 @@ def test_fsdp2_matches_one_process_holds_half_and_resumes(
     assert_same_weights(
         run / "checkpoints" / "step_000003", tmp_path / "single/checkpoints/step_000003", atol=5e-4
     )
+
+
+@contextmanager
+def one_rank_group() -> Iterator[None]:
+    """A gloo process group of this process alone (FSDP2 runs at world size 1 too)."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_fsdp2_bf16_compute_reads_bf16_weights_and_keeps_float32_shards(model_dir: Path) -> None:
+    """train.bf16 under fsdp2, CPU included: rollout and forwards read bf16 gathered weights (what a GPU
+    run's MixedPrecisionPolicy does), shards and gradients stay float32, the entropy path works, and
+    the gradients (the tied embedding's, added in place, included) are those of a bf16 copy."""
+    from flowrl import sharding
+    from flowrl.models import embedding_gradient_in_place
+    from flowrl.policy import Policy, load_model
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 20, (2, 7))  # the tiny vocabulary; tokens repeat, as the in-place rows must add
+    mask = torch.ones_like(ids)
+    copy = Policy(load_model(str(model_dir)).to(torch.bfloat16))
+    want = copy(ids, mask, 3, with_entropy=True)
+    want.logprobs.sum().backward()
+    expected = {n: p.grad.float() for n, p in copy.named_parameters()}
+
+    model = load_model(str(model_dir))
+    assert embedding_gradient_in_place(model)
+    policy = Policy(model)
+    with one_rank_group():
+        units = sharding.shard_policy(policy, mixed_precision=True)
+        with sharding.gathered(units):
+            assert {p.dtype for p in policy.parameters()} == {torch.bfloat16}
+        assert {sharding.local(p).dtype for p in policy.parameters()} == {torch.float32}
+        got = policy(ids, mask, 3, with_entropy=True)
+        assert got.entropy is not None and got.entropy.dtype == torch.float32
+        torch.testing.assert_close(got.logprobs, want.logprobs)
+        got.logprobs.sum().backward()
+        grads = {n: p.grad.full_tensor() for n, p in policy.named_parameters()}
+    assert grads.keys() == expected.keys() and {g.dtype for g in grads.values()} == {torch.float32}
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], rtol=2e-2, atol=1e-3, msg=name)
