@@ -381,6 +381,29 @@ def test_fsdp2_matches_one_process_holds_half_and_resumes(
     )
 
 
+@pytest.mark.slow  # torchrun: several processes
+def test_fsdp2_with_bf16_compute_trains_float32_weights(
+    model_dir: Path, data_file: Path, tmp_path: Path
+) -> None:
+    """train.strategy=fsdp2 with train.bf16=true on 2 gloo processes (the GPU default, here on CPU): the
+    run trains, its checkpoint holds float32 weights that moved, and it resumes."""
+    run = tmp_path / "fsdp-bf16"
+    extra = {"train.strategy": "fsdp2", "train.bf16": True}
+    config = write_config(tmp_path / "fsdp-bf16.yaml", overrides(model_dir, data_file, run, **extra))
+    first = torchrun(config, "train.total_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    metrics = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in metrics] == [1, 2]
+    assert all(math.isfinite(r[key]) for r in metrics for key in COMPARED)
+    trained = weights(run / "checkpoints" / "step_000002")
+    initial = {k: v for f in model_dir.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    assert {v.dtype for v in trained.values()} == {torch.float32}
+    assert any(not torch.equal(trained[k], v) for k, v in initial.items())
+    resumed = torchrun(config, "train.total_steps=3", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
+
+
 @contextmanager
 def one_rank_group() -> Iterator[None]:
     """A gloo process group of this process alone (FSDP2 runs at world size 1 too)."""
