@@ -134,6 +134,56 @@ def importance_weight_clipped(
     return clipped
 
 
+@dataclass(frozen=True)
+class _SequenceTerms:
+    """The per-sequence quantities that the loss and the group estimate of log Z share, all (N,)."""
+
+    ell: Tensor  # length-normalized log pi(y|x) of the policy being trained
+    ell_old: Tensor  # of the policy that sampled
+    ell_ref: Tensor  # of the reference
+    baseline: Tensor  # what the residual subtracts besides beta r_hat: ell_ref, or ell_old (reference="old")
+    log_w: Tensor  # log of the sequence importance ratio, detached
+    weight: Tensor  # the importance weight w (stop-gradient)
+    lengths: Tensor | None  # |y| for sequence_weighting="length", else None
+
+
+def _sequence_terms(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    ref_logprobs: Tensor,
+    response_mask: Tensor,
+    *,
+    per_sequence: dict[str, Tensor],
+    importance_weight: str,
+    max_importance_weight: float,
+    clip_eps: float,
+    reference: str,
+    sequence_weighting: str,
+) -> _SequenceTerms:
+    """Check the switches and shapes, then reduce the (N, T) log-probs to :class:`_SequenceTerms`."""
+    check_choice("reference", reference, REFERENCES)
+    check_choice("sequence_weighting", sequence_weighting, SEQUENCE_WEIGHTINGS)
+    check_batch_shapes(
+        response_mask,
+        per_token={"logprobs": logprobs, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs},
+        per_sequence=per_sequence,
+    )
+    ell = masked_mean(logprobs, response_mask, dim=-1)
+    ell_old = masked_mean(old_logprobs, response_mask, dim=-1)
+    ell_ref = masked_mean(ref_logprobs, response_mask, dim=-1)
+    log_w = masked_sum(logprobs.detach() - old_logprobs.detach(), response_mask, dim=-1)
+    bounds = dict(max_importance_weight=max_importance_weight, clip_eps=clip_eps)
+    return _SequenceTerms(
+        ell=ell,
+        ell_old=ell_old,
+        ell_ref=ell_ref,
+        baseline=ell_ref if reference == "ref" else ell_old,
+        log_w=log_w,
+        weight=sequence_importance_weight(log_w, importance_weight, **bounds),
+        lengths=sequence_lengths(response_mask) if sequence_weighting == "length" else None,
+    )
+
+
 def _mean_exp(log_w: Tensor) -> Tensor:
     """mean(exp(log_w)) through a log-sum-exp, saturating at the dtype's largest finite value."""
     log_mean = torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
@@ -203,39 +253,36 @@ def flowrl_loss(
         weighted by their sizes. The loss itself is not among them: it is what the caller
         backpropagates and logs (``actor/loss`` in the trainer).
     """
-    check_choice("reference", reference, REFERENCES)
-    check_choice("sequence_weighting", sequence_weighting, SEQUENCE_WEIGHTINGS)
-    check_batch_shapes(
+    s = _sequence_terms(
+        logprobs,
+        old_logprobs,
+        ref_logprobs,
         response_mask,
-        per_token={"logprobs": logprobs, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs},
         per_sequence={"log_z": log_z, "advantages": advantages},
+        importance_weight=importance_weight,
+        max_importance_weight=max_importance_weight,
+        clip_eps=clip_eps,
+        reference=reference,
+        sequence_weighting=sequence_weighting,
     )
-    ell = masked_mean(logprobs, response_mask, dim=-1)
-    ell_old = masked_mean(old_logprobs, response_mask, dim=-1)
-    ell_ref = masked_mean(ref_logprobs, response_mask, dim=-1)
-    residual = log_z + ell - beta * advantages - (ell_ref if reference == "ref" else ell_old)
-
-    log_w = masked_sum(logprobs.detach() - old_logprobs, response_mask, dim=-1)
+    residual = log_z + s.ell - beta * advantages - s.baseline
     bounds = dict(max_importance_weight=max_importance_weight, clip_eps=clip_eps)
-    weight = sequence_importance_weight(log_w, importance_weight, **bounds)
-    clipped = importance_weight_clipped(log_w, importance_weight, **bounds)
-    terms = weight * residual.square()
-    lengths = sequence_lengths(response_mask) if sequence_weighting == "length" else None
-    loss = mean_over_sequences(terms, normalizer=normalizer, weights=lengths)
+    clipped = importance_weight_clipped(s.log_w, importance_weight, **bounds)
+    loss = mean_over_sequences(s.weight * residual.square(), normalizer=normalizer, weights=s.lengths)
 
     metrics = {
-        "flowrl/ell": ell.mean(),
-        "flowrl/ell_old": ell_old.mean(),
-        "flowrl/ell_ref": ell_ref.mean(),
+        "flowrl/ell": s.ell.mean(),
+        "flowrl/ell_old": s.ell_old.mean(),
+        "flowrl/ell_ref": s.ell_ref.mean(),
         "flowrl/log_z": log_z.mean(),
         # Not the mean of r_hat: group normalization makes it 0 in every group by construction, so it
         # would say nothing. Its magnitude does: 0 when every group's rewards are equal (no signal).
         "flowrl/r_hat_abs": advantages.abs().mean(),
         "flowrl/residual": residual.mean(),
         "flowrl/residual_abs": residual.abs().mean(),
-        "flowrl/importance_weight_raw": _mean_exp(log_w),
-        "flowrl/importance_weight": weight.mean(),
-        "flowrl/importance_weight_clipped_frac": clipped.to(weight.dtype).mean(),
+        "flowrl/importance_weight_raw": _mean_exp(s.log_w),
+        "flowrl/importance_weight": s.weight.mean(),
+        "flowrl/importance_weight_clipped_frac": clipped.to(s.weight.dtype).mean(),
         "actor/ppo_kl": masked_kl_k3(logprobs, old_logprobs, response_mask),
         "actor/ref_kl": masked_kl_k3(logprobs, ref_logprobs, response_mask),
     }
@@ -407,24 +454,20 @@ def group_log_z_terms(
     Returns:
         ``(target, weight)``, both (N,), without gradient history.
     """
-    check_choice("reference", reference, REFERENCES)
-    check_choice("sequence_weighting", sequence_weighting, SEQUENCE_WEIGHTINGS)
-    check_batch_shapes(
+    s = _sequence_terms(
+        logprobs.detach(),
+        old_logprobs.detach(),
+        ref_logprobs.detach(),
         response_mask,
-        per_token={"logprobs": logprobs, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs},
         per_sequence={"advantages": advantages, **({} if valid is None else {"valid": valid})},
+        importance_weight=importance_weight,
+        max_importance_weight=max_importance_weight,
+        clip_eps=clip_eps,
+        reference=reference,
+        sequence_weighting=sequence_weighting,
     )
-    logprobs, advantages = logprobs.detach(), advantages.detach()
-    ell = masked_mean(logprobs, response_mask, dim=-1)
-    ell_ref = masked_mean(
-        ref_logprobs if reference == "ref" else old_logprobs, response_mask, dim=-1
-    ).detach()
-    target = beta * advantages + ell_ref - ell  # (N,) the log_z that zeroes each residual
-    log_w = masked_sum(logprobs - old_logprobs.detach(), response_mask, dim=-1)
-    bounds = dict(max_importance_weight=max_importance_weight, clip_eps=clip_eps)
-    weight = sequence_importance_weight(log_w, importance_weight, **bounds)
-    if sequence_weighting == "length":
-        weight = weight * sequence_lengths(response_mask).to(weight.dtype)
+    target = beta * advantages.detach() + s.baseline - s.ell  # (N,) the log_z that zeroes each residual
+    weight = s.weight if s.lengths is None else s.weight * s.lengths.to(s.weight.dtype)
     if valid is not None:
         weight = torch.where(valid.to(torch.bool), weight, torch.zeros_like(weight))
     return target, weight
