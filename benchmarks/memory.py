@@ -1,13 +1,14 @@
 """Peak memory per parameter, measured beside the memory plan's prediction (``flowrl plan``).
 
     .venv/bin/python benchmarks/memory.py --json benchmarks/results/memory_cpu.json
-    .venv/bin/python benchmarks/memory.py --device cuda --json benchmarks/results/memory_cuda.json
+    .venv/bin/python benchmarks/memory.py --device cuda --preset cuda --json /tmp/memory_cuda.json
     .venv/bin/python benchmarks/memory.py --preset smoke --json /tmp/memory_smoke.json
 
-Workload (preset ``cpu``, also used with ``--device cuda``): a Qwen2 with Qwen2.5-0.5B's shape and
-random weights (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4864, vocabulary 151,936,
-tied embeddings: 494,032,768 parameters), 2 prompts x 2 samples x 16 new tokens (forced to full
-length), one micro-batch of 4, 2 RL steps. Rows, each in its own process:
+Workload (preset ``cpu``): a Qwen2 with Qwen2.5-0.5B's shape and random weights (hidden 896, 24
+layers, 14 heads, 2 KV heads, intermediate 4864, vocabulary 151,936, tied embeddings: 494,032,768
+parameters), 2 prompts x 2 samples x 16 new tokens (forced to full length), one micro-batch of 4, 2 RL
+steps; preset ``cuda``: the same on Qwen2.5-1.5B's shape (the fsdp2 rows need 2 GPUs: with fewer they
+fail in their rows, saying so). Rows, each in its own process:
 
 * ``flowrl``: the project's trainer, FlowRL, full fine-tuning (policy and reference in the policy's
   dtype on CPU: float32);
@@ -60,6 +61,9 @@ import _common  # noqa: E402
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(shape="qwen2.5-0.5b", prompts=2, samples=2, max_new_tokens=16, micro_batch=4, steps=2,
                 lora_rank=16),
+    # the GPU check: the same workload on Qwen2.5-1.5B's shape (1.54B parameters)
+    "cuda": dict(shape="qwen2.5-1.5b", prompts=2, samples=2, max_new_tokens=16, micro_batch=4, steps=2,
+                 lora_rank=16),
     "smoke": dict(shape="tiny", prompts=2, samples=2, max_new_tokens=4, micro_batch=4, steps=2, lora_rank=4),
 }  # fmt: skip
 ROWS = (
@@ -366,6 +370,12 @@ def run_row(
     }
 
 
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def _free_port() -> int:
     import socket
 
@@ -460,6 +470,12 @@ def main() -> int:
                     "model_dir": str(model_dir), "output_dir": str(work / "runs" / row),
                     "overrides": cfg_overrides}  # fmt: skip
             entry: dict[str, Any] = {"settings": s}
+            gpus = _visible_gpus() if args.device == "cuda" else None
+            if gpus is not None and s["ranks"] > gpus:  # reported in its row, never skipped silently
+                entry["error"] = f"needs {s['ranks']} GPUs (one per rank), this machine has {gpus}"
+                print(f"  {row} FAILED: {entry['error']}", flush=True)
+                results[row] = entry
+                continue
             try:
                 entry.update(run_row(row, spec, work, timeout=args.timeout, threads=args.threads))
             except Exception as exc:  # noqa: BLE001 - a failed row is reported in its row, loudly
