@@ -16,6 +16,7 @@ when every reward in a batch failed.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +55,10 @@ MATH_DATA_SOURCES = frozenset(
 )
 """Math data sources (lower case, without an ``org/`` prefix); any name starting with "math" is math too."""
 
+MATH_WORDS = frozenset({"math", "dapo", "aime", "gsm8k"})
+"""A name with one of these among its words (split at anything not a letter or digit) is math: hub ids
+as other tools write them (``BytedTsinghua-SIA/DAPO-Math-17k``, ``AI-MO/aimo-validation-aime``)."""
+
 CODE_DATA_SOURCES = frozenset(
     {
         "deepcoder",
@@ -90,6 +95,14 @@ def register_reward(name: str, fn: RewardFn) -> None:
     _CUSTOM[name] = fn
 
 
+def _is_math(name: str) -> bool:
+    return (
+        name in MATH_DATA_SOURCES
+        or name.startswith("math")
+        or bool(MATH_WORDS & set(re.split(r"[^a-z0-9]+", name)))
+    )
+
+
 def _names(data_source: str) -> tuple[str, ...]:
     """The lower-cased name and, for ``org/name``, the part after the slash."""
     full = data_source.strip().lower()
@@ -112,14 +125,15 @@ def get_reward_fn(data_source: str, *, custom: str | None = None) -> RewardFn:
     if data_source in _CUSTOM:
         return _CUSTOM[data_source]
     names = _names(data_source or "")
-    if any(n in MATH_DATA_SOURCES or n.startswith("math") for n in names):
+    if any(_is_math(n) for n in names):
         return math_rewards.math_reward
     if any(n in CODE_DATA_SOURCES or n.startswith(tuple(CODE_DATA_SOURCES)) for n in names):
         return code_rewards.code_reward
     raise ValueError(
         f"no reward function for data_source {data_source!r}: register one with "
         "flowrl.rewards.register_reward(name, fn) or pass a custom reward as 'module:function'. "
-        f"Known math sources: {sorted(MATH_DATA_SOURCES)} (and any name starting with 'math'); "
+        f"Known math sources: {sorted(MATH_DATA_SOURCES)} (and any name starting with 'math' or with one "
+        f"of the words {sorted(MATH_WORDS)}); "
         f"code sources: {sorted(CODE_DATA_SOURCES)} (and names starting with them)."
     )
 

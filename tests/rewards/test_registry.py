@@ -38,10 +38,13 @@ def test_every_prepared_dataset_is_scored_by_the_reward_of_its_ability(name: str
 @pytest.mark.parametrize(
     ("data_source", "ability"),
     [("math_anything_new", "math"), ("MATH_v2", "math"), ("org/math-hard", "math"),
+     ("BytedTsinghua-SIA/DAPO-Math-17k", "math"), ("AI-MO/aimo-validation-aime", "math"),
+     ("openai/gsm8k", "math"), ("HuggingFaceH4/MATH-500", "math"),
      ("taco_verified", "code"), ("lcb_v5", "code"), ("someone/livecodebench_v6", "code")],
 )  # fmt: skip
 def test_new_variants_of_known_sources_need_no_registration(data_source: str, ability: str) -> None:
-    """Any name starting with "math" is math; a known code source with a suffix (a version, a filtered
+    """Any name starting with "math", or with "math", "dapo", "aime" or "gsm8k" among its words (hub ids
+    as other tools write them), is math; a known code source with a suffix (a version, a filtered
     subset) is code: a new release of a dataset is scored without touching the registry."""
     assert registry.get_reward_fn(data_source) is REWARD_OF_ABILITY[ability]
 
