@@ -62,7 +62,7 @@ def shard_policy(policy: Policy, *, mixed_precision: bool) -> list[nn.Module]:
         fully_shard(layer, **options)
     fully_shard(policy, **options)
     units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
-    in_place = _in_place_reduce_scatter()
+    in_place = _in_place_reduce_scatter() if hasattr(FSDPModule, "set_custom_reduce_scatter") else None
     for unit in units:
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
@@ -80,16 +80,14 @@ def _in_place_reduce_scatter() -> Any:
     allocates nothing. NCCL (GPU) keeps FSDP2's default. ``None`` when not on gloo or when this
     PyTorch has no custom reduce-scatter.
     """
-    from torch.distributed.fsdp import FSDPModule
-
-    if dist.get_backend() != "gloo" or not hasattr(FSDPModule, "set_custom_reduce_scatter"):
+    if dist.get_backend() != "gloo":
         return None
-    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+    try:  # FSDP2's own comm (its buffers come from torch.empty); only __call__ changes
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
+    except ImportError:
+        return None
 
-    class InPlaceReduceScatter(ReduceScatter):
-        def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> Tensor:
-            return torch.empty(*size, dtype=dtype, device=device)
-
+    class InPlaceReduceScatter(DefaultReduceScatter):
         def __call__(
             self, output_tensor: Tensor, input_tensor: Tensor, group: Any, op: Any, async_op: bool = False
         ) -> None:
