@@ -185,21 +185,44 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def _valid_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
+def _field_types(cls: type, prefix: str = "") -> dict[str, str]:
+    """Every dotted key of a config dataclass with its annotation (sections included)."""
+    types = {}
     for f in dataclasses.fields(cls):
         name = f"{prefix}{f.name}"
-        keys.append(name)
+        types[name] = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config")):
-            keys += _valid_keys(globals()[f.type] if isinstance(f.type, str) else f.type, f"{name}.")
-    return keys
+            types |= _field_types(globals()[f.type] if isinstance(f.type, str) else f.type, f"{name}.")
+    return types
+
+
+def _as_list_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """``key=a`` or ``key=a,b`` for a list-valued key means ``key=[a]`` / ``key=[a,b]`` (what
+    ``model.lora.target_modules=q_proj,v_proj`` or ``data.train_files=train.parquet`` ask for)."""
+    lists = {k for k, t in _field_types(Config).items() if t.startswith("list[")}
+    out = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() in lists and not value.strip().startswith("[") and value.strip() not in ("", "null"):
+            item = f"{key}=[{value}]"
+        out.append(item)
+    return out
 
 
 def _unknown_key_error(exc: Exception, source: str) -> ValueError:
     key = getattr(exc, "full_key", None) or str(exc)
-    close = difflib.get_close_matches(str(key), _valid_keys(Config), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(str(key), list(_field_types(Config)), n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ValueError(f"unknown config key {key!r} in {source}{hint}")
+
+
+def config_arguments(first: str, rest: list[str]) -> tuple[str | None, list[str]]:
+    """A command's ``CONFIG [key=value ...]`` positionals as ``(config path or None, overrides)``: a first
+    argument that is no file but reads ``key=value`` is the first override (the defaults stand in for a
+    YAML config), so ``flowrl train model.path=DIR ...`` works without one."""
+    if "=" in first and not Path(first).is_file():
+        return None, [first, *rest]
+    return first, list(rest)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -213,13 +236,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     sources: list[tuple[str, DictConfig]] = []
     if path is not None:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
+            raise FileNotFoundError(
+                f"config file {path} does not exist (give a YAML file such as "
+                "configs/paper_qwen2.5-7b_math.yaml, or key=value overrides alone)"
+            )
         sources.append((str(path), OmegaConf.load(path)))
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ValueError(f"overrides must look like key=value (e.g. optim.lr=1e-6), got {bad}")
     if overrides:
-        sources.append(("command-line overrides", OmegaConf.from_dotlist(list(overrides))))
+        sources.append(("command-line overrides", OmegaConf.from_dotlist(_as_list_overrides(overrides))))
     for source, conf in sources:
         try:
             merged = OmegaConf.merge(merged, conf)
@@ -415,6 +441,11 @@ def validate(cfg: Config) -> None:
             f"module (got rank {lora.rank}, alpha {lora.alpha}, dropout {lora.dropout}, "
             f"target_modules {list(lora.target_modules)})"
         )
+    if lora.rank > 0 and cfg.model.ref_dtype is not None:
+        raise ValueError(
+            "model.ref_dtype is the dtype of a separate reference copy; with LoRA (model.lora.rank > 0) the "
+            "reference is the base model with its adapters disabled, in model.dtype: drop model.ref_dtype"
+        )
     if t.strategy not in ("ddp", "fsdp2"):
         raise ValueError(f"train.strategy={t.strategy!r}: choose 'ddp' (replicas) or 'fsdp2' (sharded)")
     if t.strategy == "fsdp2" and lora.rank > 0:
@@ -430,8 +461,6 @@ def validate(cfg: Config) -> None:
         raise ValueError(
             "train.strategy=fsdp2 with rollout.engine=vllm is not supported; use rollout.engine=hf"
         )
-    if not cfg.data.train_files:
-        raise ValueError("data.train_files is empty; give one or more parquet/jsonl files in verl's schema")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -645,7 +645,7 @@ class MemoryPlan:
             within = (
                 f"a budget of {self.budget_gb:g} GB"
                 if self.budget_gb is not None
-                else f"{self.gpu_memory_gb:g} GB (usable {self.usable_gb:.1f} GB after a "
+                else f"{self.gpu_memory_gb:.4g} GB (usable {self.usable_gb:.1f} GB after a "
                 f"{FRAGMENTATION_MARGIN:.0%} margin)"
             )
             verdict = f": {'fits' if self.fits else 'does NOT fit'} in {within}"

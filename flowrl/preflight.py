@@ -70,6 +70,8 @@ def check_model_path(path: str) -> None:
 
 def read_training_rows(files: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
     """Every row of the training files (validated against verl's schema) and the file of each."""
+    if not files:
+        raise InputError("data.train_files is empty; give one or more parquet/jsonl files in verl's schema")
     rows: list[dict[str, Any]] = []
     origin: list[str] = []
     for path in files:

@@ -261,3 +261,57 @@ def test_the_help_lists_every_objectives_options_with_defaults() -> None:
     assert "algorithm.loss.beta=15.0: inverse temperature" in text
     assert "algorithm.advantage.kl_coef=0.001" in text and "algorithm.loss.clip_eps_high=null" in text
     assert "algorithm.name=ppo" not in text  # the trainer does not train a critic
+
+
+# -- the command line's shapes --------------------------------------------------------------------------
+
+
+def test_a_first_argument_that_reads_key_value_is_an_override_not_a_config_file() -> None:
+    from flowrl.config import config_arguments
+
+    assert config_arguments("model.path=m", ["optim.lr=1"]) == (None, ["model.path=m", "optim.lr=1"])
+    assert config_arguments(str(CONFIGS[0]), ["optim.lr=1"]) == (str(CONFIGS[0]), ["optim.lr=1"])
+    assert config_arguments("missing.yaml", []) == ("missing.yaml", [])  # load_config names the fix
+    with pytest.raises(FileNotFoundError, match="key=value overrides alone"):
+        load_config("missing.yaml", [])
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "expected"),
+    [
+        ("model.lora.target_modules=q_proj,v_proj", "model.lora.target_modules", ["q_proj", "v_proj"]),
+        ("model.lora.target_modules=all-linear", "model.lora.target_modules", ["all-linear"]),
+        ("data.train_files=a.parquet", "data.train_files", ["a.parquet"]),
+        ("data.train_files=[a.parquet,b.jsonl]", "data.train_files", ["a.parquet", "b.jsonl"]),
+        ("optim.betas=0.9,0.95", "optim.betas", [0.9, 0.95]),
+    ],
+)
+def test_a_list_valued_key_takes_a_bare_value_or_commas(override: str, key: str, expected: list) -> None:
+    cfg = load_config(None, ["model.path=m", "data.train_files=[x.jsonl]", override])
+    assert list(OmegaConf.select(OmegaConf.structured(cfg), key)) == expected
+
+
+def test_a_scalar_key_given_a_list_still_fails_naming_the_key() -> None:
+    with pytest.raises(ValueError, match="optim.lr"):
+        load_config(None, ["model.path=m", "optim.lr=[1,2]"])
+
+
+def test_lora_with_a_reference_dtype_is_refused_naming_why() -> None:
+    with pytest.raises(ValueError, match="adapters disabled.*drop model.ref_dtype"):
+        load_config(None, ["model.path=m", "model.lora.rank=8", "model.ref_dtype=bfloat16"])
+    assert load_config(None, ["model.path=m", "model.ref_dtype=bfloat16"]).model.ref_dtype == "bfloat16"
+
+
+def test_flowrl_train_reads_overrides_alone_and_after_its_flags(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``flowrl train key=value --overwrite key=value``: the config file is optional and overrides may
+    follow the flags (the run stops at the missing data file, before any weights load)."""
+    from flowrl.commands.train import main
+
+    code = main([f"model.path={model_dir}", "--overwrite", f"train.output_dir={tmp_path / 'run'}",
+                 f"data.train_files={tmp_path / 'missing.jsonl'}"])  # fmt: skip
+    assert code == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert main([f"model.path={model_dir}", f"train.output_dir={tmp_path / 'run'}"]) == 2
+    assert "data.train_files is empty" in capsys.readouterr().err

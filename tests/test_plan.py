@@ -259,6 +259,22 @@ def test_flowrl_plan_prints_a_table_writes_json_and_exits_0(
     assert report["peak_gb_per_device"] == pytest.approx(max(report["phases_gb"].values()), abs=1e-3)
 
 
+def test_flowrl_plan_takes_overrides_alone_and_after_the_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No YAML and no data files: a plan needs the model's config.json and the run's settings only; the
+    overrides may come before or after the options."""
+    from flowrl.commands.plan import main
+
+    out = tmp_path / "plan.json"
+    args = [f"model.path={QWEN7B.parent}", "--gpus", "8", "--gpu-memory", "80", "train.strategy=fsdp2",
+            "--json", str(out), "model.gradient_checkpointing=true"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["strategy"] == "fsdp2" and report["setup"]["gradient_checkpointing"]
+    assert report["gpus"] == 8 and "fits in 80 GB" in capsys.readouterr().out
+
+
 def test_flowrl_plan_names_a_missing_config_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from flowrl.commands.plan import main
 

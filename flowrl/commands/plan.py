@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--gpu-memory 80. GB = 2^30 bytes."
         ),
     )
-    parser.add_argument("config", help="YAML config (see configs/)")
+    parser.add_argument(
+        "config", metavar="CONFIG", help="YAML config (see configs/); or leave it out and give key=value only"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.lora.rank=32")
     parser.add_argument("--gpus", type=int, default=1, help="processes (GPUs) of the run, torchrun's ranks")
     parser.add_argument(
@@ -62,12 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    from flowrl.config import load_config
+    args = build_parser().parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
+    from flowrl.config import config_arguments, load_config
     from flowrl.plan import plan_memory
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(*config_arguments(args.config, args.overrides))
         plan = plan_memory(
             cfg,
             gpus=args.gpus,

@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
             "each objective's options (key=value overrides, defaults shown):\n" + options_help()
         ),
     )
-    parser.add_argument("config", help="YAML config (see configs/)")
+    parser.add_argument(
+        "config", metavar="CONFIG", help="YAML config (see configs/); or leave it out and give key=value only"
+    )
     parser.add_argument(
         "overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-6 algorithm.name=grpo"
     )
@@ -59,18 +61,18 @@ def _resume_command(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     debug = args.debug or os.environ.get("FLOWRL_DEBUG", "") not in ("", "0")
 
     from flowrl.checkpoint import CheckpointCorruptError
-    from flowrl.config import load_config
+    from flowrl.config import config_arguments, load_config
     from flowrl.distributed import is_main_process, launched_by_torchrun
     from flowrl.preflight import InputError
     from flowrl.trainer import Trainer, run
 
     # Input errors are found here, before training starts (most before any weights load).
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(*config_arguments(args.config, args.overrides))
         if cfg.rollout.engine == "vllm":
             from flowrl.rollout.vllm import import_vllm
 
