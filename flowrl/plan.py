@@ -27,6 +27,7 @@ Components (bytes on one device; the phases they live in follow in brackets):
 
     runtime          CPU: a trainer process's baseline (CPU_BASELINE_GB, measured); CUDA: the CUDA
                      context (CUDA_CONTEXT_GB; not in torch.cuda.max_memory_allocated)       [all]
+    tokenizer        CPU: V * TOKENIZER_BYTES_PER_ENTRY (the fast tokenizer in the process)    [all]
     weights          P * b_w * s  (LoRA: P * b_w + P_t * 4). Load: the whole model in every process
                      (FSDP2 shards after loading)                                             [all]
     log Z head       Z * 4 * s                                                                [all]
@@ -97,11 +98,13 @@ GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Measured on the project's CPU machine (2 vCPU EPYC, Python 3.11, torch 2.13, transformers 5.24): the
-# resident memory of a `flowrl train` process before any weight is read (interpreter, torch,
-# transformers, a 152k-entry tokenizer, the trainer's modules, thread pools): 0.45 GB after loading a
-# Qwen2.5-0.5B-shaped model whose weights are still only mapped (benchmarks/memory.py, "load" mark;
-# a 0.2M-parameter model with a 512-entry tokenizer peaks at 0.41 GB, the "baseline" row).
-CPU_BASELINE_GB = 0.45
+# peak resident memory of a `flowrl train` process besides its model and tokenizer (interpreter, torch,
+# transformers and what they import, the trainer's modules, thread pools): a 0.2M-parameter model with a
+# 512-entry tokenizer peaks at 0.36-0.37 GB (benchmarks/memory.py, the "baseline" row).
+CPU_BASELINE_GB = 0.36
+# What a loaded fast tokenizer holds per vocabulary entry (its Rust vocabulary and lookup tables): 50 MiB
+# for 151,936 entries, 13 MiB for 32,768, 2.4 MiB for 8,192 (resident memory after `load_tokenizer`).
+TOKENIZER_BYTES_PER_ENTRY = 345
 # A CUDA context with cuBLAS / cuDNN workspaces (torch 2.x on Hopper): what a process holds on the GPU
 # beyond torch.cuda.max_memory_allocated.
 CUDA_CONTEXT_GB = 0.75
@@ -799,6 +802,9 @@ def _plan(
             "measured process baseline (CPU_BASELINE_GB)",
             dict.fromkeys(phases, cpu_baseline_gb * GiB),
         )
+        add(
+            "tokenizer", "V * TOKENIZER_BYTES_PER_ENTRY", dict.fromkeys(phases, V * TOKENIZER_BYTES_PER_ENTRY)
+        )
     else:
         add("runtime", "CUDA context (CUDA_CONTEXT_GB)", dict.fromkeys(phases, CUDA_CONTEXT_GB * GiB))
 
@@ -1009,7 +1015,10 @@ def _plan(
     if st.engine == "vllm" and gpu_memory_gb is None:
         notes.append("rollout.engine=vllm: give --gpu-memory to count vLLM's share")
     if st.device == "cpu":
-        notes.append(f"CPU: peak resident memory of one process, {cpu_baseline_gb:.2f} GB baseline included")
+        notes.append(
+            f"CPU: peak resident memory of one process, its {cpu_baseline_gb:.2f} GB baseline and the "
+            "tokenizer included"
+        )
     return MemoryPlan(
         device=st.device,
         gpus=N,

@@ -286,6 +286,10 @@ def test_cpu_plan_counts_the_process_baseline_and_no_cuda_context() -> None:
     plan = _plan(PRESET_7B, QWEN7B, device="cpu", gpus=1, gpu_memory_gb=1000)
     runtime = next(c for c in plan.components if c.name == "runtime")
     assert runtime.bytes["update"] == int(P.CPU_BASELINE_GB * P.GiB)
+    tokenizer = next(c for c in plan.components if c.name == "tokenizer")
+    assert tokenizer.bytes["update"] == 152064 * P.TOKENIZER_BYTES_PER_ENTRY  # Qwen2.5-7B's vocabulary
+    gpu = _plan(PRESET_7B, QWEN7B, device="cuda", gpus=1, gpu_memory_gb=80)
+    assert "tokenizer" not in {c.name for c in gpu.components}  # host memory, not the GPU's
     assert plan.setup["policy_dtype"] == "float32" and plan.setup["reference_dtype"] == "float32"
     assert not plan.setup["autocast"] and not plan.setup["gradient_checkpointing"]
 
