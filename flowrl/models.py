@@ -39,7 +39,7 @@ from flowrl.checkpoint import HEAD_FILE, load_log_z_head, model_dir_of
 from flowrl.config import Config
 from flowrl.host_memory import release_freed_memory, return_large_blocks
 from flowrl.partition import LogZHead, log_z_param_groups
-from flowrl.policy import Policy, is_peft_model, load_model
+from flowrl.policy import Policy, is_peft_model, load_model, verify_logprobs
 
 ALL_LINEAR = "all-linear"
 LARGE_MODEL_BYTES = 256 << 20
@@ -250,6 +250,7 @@ def prepare_models(
     if checkpoint is not None:
         load_log_z_head(head, checkpoint / HEAD_FILE)
     policy = Policy(model, head, logprob_chunk_size=m.logprob_chunk_size)
+    verify_logprobs(policy)  # the log-probs trained are the ones the rollout samples from
     policy.train()
     units: list[nn.Module] = []
     mixed = compute_in_bf16(cfg, device)

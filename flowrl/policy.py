@@ -97,9 +97,21 @@ def load_model(
             trust_remote_code=trust_remote_code,
         )
         return PeftModel.from_pretrained(base, path).merge_and_unload()
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=torch_dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
+    except ValueError as exc:
+        if attn_implementation and "attention implementation" in str(exc):
+            raise ValueError(
+                f"{path}: attn_implementation={attn_implementation!r} is not available for this model "
+                "(transformers: " + str(exc).split(". ")[0] + "); set model.attn_implementation=eager "
+                "(or flash_attention_2 where installed)"
+            ) from exc
+        raise
     return model.to(device)
 
 
@@ -142,16 +154,61 @@ class PolicyOutput:
 torch.utils._pytree.register_dataclass(PolicyOutput)
 
 
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a causal LM's forward does to its output projection's result before returning the logits.
+
+    Read from the model's (text) config (:meth:`of`): ``scale`` multiplies (Cohere's ``logit_scale``,
+    ``output_multiplier``, Falcon-H1's ``lm_head_multiplier``, the inverse of Granite's and MiniCPM3's
+    ``logits_scaling``), then ``softcap`` bounds the
+    logits to ``softcap * tanh(logits / softcap)`` (Gemma 2 and 3's ``final_logit_softcapping``). The
+    rollout samples from the model's own logits, so the trainer's log-probs must see the same ones;
+    :func:`verify_logprobs` checks that they do for the model at hand.
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, config: Any) -> LogitTransform:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        scale = 1.0
+        for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+            value = getattr(text, name, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value not in (0, 1):
+                # Granite and MiniCPM3 divide by logits_scaling; HyperCLOVA X multiplies by it
+                divides = name == "logits_scaling" and getattr(text, "model_type", "") != "hyperclovax"
+                scale = scale / float(value) if divides else scale * float(value)
+        softcap = getattr(text, "final_logit_softcapping", None)
+        return cls(scale, float(softcap) if softcap else None)
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+PLAIN = LogitTransform()
+
+
 def _chunk_logprobs(
-    hidden: Tensor, targets: Tensor, lm_head: nn.Module, temperature: float, entropy: list[Tensor] | None
+    hidden: Tensor,
+    targets: Tensor,
+    lm_head: nn.Module,
+    temperature: float,
+    entropy: list[Tensor] | None,
+    transform: LogitTransform = PLAIN,
 ) -> Tensor:
     """Log-probs of one chunk through any output module; its entropy, when asked for, is appended to
-    ``entropy`` from the same logits. The general path, for heads that are not a plain ``nn.Linear``.
+    ``entropy`` from the same logits. The general path, for heads that are not a plain ``nn.Linear`` or
+    logits that are soft-capped.
 
     Under activation checkpointing this runs twice (forward, and again in backward to rebuild the graph);
     the entropy, which needs no graph, is computed the first time only (the list is no longer empty).
     """
-    logits = _wide(lm_head(hidden))  # (n, V), lives only for this chunk
+    logits = transform(_wide(lm_head(hidden)))  # (n, V), lives only for this chunk
     if temperature != 1.0:
         logits = logits / temperature
     log_norm = torch.logsumexp(logits, dim=-1)
@@ -242,8 +299,9 @@ def token_logprobs(
     chunk_size: int = DEFAULT_LOGPROB_CHUNK_SIZE,
     with_entropy: bool = False,
     fused: bool = True,
+    transform: LogitTransform = PLAIN,
 ) -> tuple[Tensor, Tensor | None]:
-    """log softmax(lm_head(hidden) / temperature)[target] for packed tokens, chunk by chunk.
+    """log softmax(transform(lm_head(hidden)) / temperature)[target] for packed tokens, chunk by chunk.
 
     Args:
         hidden: (n, H) final hidden states of the positions that predict ``targets``.
@@ -255,12 +313,16 @@ def token_logprobs(
         fused: use :class:`_LinearLogprobs` when ``lm_head`` is a plain ``nn.Linear`` (the usual causal-LM
             head); False, or any other head, takes the general path (autograd, chunks recomputed in
             backward under activation checkpointing). Both give the same values and gradients.
+        transform: what the model's forward does to the projection (:class:`LogitTransform`); a scale
+            alone folds into the temperature (fused path kept), a soft cap takes the general path.
 
     Returns:
         ``(logprobs (n,), entropy (n,) or None)``.
     """
     out, ent = [], []
-    use_fused = fused and type(lm_head) is nn.Linear
+    use_fused = fused and type(lm_head) is nn.Linear and transform.softcap is None
+    if use_fused:  # softmax(s * z / T) = softmax(z / (T / s))
+        temperature, transform = temperature / transform.scale, PLAIN
     needs_grad = (
         not use_fused
         and torch.is_grad_enabled()
@@ -278,9 +340,11 @@ def token_logprobs(
             continue
         slot: list[Tensor] | None = [] if with_entropy else None
         if needs_grad:  # recompute the chunk's logits in backward rather than keep them
-            out.append(checkpoint(_chunk_logprobs, h, y, lm_head, temperature, slot, use_reentrant=False))
+            out.append(
+                checkpoint(_chunk_logprobs, h, y, lm_head, temperature, slot, transform, use_reentrant=False)
+            )
         else:
-            out.append(_chunk_logprobs(h, y, lm_head, temperature, slot))
+            out.append(_chunk_logprobs(h, y, lm_head, temperature, slot, transform))
         if slot:
             ent.append(slot[0])
     empty = hidden.new_zeros(0, dtype=torch.float32)
@@ -319,6 +383,7 @@ class Policy(nn.Module):
         self.model = model
         self.log_z_head = log_z_head
         self.logprob_chunk_size = logprob_chunk_size
+        self.logit_transform = LogitTransform.of(causal_lm(model).config)
 
     def forward(
         self,
@@ -363,6 +428,7 @@ class Policy(nn.Module):
             temperature=temperature,
             chunk_size=self.logprob_chunk_size,
             with_entropy=with_entropy,
+            transform=self.logit_transform,
         )
         logprobs = hidden.new_zeros(response_mask.shape, dtype=torch.float32)
         logprobs = logprobs.masked_scatter(response_mask, packed)
@@ -381,3 +447,44 @@ class Policy(nn.Module):
             )
             log_z = self.log_z_head(pooled, dropout_keys=log_z_dropout_keys)
         return PolicyOutput(logprobs=logprobs, log_z=log_z, entropy=entropy)
+
+
+@torch.no_grad()
+def verify_logprobs(policy: Policy, *, tokens: int = 8) -> None:
+    """Check that the policy's log-probs are those of the model's own logits, which the rollout samples.
+
+    The policy computes them from the final hidden states through the output projection and
+    :class:`LogitTransform`; a model whose forward does something else to its logits (a transform not
+    known here) would be trained on log-probs of a distribution it does not sample from. One forward of
+    two short sequences, before any wrapping (run it before sharding: it is not a collective).
+
+    Raises:
+        ValueError: the two differ by more than the model's precision allows, naming the model type.
+    """
+    lm = causal_lm(policy.model)
+    weight = lm.get_output_embeddings().weight
+    vocab = weight.shape[0]
+    ids = (torch.arange(2 * tokens, device=weight.device).reshape(2, tokens) * 7919 + 11) % vocab
+    mask = torch.ones_like(ids)
+    was_training = policy.training
+    policy.eval()
+    try:
+        ours = policy(ids, mask, 1).logprobs  # (2, tokens - 1): positions 1.. predicted from 0..
+        logits = _wide(lm(input_ids=ids, attention_mask=mask, use_cache=False).logits)[:, :-1]
+    finally:
+        policy.train(was_training)
+    theirs = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    # float32 agrees to rounding; a 16-bit forward rounds its logits (bf16: 2^-8 of their size)
+    relative = 1e-4 if weight.dtype == torch.float32 else 2e-2
+    tolerance = relative * max(1.0, float(logits.abs().max()))
+    difference = float((ours - theirs).abs().max())
+    if not difference <= tolerance:
+        model_type = getattr(lm.config, "model_type", type(lm).__name__)
+        raise ValueError(
+            f"{model_type}: the model's forward returns logits that the trainer's log-probs do not reproduce "
+            f"(max difference {difference:.3g} nats, tolerance {tolerance:.3g}; transform read from its "
+            f"config: {policy.logit_transform}), so training would use log-probs of a distribution the "
+            "rollout does not sample. Known output transforms: final_logit_softcapping, logit_scale, "
+            "logits_scaling, lm_head_multiplier; this model type needs its own added to "
+            "flowrl.policy.LogitTransform"
+        )

@@ -67,7 +67,8 @@ def _memory_rows_check(report: dict, rows: list[str]) -> None:
         entry = report["rows"][row]
         assert "error" not in entry, entry.get("error")
         assert entry["measured_gb"] > 0.1 and entry["planned_gb"] > 0.1  # a process holds ~0.4 GB
-        assert abs(entry["relative_error"]) < 0.5, row  # at this size the process baseline is most of it
+        # the process baseline is most of it at this size: the plan's goal (15%) holds here too
+        assert abs(entry["relative_error"]) < 0.15, (row, entry["relative_error"])
         assert entry["bytes_per_parameter"] > 0 and entry["plan"]["peak_phase"]
 
 

@@ -119,3 +119,61 @@ def test_no_grad_and_empty_inputs() -> None:
     lp, ent = token_logprobs(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), head, temperature=1.0,
                              with_entropy=True)  # fmt: skip
     assert lp.shape == (0,) and ent is not None and ent.shape == (0,)
+
+
+# -- models whose forward transforms the projection's output ----------------------------------------
+
+# (model_type, config fields): Gemma 2 soft-caps its logits, Cohere scales them, Granite divides them,
+# Llama leaves them alone. Small caps and large scales make the transforms matter at this size.
+TRANSFORMED = [
+    ("gemma2", {"final_logit_softcapping": 0.5}),
+    ("cohere", {"logit_scale": 4.0}),
+    ("granite", {"logits_scaling": 0.25}),
+    ("llama", {}),
+]
+
+
+def _tiny_causal_lm(model_type: str, fields: dict) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, vocab_size=97, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        **fields,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize(("model_type", "fields"), TRANSFORMED, ids=[t[0] for t in TRANSFORMED])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_and_gradients_are_those_of_the_models_own_logits(
+    model_type: str, fields: dict, temperature: float
+) -> None:
+    """What the rollout samples from (the model's forward) is what the trainer's log-probs score."""
+    from flowrl.policy import Policy, verify_logprobs
+
+    model = _tiny_causal_lm(model_type, fields)
+    policy = Policy(model, logprob_chunk_size=3)
+    verify_logprobs(policy)
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ours = policy(ids, mask, 4, temperature=temperature).logprobs
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, 3:-1] / temperature
+    theirs = torch.log_softmax(logits, -1).gather(-1, ids[:, 4:, None]).squeeze(-1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    weights = [p for p in model.parameters() if p.requires_grad]
+    g_ours = torch.autograd.grad(ours.sum(), weights)
+    g_theirs = torch.autograd.grad(theirs.sum(), weights)
+    for a, b in zip(g_ours, g_theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_an_unknown_logit_transform_is_refused_naming_the_model_type() -> None:
+    from flowrl.policy import LogitTransform, Policy, verify_logprobs
+
+    policy = Policy(_tiny_causal_lm("gemma2", {"final_logit_softcapping": 0.5}))
+    policy.logit_transform = LogitTransform()  # as if the cap were not known
+    with pytest.raises(ValueError, match="gemma2: the model's forward returns logits"):
+        verify_logprobs(policy)
+    assert LogitTransform.of(policy.model.config).softcap == 0.5

@@ -61,8 +61,34 @@ def test_trainer_updates_the_head(model_dir: Path, data_file: Path, tmp_path: Pa
     assert all(torch.equal(saved[LOG_Z_PREFIX + k], head1[k]) for k in head1)
 
 
-def test_logprobs_equal_independent_recomputation(model_dir: Path) -> None:
-    tokenizer, model = load_tokenizer(str(model_dir)), load_model(str(model_dir)).eval()
+@pytest.fixture(scope="module")
+def softcapped_model_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Gemma 2 (its forward soft-caps the logits: cap * tanh(z / cap)) with the demo's tokenizer;
+    a cap of 2 bends logits of this size."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(str(model_dir))
+    config = AutoConfig.for_model(
+        "gemma2", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, vocab_size=len(tokenizer), final_logit_softcapping=2.0,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("gemma2") / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("which", ["qwen2", "gemma2"])
+def test_logprobs_equal_independent_recomputation(which: str, request: pytest.FixtureRequest) -> None:
+    """The trainer's log-probs, the engine's sampling log-probs and the model's own logits agree (Gemma 2:
+    through its logit soft-cap, which the policy applies as the model's forward does)."""
+    model_dir = request.getfixturevalue("model_dir" if which == "qwen2" else "softcapped_model_dir")
+    attention = "sdpa" if which == "qwen2" else "eager"
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_model(str(model_dir), attn_implementation=attention).eval()
     engine = HFRolloutEngine(
         model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, show_progress=False
     )

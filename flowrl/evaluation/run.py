@@ -344,7 +344,10 @@ class ModelSampler:
             print(f"loading {self.spec.path} on {device}", flush=True)
             try:
                 tokenizer = load_tokenizer(self.spec.path)
-                model = load_model(self.spec.path, dtype=self.cfg.dtype, device=device).eval()
+                # transformers' choice of attention: sdpa where the model has it, else eager
+                model = load_model(
+                    self.spec.path, dtype=self.cfg.dtype, device=device, attn_implementation=None
+                ).eval()
             except OSError as exc:  # transformers' "not found / cannot download"
                 raise ValueError(
                     f"--model {self.spec.source}: cannot load {self.spec.path!r} ({exc}). A local directory "
