@@ -25,6 +25,7 @@ What a checkpoint holds follows: ``model/`` (a full Hugging Face model) for full
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -300,19 +301,41 @@ def embedding_gradient_in_place(model: nn.Module) -> bool:
     weight's rows (one add per row, so deterministic on CUDA too) and dropped; the ``padding_idx`` row
     gets none, as autograd gives it none. Values and gradients are the same as without it.
 
+    Gemma's embeddings (transformers' ``*ScaledWordEmbedding``) multiply the rows they look up by
+    ``embed_scale``; their rows get the gradient times that factor, as autograd gives them.
+
     Returns whether the model has such an embedding (frozen, sparse, renormalized, scaled by frequency,
-    or not an ``nn.Embedding``: untouched).
+    or another forward than a lookup, possibly scaled: untouched).
     """
     emb = model.get_input_embeddings()
     if not isinstance(emb, nn.Embedding) or not emb.weight.requires_grad:
         return False
     if emb.sparse or emb.max_norm is not None or emb.scale_grad_by_freq:
         return False  # autograd's own rules for these
-    emb.register_forward_hook(_lookup_without_weight_edge)
+    scale = _lookup_scale(emb)
+    if scale is None:
+        return False
+    emb.register_forward_hook(functools.partial(_lookup_without_weight_edge, scale=scale))
     return True
 
 
-def _lookup_without_weight_edge(emb: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+def _lookup_scale(emb: nn.Embedding) -> float | None:
+    """What the module's forward multiplies the looked-up rows by: 1 for ``nn.Embedding``'s own forward,
+    ``embed_scale`` (in the weight's dtype, as the forward casts it) for transformers'
+    ``*ScaledWordEmbedding``; None for any other forward, whose gradient is not known here."""
+    if type(emb).forward is nn.Embedding.forward:
+        return 1.0
+    scale = getattr(emb, "embed_scale", None)
+    if not type(emb).__name__.endswith("ScaledWordEmbedding") or scale is None:
+        return None
+    if isinstance(scale, Tensor):
+        return float(scale.to(emb.weight.dtype)) if scale.numel() == 1 else None
+    return float(torch.tensor(float(scale), dtype=emb.weight.dtype))
+
+
+def _lookup_without_weight_edge(
+    emb: nn.Module, args: tuple[Any, ...], output: Tensor, *, scale: float = 1.0
+) -> Tensor | None:
     if not torch.is_grad_enabled() or not output.requires_grad:
         return None
     ids, weight = args[0], emb.weight
@@ -328,6 +351,8 @@ def _lookup_without_weight_edge(emb: nn.Module, args: tuple[Any, ...], output: T
         unique, position = rows.unique(return_inverse=True)
         summed = grad.new_zeros((len(unique), grad.shape[1]), dtype=torch.float32)
         summed.index_add_(0, position, grad.float())
+        if scale != 1.0:  # d(scale * W[row]) / dW[row]
+            summed.mul_(scale)
         if weight.grad is None:  # the first gradient of this weight since the last step
             weight.grad = torch.zeros_like(weight)
         weight.grad.index_add_(0, unique, summed.to(weight.dtype))

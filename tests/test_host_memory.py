@@ -55,6 +55,43 @@ def test_an_embeddings_gradient_added_in_place_equals_autograds(
         torch.testing.assert_close(grad, dense[name], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_scaled_embedding_gets_its_rows_gradient_times_the_scale(dtype: torch.dtype) -> None:
+    """Gemma's embedding multiplies its rows by sqrt(H) (transformers' ``*ScaledWordEmbedding``): the
+    gradient added in place carries that factor, as autograd's does (tied to the output head, as
+    Gemma's are)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def gemma() -> torch.nn.Module:
+        config = AutoConfig.for_model(
+            "gemma2", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=0,
+            attn_implementation="eager", final_logit_softcapping=None,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config).to(dtype)
+
+    dense = _grads(gemma(), 2)
+    model = gemma()
+    emb = model.get_input_embeddings()
+    assert type(emb) is not torch.nn.Embedding and float(emb.embed_scale) > 1  # the case at hand
+    assert embedding_gradient_in_place(model)
+    in_place = _grads(model, 2)
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-2}
+    for name, grad in in_place.items():
+        torch.testing.assert_close(grad.float(), dense[name].float(), **tolerance)
+
+
+def test_an_embedding_with_another_forward_is_left_to_autograd() -> None:
+    class Shifted(torch.nn.Embedding):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return super().forward(ids) + 1.0
+
+    model = _model(tied=False)
+    model.set_input_embeddings(Shifted(300, 32))
+    assert not embedding_gradient_in_place(model)
+
+
 def test_an_embedding_alone_still_gets_its_gradient() -> None:
     model = _model(tied=True)
     embedding_gradient_in_place(model)
