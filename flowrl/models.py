@@ -246,7 +246,8 @@ def prepare_models(
     embedding_gradient_in_place(model)  # sharded too: the hook sees the gathered weight and its gradient
     head = None
     if uses_log_z and cfg.log_z.mode == "head":  # log_z.mode=group estimates log Z: no head at all
-        head = LogZHead(model.config.hidden_size, num_layers=cfg.log_z.num_layers, dropout=cfg.log_z.dropout)
+        hidden = model.config.get_text_config().hidden_size  # a multimodal model: its language model's
+        head = LogZHead(hidden, num_layers=cfg.log_z.num_layers, dropout=cfg.log_z.dropout)
         head.to(device)
     if checkpoint is not None:
         load_log_z_head(head, checkpoint / HEAD_FILE)
@@ -271,6 +272,7 @@ def prepare_models(
         ).eval()
         ref_model.requires_grad_(False)
         reference = Policy(ref_model, logprob_chunk_size=m.logprob_chunk_size)
+        reference.logit_transform = policy.logit_transform  # the same model class: what verify found
     if shard:
         if isinstance(reference, Policy):
             for unit in sharding.shard_policy(reference, mixed_precision=mixed):

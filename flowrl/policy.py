@@ -450,41 +450,75 @@ class Policy(nn.Module):
 
 
 @torch.no_grad()
-def verify_logprobs(policy: Policy, *, tokens: int = 8) -> None:
-    """Check that the policy's log-probs are those of the model's own logits, which the rollout samples.
+def verify_logprobs(policy: Policy, *, tokens: int = 8) -> LogitTransform:
+    """Make the policy's log-probs those of the model's own logits, which the rollout samples; return the
+    :class:`LogitTransform` that does it (also set on the policy).
 
-    The policy computes them from the final hidden states through the output projection and
-    :class:`LogitTransform`; a model whose forward does something else to its logits (a transform not
-    known here) would be trained on log-probs of a distribution it does not sample from. One forward of
-    two short sequences, before any wrapping (run it before sharding: it is not a collective).
+    Two checks, one forward each over two short sequences, before any wrapping (run it before sharding: it
+    is not a collective). First, what the model's forward does after its output projection: the
+    projection's output is replaced by large known values (a hook), so the config's transform and none
+    at all can be told apart even where a random model's logits are too small to show a soft-cap (the
+    config may name one that a model class does not apply: Gemma 3's multimodal class). Then, on the
+    real weights, the policy's log-probs against ``log_softmax`` of the model's logits, which catches a
+    forward that changes the hidden states before the projection.
 
     Raises:
-        ValueError: the two differ by more than the model's precision allows, naming the model type.
+        ValueError: neither transform reproduces the model's logits, or the log-probs differ by more
+            than the model's precision allows; the message names the model type.
     """
     lm = causal_lm(policy.model)
-    weight = lm.get_output_embeddings().weight
-    vocab = weight.shape[0]
-    ids = (torch.arange(2 * tokens, device=weight.device).reshape(2, tokens) * 7919 + 11) % vocab
+    head = lm.get_output_embeddings()
+    weight = head.weight
+    ids = (torch.arange(2 * tokens, device=weight.device).reshape(2, tokens) * 7919 + 11) % weight.shape[0]
     mask = torch.ones_like(ids)
+    # float32 agrees to rounding; a 16-bit forward rounds its logits (bf16: 2^-8 of their size)
+    relative = 1e-4 if weight.dtype == torch.float32 else 2e-2
+    model_type = getattr(lm.config, "model_type", type(lm).__name__)
+    known = (
+        "known output transforms: final_logit_softcapping, logit_scale, output_multiplier, "
+        "lm_head_multiplier, logits_scaling; this model type needs its own added to "
+        "flowrl.policy.LogitTransform"
+    )
+    projected: list[Tensor] = []
+
+    def replace(_module: nn.Module, _args: Any, output: Tensor) -> Tensor:
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        values = (torch.randn(output.shape, generator=generator) * 64).to(output.device, output.dtype)
+        projected.append(values)
+        return values
+
     was_training = policy.training
     policy.eval()
     try:
+        hook = head.register_forward_hook(replace)
+        try:
+            transformed = _wide(lm(input_ids=ids, attention_mask=mask, use_cache=False).logits)
+        finally:
+            hook.remove()
+        if len(projected) == 1 and projected[0].shape == transformed.shape:
+            z = _wide(projected[0])
+            candidates = dict.fromkeys((LogitTransform.of(lm.config), PLAIN))
+            tolerance = relative * float(z.abs().max())
+            fits = [t for t in candidates if float((t(z) - transformed).abs().max()) <= tolerance]
+            if not fits:
+                raise ValueError(
+                    f"{model_type}: the model's forward transforms its output projection in a way the "
+                    f"trainer does not reproduce (tried {', '.join(map(str, candidates))}), so training "
+                    f"would use log-probs of a distribution the rollout does not sample; {known}"
+                )
+            policy.logit_transform = fits[0]
         ours = policy(ids, mask, 1).logprobs  # (2, tokens - 1): positions 1.. predicted from 0..
         logits = _wide(lm(input_ids=ids, attention_mask=mask, use_cache=False).logits)[:, :-1]
     finally:
         policy.train(was_training)
     theirs = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    # float32 agrees to rounding; a 16-bit forward rounds its logits (bf16: 2^-8 of their size)
-    relative = 1e-4 if weight.dtype == torch.float32 else 2e-2
     tolerance = relative * max(1.0, float(logits.abs().max()))
     difference = float((ours - theirs).abs().max())
     if not difference <= tolerance:
-        model_type = getattr(lm.config, "model_type", type(lm).__name__)
         raise ValueError(
             f"{model_type}: the model's forward returns logits that the trainer's log-probs do not reproduce "
-            f"(max difference {difference:.3g} nats, tolerance {tolerance:.3g}; transform read from its "
-            f"config: {policy.logit_transform}), so training would use log-probs of a distribution the "
-            "rollout does not sample. Known output transforms: final_logit_softcapping, logit_scale, "
-            "logits_scaling, lm_head_multiplier; this model type needs its own added to "
-            "flowrl.policy.LogitTransform"
+            f"(max difference {difference:.3g} nats, tolerance {tolerance:.3g}, with "
+            f"{policy.logit_transform}), so training would use log-probs of a distribution the rollout "
+            f"does not sample; {known}"
         )
+    return policy.logit_transform

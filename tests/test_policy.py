@@ -169,11 +169,49 @@ def test_logprobs_and_gradients_are_those_of_the_models_own_logits(
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_an_unknown_logit_transform_is_refused_naming_the_model_type() -> None:
-    from flowrl.policy import LogitTransform, Policy, verify_logprobs
+def _qwen2_whose_forward(change: str) -> nn.Module:
+    """A tiny Qwen2 whose forward changes its logits in a way no config field says: ``after`` the output
+    projection (times 3), or ``before`` it (the hidden states halved, as MiniCPM's forward scales them)."""
+    from transformers import Qwen2ForCausalLM
 
-    policy = Policy(_tiny_causal_lm("gemma2", {"final_logit_softcapping": 0.5}))
-    policy.logit_transform = LogitTransform()  # as if the cap were not known
-    with pytest.raises(ValueError, match="gemma2: the model's forward returns logits"):
-        verify_logprobs(policy)
-    assert LogitTransform.of(policy.model.config).softcap == 0.5
+    class Changed(Qwen2ForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):  # type: ignore[no-untyped-def]
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            logits = self.lm_head(hidden * 0.5) if change == "before" else self.lm_head(hidden) * 3.0
+            return type("Out", (), {"logits": logits})()
+
+    base = _tiny_causal_lm("qwen2", {})
+    model = Changed(base.config)
+    model.load_state_dict(base.state_dict())
+    return model.eval()
+
+
+@pytest.mark.parametrize("change", ["after", "before"])
+def test_an_unknown_change_to_the_logits_is_refused_naming_the_model_type(change: str) -> None:
+    from flowrl.policy import Policy, verify_logprobs
+
+    match = "transforms its output projection" if change == "after" else "log-probs do not reproduce"
+    with pytest.raises(ValueError, match=f"qwen2: the model's forward .*{match}"):
+        verify_logprobs(Policy(_qwen2_whose_forward(change)))
+
+
+def test_the_transform_is_the_one_the_model_class_applies_not_only_what_its_config_names() -> None:
+    """Gemma 3's multimodal class returns its projection as it is, although its text config names a
+    soft-cap (the text-only class applies it): the fitted transform follows the forward."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from flowrl.policy import PLAIN, LogitTransform, Policy, verify_logprobs
+
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, vocab_size=97, final_logit_softcapping=0.5)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=14)  # fmt: skip
+    config = AutoConfig.for_model("gemma3", text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                  image_token_index=90, boi_token_index=91, eoi_token_index=92)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    policy = Policy(model)
+    assert policy.logit_transform == LogitTransform(softcap=0.5)  # what the config names
+    assert verify_logprobs(policy) == PLAIN == policy.logit_transform
+    text_only = Policy(_tiny_causal_lm("gemma3_text", {"final_logit_softcapping": 0.5}))
+    assert verify_logprobs(text_only) == LogitTransform(softcap=0.5)

@@ -337,7 +337,7 @@ class ModelSampler:
 
     def _load(self) -> tuple[Any, Any, Any]:
         if self._parts is None:
-            from flowrl.policy import Policy, load_model, load_tokenizer
+            from flowrl.policy import Policy, load_model, load_tokenizer, verify_logprobs
             from flowrl.rollout import HFRolloutEngine
 
             device = _pick_device(self.cfg.device)
@@ -360,7 +360,9 @@ class ModelSampler:
                 batch_size=self.cfg.batch_size,
                 show_progress=False,
             )
-            self._parts = (tokenizer, engine, Policy(model))
+            policy = Policy(model)
+            verify_logprobs(policy)  # the entropy is the sampled distribution's
+            self._parts = (tokenizer, engine, policy)
         return self._parts
 
     def sample(self, rows: Sequence[Mapping[str, Any]], *, seeds: Sequence[int]) -> list[dict[str, Any]]:
