@@ -146,16 +146,16 @@ class ModelShape:
     mlp_bias: bool  # biases on gate, up, down (Llama with mlp_bias)
     qk_norm: bool  # per-head RMSNorm on q and k (Qwen3)
     checkpoint_dtype: str  # the dtype the weights are stored in ("torch_dtype" / "dtype")
+    # Other dense decoders: counted from their transformers class on the meta device (no memory)
+    counted: ParameterCounts | None = None
+    linears: tuple[tuple[str, int, int, bool], ...] = ()  # (name, d_in, d_out, bias) of one layer
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ModelShape:
         """The shape of a Qwen2 / Llama / Mistral / Qwen3 decoder from its ``config.json`` contents."""
         model_type = str(config.get("model_type", ""))
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"model_type {model_type!r}: the memory plan counts {', '.join(SUPPORTED_MODEL_TYPES)} "
-                "decoders (Qwen2 / Llama-style)"
-            )
+            return cls._counted_by_class(config)
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         attention_bias = bool(config.get("attention_bias", False))
         dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
@@ -176,8 +176,53 @@ class ModelShape:
             checkpoint_dtype=str(dtype),
         )
 
+    @classmethod
+    def _counted_by_class(cls, config: dict[str, Any]) -> ModelShape:
+        """Any other dense decoder transformers knows (Gemma, Phi-3, OLMo, a multimodal model's language
+        model, ...): its parameters counted exactly from its class built on the meta device, its shape
+        from its (text) config; activations are then planned as for a Llama-style block."""
+        model_type = str(config.get("model_type", ""))
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        experts = [k for k in MOE_FIELDS if (text.get(k) or 0) > 0]
+        if experts:
+            raise ValueError(
+                f"model_type {model_type!r} is a mixture of experts ({experts[0]}={text[experts[0]]}): the "
+                "memory plan counts dense decoders (flowrl train runs it without a plan)"
+            )
+        model = _meta_model(config)
+        text_config = model.config.get_text_config()
+        missing = [k for k in DENSE_FIELDS if getattr(text_config, k, None) is None]
+        if missing:
+            raise ValueError(
+                f"model_type {model_type!r}: its config has no {', '.join(missing)} (flowrl train runs it "
+                "without a plan)"
+            )
+        hidden, heads = int(text_config.hidden_size), int(text_config.num_attention_heads)
+        counted, linears = _count_by_class(model, int(text_config.num_hidden_layers))
+        dtype = config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or "float32"
+        return cls(
+            model_type=model_type,
+            hidden_size=hidden,
+            num_layers=int(text_config.num_hidden_layers),
+            num_heads=heads,
+            num_kv_heads=int(getattr(text_config, "num_key_value_heads", None) or heads),
+            head_dim=int(getattr(text_config, "head_dim", None) or hidden // heads),
+            intermediate_size=int(text_config.intermediate_size),
+            vocab_size=int(text_config.vocab_size),
+            tie_word_embeddings=counted.output_head == 0,
+            qkv_bias=False,
+            o_bias=False,
+            mlp_bias=False,
+            qk_norm=False,
+            checkpoint_dtype=str(dtype),
+            counted=counted,
+            linears=linears,
+        )
+
     def linear_shapes(self) -> dict[str, tuple[int, int, bool]]:
         """``name -> (d_in, d_out, has_bias)`` of each linear layer of one decoder layer."""
+        if self.linears:
+            return {name: (d_in, d_out, bias) for name, d_in, d_out, bias in self.linears}
         h, q, kv, i = (
             self.hidden_size,
             self.num_heads * self.head_dim,
@@ -281,6 +326,8 @@ def count_parameters(shape: ModelShape) -> ParameterCounts:
     weights (H each), and Qwen3's q / k norms (d each). Plus the embedding (V x H), the output head
     (V x H unless tied) and the final norm (H).
     """
+    if shape.counted is not None:
+        return shape.counted
     linear = sum(i * o + (o if bias else 0) for i, o, bias in shape.linear_shapes().values())
     norms = 2 * shape.hidden_size + (2 * shape.head_dim if shape.qk_norm else 0)
     embedding = shape.vocab_size * shape.hidden_size
@@ -296,6 +343,65 @@ def count_parameters(shape: ModelShape) -> ParameterCounts:
     )
 
 
+# Config fields of a mixture of experts (the plan counts dense decoders), and what a dense one needs.
+MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+DENSE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
+def _meta_model(config: dict[str, Any]) -> Any:
+    """The model's transformers class built from ``config`` on the meta device: shapes, no memory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "_name_or_path", "auto_map")}
+    try:
+        model_config = AutoConfig.for_model(str(config.get("model_type", "")), **fields)
+    except ValueError:  # a model_type this transformers does not know (remote code)
+        raise ValueError(
+            f"model_type {config.get('model_type')!r} is not one transformers knows here (remote code?): the "
+            "memory plan needs its class (flowrl train runs it without a plan)"
+        ) from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config)
+
+
+def _count_by_class(
+    model: Any, num_layers: int
+) -> tuple[ParameterCounts, tuple[tuple[str, int, int, bool], ...]]:
+    """Parameter counts of a decoder built on the meta device, and the linear layers of its first layer.
+
+    The decoder layers are the largest ``nn.ModuleList`` of ``num_layers`` modules; everything else is
+    the root (embedding, output head, final norm, and a multimodal model's encoders).
+    """
+    from torch import nn
+
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    output_head = 0 if head is None or head.weight is embedding else head.weight.numel()
+    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers]
+    if not stacks:
+        raise ValueError(f"{type(model).__name__}: no stack of {num_layers} decoder layers found")
+    layers = max(stacks, key=lambda m: sum(p.numel() for p in m.parameters()))
+    first = layers[0]
+    linears = tuple(
+        (name.rsplit(".", 1)[-1], m.in_features, m.out_features, m.bias is not None)
+        for name, m in first.named_modules()
+        if isinstance(m, nn.Linear)
+    )
+    total = sum(p.numel() for p in model.parameters())  # shared (tied) tensors once
+    in_layers = sum(p.numel() for p in layers.parameters())
+    counts = ParameterCounts(
+        embedding=embedding.numel(),
+        output_head=output_head,
+        per_layer=sum(p.numel() for p in first.parameters()),
+        layers=in_layers,
+        final_norm=total - in_layers - embedding.numel() - output_head,  # with anything else in the root
+        linear_per_layer=sum(d_in * d_out + (d_out if bias else 0) for _, d_in, d_out, bias in linears),
+        largest_tensor=max(p.numel() for p in model.parameters()),
+    )
+    return counts, linears
+
+
 def lora_target_dims(shape: ModelShape, target_modules: Sequence[str]) -> list[tuple[str, int, int]]:
     """``(name, d_in, d_out)`` of every module LoRA wraps, over the whole model.
 
@@ -306,13 +412,13 @@ def lora_target_dims(shape: ModelShape, target_modules: Sequence[str]) -> list[t
     names: list[str] = []
     for target in target_modules:
         if target == "all-linear":
-            names += list(LINEAR_MODULES)
+            names += list(per_layer)
         elif target in per_layer or target in ("lm_head", "embed_tokens"):
             names.append(target)
         else:
             raise ValueError(
                 f"model.lora.target_modules: {target!r} is not all-linear or a module of a "
-                f"{shape.model_type} decoder ({', '.join((*LINEAR_MODULES, 'lm_head', 'embed_tokens'))})"
+                f"{shape.model_type} decoder ({', '.join((*per_layer, 'lm_head', 'embed_tokens'))})"
             )
     dims: list[tuple[str, int, int]] = []
     for name in dict.fromkeys(names):  # each module once
@@ -1010,6 +1116,11 @@ def _plan(
     )
 
     notes: list[str] = []
+    if shape.counted is not None:
+        notes.append(
+            f"{shape.model_type}: parameters counted from its transformers class (exact); activations and "
+            "KV cache planned as for a Llama-style block of its shape"
+        )
     if st.strategy == "ddp" and N > 1:
         notes.append("ddp: every rank holds a full replica (weights, gradients, optimizer states)")
     if st.engine == "vllm" and gpu_memory_gb is None:

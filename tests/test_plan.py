@@ -86,9 +86,55 @@ def test_qwen2_has_qkv_biases_and_llama_has_none_by_default() -> None:
     assert P.count_parameters(qwen).per_layer - P.count_parameters(llama).per_layer == 64 + 32 + 32
 
 
-def test_an_unsupported_architecture_is_named() -> None:
-    with pytest.raises(ValueError, match="gpt2"):
-        P.ModelShape.from_config({**TINY, "model_type": "gpt2"})
+OTHER_DENSE = {  # counted from their transformers class on the meta device
+    "gemma2": {**TINY, "model_type": "gemma2", "head_dim": 16},  # tied, four norms a layer
+    "phi3": {**TINY, "model_type": "phi3", "pad_token_id": 0},  # fused qkv_proj and gate_up_proj
+    "olmo2": {**TINY, "model_type": "olmo2"},  # q/k norms over the whole projection
+    "gemma3-multimodal": {
+        "model_type": "gemma3", "mm_tokens_per_image": 4,
+        "text_config": {**TINY, "head_dim": 16},
+        "vision_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, image_size=28, patch_size=14),
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_DENSE))
+def test_other_dense_decoders_are_counted_exactly_from_their_class(name: str) -> None:
+    config = OTHER_DENSE[name]
+    shape = P.ModelShape.from_config(config)
+    counts = P.count_parameters(shape)
+    model = _transformers_model(config)
+    assert counts.total == _numel(model) and counts.layers == 2 * counts.per_layer
+    assert shape.hidden_size == 64 and shape.num_layers == 2 and shape.vocab_size == 300
+    assert shape.tie_word_embeddings == (counts.output_head == 0)
+
+
+@pytest.mark.parametrize("name", ["phi3", "gemma2"])
+def test_lora_count_of_other_decoders_equals_peft(name: str) -> None:
+    peft = pytest.importorskip("peft")
+    model = _transformers_model(OTHER_DENSE[name], meta=False)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    assert P.lora_parameters(P.ModelShape.from_config(OTHER_DENSE[name]), 4, ["all-linear"]) == trainable
+
+
+def test_other_decoders_are_planned_with_a_note() -> None:
+    cfg = load_config(None, ["model.path=x", "model.lora.rank=8"])
+    plan = P.plan_memory(cfg, model_config=OTHER_DENSE["phi3"], gpus=1, gpu_memory_gb=80)
+    assert plan.peak_gb_per_device > 0 and any("phi3: parameters counted" in n for n in plan.notes)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({**TINY, "model_type": "mixtral", "num_local_experts": 4}, "mixture of experts"),
+        ({**TINY, "model_type": "my_remote_model"}, "not one transformers knows"),
+    ],
+)
+def test_a_model_the_plan_cannot_count_is_named_with_the_way_around(config: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=f"{config['model_type']}.*{message}.*runs it without a plan"):
+        P.ModelShape.from_config(config)
 
 
 @pytest.mark.parametrize("targets", [["all-linear"], ["q_proj", "v_proj"], ["down_proj", "o_proj", "k_proj"]])
