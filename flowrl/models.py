@@ -197,6 +197,33 @@ class HostAdamW(torch.optim.Optimizer):
         self.host.load_state_dict(state_dict)
 
 
+def weights_an_update_cannot_move(optimizer: torch.optim.Optimizer) -> tuple[int, int, str] | None:
+    """How many of the optimizer's 16-bit weights are too large for a step of their group's learning rate
+    to change: ``(stalled, of 16-bit, dtype)``, or None when it updates none in 16 bits.
+
+    An AdamW step moves a weight by about the learning rate; a bfloat16 weight ``w`` rounds away anything
+    under half its spacing, which is at least ``|w| * eps / 4`` (``eps`` = 2^-7): at lr 1e-6 every bf16
+    weight above 5.1e-4 in size, most of a model's, stays where it is (a lower bound: counted with the
+    smallest spacing). Float32 weights (whatever the compute dtype) and the host optimizer's float32
+    master copies (``train.offload_optimizer``) are not at risk.
+    """
+    if isinstance(optimizer, HostAdamW):
+        return None
+    stalled = total = 0
+    dtype = ""
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.dtype not in (torch.bfloat16, torch.float16):
+                    continue
+                local = p.to_local() if hasattr(p, "to_local") else p
+                limit = 4 * group["lr"] / torch.finfo(p.dtype).eps
+                stalled += int((local.abs() > limit).sum())
+                total += local.numel()
+                dtype = str(p.dtype).removeprefix("torch.")
+    return (stalled, total, dtype) if total else None
+
+
 def build_optimizer(cfg: Config, policy: Policy, device: torch.device) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters: the model's (all, or the adapters) and the head's own group."""
     o = cfg.optim

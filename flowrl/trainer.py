@@ -55,7 +55,13 @@ from flowrl.config import Config, to_yaml
 from flowrl.data.prompts import PromptSampler, load_prompts
 from flowrl.distributed import derive_seed
 from flowrl.logging import MetricsLogger, plot_metrics, read_metrics
-from flowrl.models import build_scheduler, compute_in_bf16, needs_reference, prepare_models
+from flowrl.models import (
+    build_scheduler,
+    compute_in_bf16,
+    needs_reference,
+    prepare_models,
+    weights_an_update_cannot_move,
+)
 from flowrl.objectives import OBJECTIVES, Objective
 from flowrl.policy import Policy, load_tokenizer
 from flowrl.rewards.base import RewardResult
@@ -129,6 +135,15 @@ class Trainer:
         )
         self.policy, self.ref_policy, self.optimizer = models.policy, models.reference, models.optimizer
         self.units = models.units
+        frozen = weights_an_update_cannot_move(self.optimizer)
+        if frozen is not None and frozen[0]:
+            stalled, total, dtype = frozen
+            self._print(
+                f"note: the trained weights are {dtype} (model.dtype): an AdamW step of lr {cfg.optim.lr:g} "
+                f"is below the rounding of at least {stalled / total:.0%} of them, which will not move; keep "
+                "model.dtype=float32 (train.bf16 computes in bf16 over float32 weights), or set "
+                "train.offload_optimizer=true (float32 master weights in host memory) or model.lora.rank"
+            )
         self.actor = Actor(
             cfg,
             self.policy,

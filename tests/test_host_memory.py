@@ -144,3 +144,20 @@ print(ok, held, rss() - before)
         pytest.skip("not glibc: the threshold cannot be set")
     assert int(held) > 15e6
     assert int(after) < 2e6
+
+
+def test_a_step_too_small_for_bf16_weights_is_counted() -> None:
+    """At lr 1e-6 a bf16 weight above 4 * lr / 2^-7 cannot move: counted, and shown to stay put."""
+    from flowrl.models import HostAdamW, weights_an_update_cannot_move
+
+    weight = torch.nn.Parameter(torch.tensor([1e-4, 1e-3, 0.02, -0.5], dtype=torch.bfloat16))
+    optimizer = torch.optim.AdamW([weight], lr=1e-6, weight_decay=0.0)
+    assert weights_an_update_cannot_move(optimizer) == (3, 4, "bfloat16")
+    before = weight.detach().clone()
+    weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    moved = weight.detach() != before
+    assert moved.tolist() == [True, False, False, False]  # only the one small enough to resolve 1e-6
+    assert weights_an_update_cannot_move(torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))])) is None
+    host = HostAdamW([{"params": [weight], "lr": 1e-6, "weight_decay": 0.0}], lr=1e-6)
+    assert weights_an_update_cannot_move(host) is None  # float32 master weights on the host
