@@ -100,8 +100,11 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Measured on the project's CPU machine (2 vCPU EPYC, Python 3.11, torch 2.13, transformers 5.24): the
 # peak resident memory of a `flowrl train` process besides its model and tokenizer (interpreter, torch,
 # transformers and what they import, the trainer's modules, thread pools): a 0.2M-parameter model with a
-# 512-entry tokenizer peaks at 0.36-0.37 GB (benchmarks/memory.py, the "baseline" row).
-CPU_BASELINE_GB = 0.36
+# 512-entry tokenizer peaks at 0.36 GB when the libraries' files are partly out of the page cache and
+# 0.44 GB in a fresh install (all cached: the kernel maps the cached pages around each page touched, so
+# `import torch` alone holds 287 MB instead of 224); the middle of the two (benchmarks/memory.py, the
+# "baseline" row).
+CPU_BASELINE_GB = 0.40
 # What a loaded fast tokenizer holds per vocabulary entry (its Rust vocabulary and lookup tables): 50 MiB
 # for 151,936 entries, 13 MiB for 32,768, 2.4 MiB for 8,192 (resident memory after `load_tokenizer`).
 TOKENIZER_BYTES_PER_ENTRY = 345
