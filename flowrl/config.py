@@ -268,6 +268,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     else:
         notes = []
     validate(cfg)
+    if cfg.model.lora.rank > 0 and cfg.model.ref_dtype is not None:
+        notes.append(
+            f"note: model.ref_dtype={cfg.model.ref_dtype} has no effect with LoRA: the reference is the base "
+            "model with its adapters disabled, in model.dtype (no separate copy)"
+        )
     if notes and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
         for note in notes:
             print(note, file=sys.stderr)
@@ -440,11 +445,6 @@ def validate(cfg: Config) -> None:
             "model.lora needs rank >= 0 (0 = off), alpha > 0, 0 <= dropout < 1 and at least one target "
             f"module (got rank {lora.rank}, alpha {lora.alpha}, dropout {lora.dropout}, "
             f"target_modules {list(lora.target_modules)})"
-        )
-    if lora.rank > 0 and cfg.model.ref_dtype is not None:
-        raise ValueError(
-            "model.ref_dtype is the dtype of a separate reference copy; with LoRA (model.lora.rank > 0) the "
-            "reference is the base model with its adapters disabled, in model.dtype: drop model.ref_dtype"
         )
     if t.strategy not in ("ddp", "fsdp2"):
         raise ValueError(f"train.strategy={t.strategy!r}: choose 'ddp' (replicas) or 'fsdp2' (sharded)")
