@@ -155,7 +155,8 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ModelShape:
-        """The shape of a Qwen2 / Llama / Mistral / Qwen3 decoder from its ``config.json`` contents."""
+        """The shape of a decoder from its ``config.json`` contents: Qwen2 / Llama / Mistral / Qwen3 counted
+        in closed form, any other dense decoder from its transformers class (:meth:`_counted_by_class`)."""
         model_type = str(config.get("model_type", ""))
         if model_type not in SUPPORTED_MODEL_TYPES:
             return cls._counted_by_class(config)

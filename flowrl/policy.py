@@ -160,10 +160,10 @@ class LogitTransform:
 
     Read from the model's (text) config (:meth:`of`): ``scale`` multiplies (Cohere's ``logit_scale``,
     ``output_multiplier``, Falcon-H1's ``lm_head_multiplier``, the inverse of Granite's and MiniCPM3's
-    ``logits_scaling``), then ``softcap`` bounds the
-    logits to ``softcap * tanh(logits / softcap)`` (Gemma 2 and 3's ``final_logit_softcapping``). The
-    rollout samples from the model's own logits, so the trainer's log-probs must see the same ones;
-    :func:`verify_logprobs` checks that they do for the model at hand.
+    ``logits_scaling``), then ``softcap`` bounds the logits to ``softcap * tanh(logits / softcap)``
+    (Gemma 2 and 3's ``final_logit_softcapping``). The rollout samples from the model's own logits, so
+    the trainer's log-probs must see the same ones: :func:`verify_logprobs` fits the transform to what
+    the model's forward does (the config may name one its class does not apply) and checks the result.
     """
 
     scale: float = 1.0
