@@ -34,6 +34,7 @@ from flowrl.config import Config
 from flowrl.distributed import DataParallel, derive_seed
 from flowrl.objectives import Objective
 from flowrl.objectives.masked import masked_mean
+from flowrl.optim import StepInBackward
 from flowrl.policy import Policy
 from flowrl.rollout import RolloutBatch
 from flowrl.streams import stream_keys
@@ -50,6 +51,8 @@ class Actor:
         dp: this process's place among the data-parallel processes.
         sharded: the policy is sharded (FSDP reduce-scatters gradients in backward).
         bf16: forwards run under bfloat16 autocast.
+        stepper: under ``train.optimizer_in_backward``, the optimizer's steps run in backward
+            (one process, one micro-batch per step, no clipping: the config holds to that).
     """
 
     def __init__(
@@ -62,8 +65,10 @@ class Actor:
         *,
         sharded: bool,
         bf16: bool,
+        stepper: StepInBackward | None = None,
     ) -> None:
         self.cfg, self.policy, self.optimizer, self.objective, self.dp = cfg, policy, optimizer, objective, dp
+        self.stepper = stepper
         self.sharded, self.bf16, self.device = sharded, bf16, dp.device
         self.temperature = cfg.rollout.temperature
         self.num_samples = cfg.rollout.num_samples_per_prompt
@@ -214,16 +219,25 @@ class Actor:
             for mini in plan:
                 local = mini[(mini >= offset) & (mini < offset + num_local)] - offset
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = self._accumulate(
-                    local, rollout, advantages, old_logprobs, ref_logprobs, keys, sums, log_z
-                )
-                if not self.sharded:  # FSDP has reduce-scattered them already, in backward
-                    dp.all_reduce_grads(params)
-                if head_params:  # before clipping: how hard the loss pulls on the head itself
-                    sums["log_z_grad_norm"] += sharding.grad_norm(head_params) * len(mini)
-                grad_norm = sharding.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
-                self.optimizer.step()
+                if self.stepper is not None:  # stepped in backward, parameter by parameter
+                    with self.stepper.backward():
+                        loss = self._accumulate(
+                            local, rollout, advantages, old_logprobs, ref_logprobs, keys, sums, log_z
+                        )
+                    grad_norm, head_norm = self.stepper.grad_norm(params), self.stepper.grad_norm(head_params)
+                else:
+                    loss = self._accumulate(
+                        local, rollout, advantages, old_logprobs, ref_logprobs, keys, sums, log_z
+                    )
+                    if not self.sharded:  # FSDP has reduce-scattered them already, in backward
+                        dp.all_reduce_grads(params)
+                    # before clipping: how hard the loss pulls on the head itself
+                    head_norm = sharding.grad_norm(head_params) if head_params else None
+                    grad_norm = sharding.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
+                    self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)  # gradients are not held through the rollout
+                if head_params:
+                    sums["log_z_grad_norm"] += head_norm * len(mini)
                 # Every metric is a mean over sequences: weight each mini-batch by its size. This rank's
                 # loss is its part of the mini-batch loss, so the sum over ranks is the whole.
                 sums["loss"] += loss * len(mini)

@@ -126,7 +126,7 @@ class OptimConfig:
     weight_decay: float = 0.1  # AdamW's decoupled weight decay (the paper's)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's (beta1, beta2), torch's
     eps: float = 1e-8  # AdamW's epsilon, torch's default
-    max_grad_norm: float = 1.0  # gradients clipped to this global norm (the paper's)
+    max_grad_norm: float | None = 1.0  # gradients clipped to this global norm (the paper's); 0 or null: none
     warmup_steps: int = 10  # RL steps of linear warm-up
     schedule: str = "constant"  # after warm-up: "constant" or "cosine"
 
@@ -153,6 +153,10 @@ class TrainConfig:
     # keep AdamW's states and float32 master weights in host memory (one-GPU full fine-tuning): 12 bytes
     # per trainable parameter off the device, two copies per optimizer step over the host link
     offload_optimizer: bool = False
+    # step each parameter as soon as its gradient is complete in backward and free that gradient: the
+    # gradients are never all held (full fine-tuning: 4 bytes per float32 parameter off the peak). One
+    # process, one micro-batch per optimizer step, no gradient clipping (optim.max_grad_norm=0)
+    optimizer_in_backward: bool = False
     seed: int = 0  # seeds the head, sampling, data order and dropout (results repeat for a seed)
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
     # compute in bfloat16: autocast, or under fsdp2 bf16 gathered parameters (float32 gradient reduction);
@@ -412,6 +416,12 @@ def validate(cfg: Config) -> None:
         )
     if t.total_steps < 1 or t.epochs_per_rollout < 1 or t.log_every < 1:
         raise ValueError("train.total_steps, train.epochs_per_rollout and train.log_every must be >= 1")
+    if cfg.optim.max_grad_norm is not None and cfg.optim.max_grad_norm < 0:
+        raise ValueError(
+            f"optim.max_grad_norm must be > 0, or 0 / null for no clipping, got {cfg.optim.max_grad_norm}"
+        )
+    if t.optimizer_in_backward:
+        _check_optimizer_in_backward(cfg)
     if cfg.optim.schedule not in ("constant", "cosine"):
         raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {cfg.optim.schedule!r}")
     if cfg.rollout.engine not in ("hf", "vllm"):
@@ -460,6 +470,32 @@ def validate(cfg: Config) -> None:
     if t.strategy == "fsdp2" and cfg.rollout.engine == "vllm":
         raise ValueError(
             "train.strategy=fsdp2 with rollout.engine=vllm is not supported; use rollout.engine=hf"
+        )
+
+
+def _check_optimizer_in_backward(cfg: Config) -> None:
+    """What ``train.optimizer_in_backward`` cannot do, each with the setting that fixes it."""
+    t, why = cfg.train, "train.optimizer_in_backward steps every parameter as soon as its gradient is formed"
+    if cfg.optim.max_grad_norm:
+        raise ValueError(
+            f"{why}, before the global norm optim.max_grad_norm={cfg.optim.max_grad_norm:g} clips to is "
+            "known: set optim.max_grad_norm=0 (no clipping) or train.optimizer_in_backward=false"
+        )
+    if t.micro_batch_size != t.mini_batch_size:
+        raise ValueError(
+            f"{why}, so an optimizer step cannot accumulate micro-batches: set train.micro_batch_size to "
+            f"train.mini_batch_size ({t.mini_batch_size}), or lower train.mini_batch_size to "
+            f"{t.micro_batch_size}, or set train.optimizer_in_backward=false"
+        )
+    if t.offload_optimizer:
+        raise ValueError(
+            "train.optimizer_in_backward and train.offload_optimizer are two ways to shrink one GPU's "
+            "optimizer memory: choose one"
+        )
+    if t.strategy == "fsdp2":
+        raise ValueError(
+            f"{why}, which sharded gradients (train.strategy=fsdp2) are not: set train.optimizer_in_backward"
+            "=false (fsdp2 already divides the gradients by the ranks)"
         )
 
 

@@ -14,10 +14,9 @@ are held in memory is decided here, so the loop stays the loop.
   trained in full (float32) in its own parameter group.
 * **Sharding** (``train.strategy=fsdp2`` under torchrun): the policy and the reference are sharded
   with FSDP2 after loading (see :mod:`flowrl.sharding`); the optimizer is built over the shards.
-* **The optimizer**: AdamW over the trainable parameters only (the adapters and the head with LoRA),
-  the fused implementation where the device has one (no for-each temporaries of about 2 bytes per
-  parameter at ``step()``); with ``train.offload_optimizer`` its states live in host memory
-  (:class:`HostAdamW`), for full fine-tuning on one GPU.
+* **The optimizer** (:mod:`flowrl.optim`): AdamW over the trainable parameters only (the adapters and
+  the head with LoRA), built over the shards; with ``train.offload_optimizer`` its states live in host
+  memory, with ``train.optimizer_in_backward`` each parameter steps as soon as its gradient is complete.
 
 What a checkpoint holds follows: ``model/`` (a full Hugging Face model) for full fine-tuning, ``adapter/``
 (peft's adapter files, which name their base model) for LoRA; see :mod:`flowrl.checkpoint`.
@@ -26,7 +25,6 @@ What a checkpoint holds follows: ``model/`` (a full Hugging Face model) for full
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +37,8 @@ from flowrl import sharding
 from flowrl.checkpoint import HEAD_FILE, load_log_z_head, model_dir_of
 from flowrl.config import Config
 from flowrl.host_memory import release_freed_memory, return_large_blocks
-from flowrl.partition import LogZHead, log_z_param_groups
+from flowrl.optim import StepInBackward, build_optimizer
+from flowrl.partition import LogZHead
 from flowrl.policy import Policy, is_peft_model, load_model, verify_logprobs
 
 ALL_LINEAR = "all-linear"
@@ -107,7 +106,8 @@ class AdaptersDisabled(nn.Module):
 class Models:
     """What a run trains (``policy``, ``optimizer``) and reads (``reference``: None when not needed).
 
-    ``units``: the policy's FSDP units under ``train.strategy=fsdp2`` (empty otherwise).
+    ``units``: the policy's FSDP units under ``train.strategy=fsdp2`` (empty otherwise); ``stepper``:
+    the optimizer's steps in backward under ``train.optimizer_in_backward`` (None otherwise).
     """
 
     policy: Policy
@@ -115,6 +115,7 @@ class Models:
     optimizer: torch.optim.Optimizer
     lora: bool
     units: list[nn.Module]
+    stepper: StepInBackward | None = None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -157,92 +158,6 @@ def load_policy_model(cfg: Config, device: torch.device, checkpoint_model: Path 
     return model
 
 
-class HostAdamW(torch.optim.Optimizer):
-    """AdamW with its states and float32 master weights in host memory (``train.offload_optimizer``).
-
-    The device keeps the weights and, between backward and step, the gradients; ``step()`` copies the
-    gradients to the host, runs AdamW there (fused on CPU) and copies the new weights back. The learning
-    rate and weight decay are read from this optimizer's own parameter groups at every step, so a
-    scheduler works on it as on any optimizer. About 12 bytes per trainable parameter leave the device,
-    for two copies per step over the host link.
-    """
-
-    def __init__(self, groups: list[dict[str, Any]], **adamw: Any) -> None:
-        super().__init__(groups, {"lr": adamw["lr"], "weight_decay": 0.0})
-        host_groups = [
-            {
-                **{k: v for k, v in g.items() if k != "params"},
-                "params": [p.detach().to("cpu", torch.float32, copy=True) for p in g["params"]],
-            }
-            for g in self.param_groups
-        ]
-        self.host = torch.optim.AdamW(host_groups, **adamw, fused=True)
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:  # type: ignore[override]
-        for group, host_group in zip(self.param_groups, self.host.param_groups, strict=True):
-            host_group["lr"], host_group["weight_decay"] = group["lr"], group["weight_decay"]
-            for p, hp in zip(group["params"], host_group["params"], strict=True):
-                hp.grad = None if p.grad is None else p.grad.to("cpu", torch.float32)
-        self.host.step()
-        for group, host_group in zip(self.param_groups, self.host.param_groups, strict=True):
-            for p, hp in zip(group["params"], host_group["params"], strict=True):
-                p.copy_(hp)
-                hp.grad = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.host.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.host.load_state_dict(state_dict)
-
-
-def weights_an_update_cannot_move(optimizer: torch.optim.Optimizer) -> tuple[int, int, str] | None:
-    """How many of the optimizer's 16-bit weights are too large for a step of their group's learning rate
-    to change: ``(stalled, of 16-bit, dtype)``, or None when it updates none in 16 bits.
-
-    An AdamW step moves a weight by about the learning rate; a bfloat16 weight ``w`` rounds away anything
-    under half its spacing, which is at least ``|w| * eps / 4`` (``eps`` = 2^-7): at lr 1e-6 every bf16
-    weight above 5.1e-4 in size, most of a model's, stays where it is (a lower bound: counted with the
-    smallest spacing). Float32 weights (whatever the compute dtype) and the host optimizer's float32
-    master copies (``train.offload_optimizer``) are not at risk.
-    """
-    if isinstance(optimizer, HostAdamW):
-        return None
-    stalled = total = 0
-    dtype = ""
-    with torch.no_grad():
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.dtype not in (torch.bfloat16, torch.float16):
-                    continue
-                local = p.to_local() if hasattr(p, "to_local") else p
-                limit = 4 * group["lr"] / torch.finfo(p.dtype).eps
-                stalled += int((local.abs() > limit).sum())
-                total += local.numel()
-                dtype = str(p.dtype).removeprefix("torch.")
-    return (stalled, total, dtype) if total else None
-
-
-def build_optimizer(cfg: Config, policy: Policy, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters: the model's (all, or the adapters) and the head's own group."""
-    o = cfg.optim
-    head = policy.log_z_head if policy.log_z_head is not None else nn.Module()
-    groups = log_z_param_groups(  # requires_grad only: with LoRA, the adapters
-        policy.model,
-        head,
-        lr=o.lr,
-        weight_decay=o.weight_decay,
-        head_lr=cfg.log_z.lr,
-        head_weight_decay=cfg.log_z.weight_decay,
-    )
-    adamw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    if cfg.train.offload_optimizer:
-        return HostAdamW(groups, **adamw)
-    # fused: one kernel per parameter group, no for-each temporaries (torch has it on CPU and CUDA)
-    return torch.optim.AdamW(groups, **adamw, fused=device.type in ("cuda", "cpu"))
-
-
 def prepare_models(
     cfg: Config,
     device: torch.device,
@@ -270,7 +185,8 @@ def prepare_models(
         if m.lora.rank > 0:  # the frozen embeddings give no gradient for checkpointed layers to carry
             model.enable_input_require_grads()
     model.config.use_cache = True
-    embedding_gradient_in_place(model)  # sharded too: the hook sees the gathered weight and its gradient
+    # sharded too: the hook sees the gathered weight and its gradient
+    rows_in_place = embedding_gradient_in_place(model)
     head = None
     if uses_log_z and cfg.log_z.mode == "head":  # log_z.mode=group estimates log Z: no head at all
         hidden = model.config.get_text_config().hidden_size  # a multimodal model: its language model's
@@ -314,7 +230,11 @@ def prepare_models(
             unit.reshard()  # be built over the sharded parameters, which are registered again here
         release_freed_memory()
     optimizer = build_optimizer(cfg, policy, device)
-    return Models(policy, reference, optimizer, lora=m.lora.rank > 0, units=units)
+    stepper = None
+    if cfg.train.optimizer_in_backward:  # the embedding's rows arrive after autograd's last gradient
+        late = [model.get_input_embeddings().weight] if rows_in_place else []
+        stepper = StepInBackward(optimizer, after_backward=late)
+    return Models(policy, reference, optimizer, lora=m.lora.rank > 0, units=units, stepper=stepper)
 
 
 def embedding_gradient_in_place(model: nn.Module) -> bool:
@@ -425,23 +345,3 @@ def merged_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     for name, tensor in base.state_dict().items():
         if "lora_" not in name:
             yield name.replace(".base_layer.", "."), merged.get(name, tensor)
-
-
-def lr_factor(warmup_steps: int, total_steps: int, schedule: str) -> Any:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "cosine":
-            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return factor
-
-
-def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warm-up over ``optim.warmup_steps`` RL steps, then constant or cosine to 0 at the end."""
-    o = cfg.optim
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_factor(o.warmup_steps, cfg.train.total_steps, o.schedule)
-    )

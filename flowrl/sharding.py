@@ -141,9 +141,12 @@ def grad_norm(params: list[nn.Parameter]) -> Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> Tensor:
-    """Scale the gradients so their global norm is at most ``max_norm``; returns the norm before."""
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float | None) -> Tensor:
+    """Scale the gradients so their global norm is at most ``max_norm`` (0 or None: no clipping);
+    returns the norm before."""
     total = grad_norm(params)
+    if not max_norm:
+        return total
     scale = float((max_norm / (total + 1e-6)).clamp(max=1.0))  # one sync per optimizer step
     if scale < 1.0:
         for p in params:

@@ -55,14 +55,9 @@ from flowrl.config import Config, to_yaml
 from flowrl.data.prompts import PromptSampler, load_prompts
 from flowrl.distributed import derive_seed
 from flowrl.logging import MetricsLogger, plot_metrics, read_metrics
-from flowrl.models import (
-    build_scheduler,
-    compute_in_bf16,
-    needs_reference,
-    prepare_models,
-    weights_an_update_cannot_move,
-)
+from flowrl.models import compute_in_bf16, needs_reference, prepare_models
 from flowrl.objectives import OBJECTIVES, Objective
+from flowrl.optim import build_scheduler, weights_an_update_cannot_move
 from flowrl.policy import Policy, load_tokenizer
 from flowrl.rewards.base import RewardResult
 from flowrl.rollout import RolloutBatch, SamplingParams, build_engine
@@ -117,6 +112,12 @@ class Trainer:
             f"flowrl train | {cfg.algorithm.name} | device {self.device}{processes} | run dir {self.run_dir}"
         )
         self._print(to_yaml(cfg))
+        if cfg.train.optimizer_in_backward and self.dp.world_size > 1:
+            raise preflight.InputError(
+                "train.optimizer_in_backward steps each parameter before the processes have summed its "
+                f"gradient: run it in one process, or over {self.dp.world_size} use train.strategy=fsdp2 "
+                "(sharded gradients) with train.optimizer_in_backward=false"
+            )
         preflight.check_memory(
             cfg, world_size=self.dp.world_size, device=self.device, force=force, report=self._print
         )
@@ -152,6 +153,7 @@ class Trainer:
             self.dp,
             sharded=self.sharded,
             bf16=compute_in_bf16(cfg, self.device),
+            stepper=models.stepper,
         )
         self.scorer = Scorer(
             self.prompts.examples,

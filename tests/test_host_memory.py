@@ -148,7 +148,7 @@ print(ok, held, rss() - before)
 
 def test_a_step_too_small_for_bf16_weights_is_counted() -> None:
     """At lr 1e-6 a bf16 weight above 4 * lr / 2^-7 cannot move: counted, and shown to stay put."""
-    from flowrl.models import HostAdamW, weights_an_update_cannot_move
+    from flowrl.optim import HostAdamW, weights_an_update_cannot_move
 
     weight = torch.nn.Parameter(torch.tensor([1e-4, 1e-3, 0.02, -0.5], dtype=torch.bfloat16))
     optimizer = torch.optim.AdamW([weight], lr=1e-6, weight_decay=0.0)

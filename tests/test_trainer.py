@@ -449,7 +449,7 @@ def test_grpo_loads_the_reference_only_for_its_kl(
 def test_optimizer_offloaded_to_the_host_trains_as_the_plain_one(
     model_dir: Path, data_file: Path, tmp_path: Path
 ) -> None:
-    from flowrl.models import HostAdamW
+    from flowrl.optim import HostAdamW
 
     runs = {}
     for offload in (False, True):
