@@ -14,6 +14,9 @@ fail in their rows, saying so). Rows, each in its own process:
   dtype on CPU: float32);
 * ``flowrl_bf16_ref``: the same with the reference copy in bfloat16 (``model.ref_dtype``; a GPU run's
   default);
+* ``flowrl_in_backward``: the same (bf16 reference) with ``train.optimizer_in_backward=true``: each
+  parameter's AdamW step runs as soon as its gradient is complete, which needs ``optim.max_grad_norm=0``
+  (no clipping) and one micro-batch per optimizer step (the workload has one);
 * ``grpo``: the project's trainer, GRPO at kl_coef 0 (no reference model);
 * ``flowrl_lora``: FlowRL with LoRA rank 16 on every linear layer over a bfloat16 base (loaded from a
   bfloat16 copy of the same weights); the reference is the base with its adapters disabled;
@@ -69,6 +72,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 ROWS = (
     "flowrl",
     "flowrl_bf16_ref",
+    "flowrl_in_backward",
     "grpo",
     "flowrl_lora",
     "flowrl_fsdp2",
@@ -97,9 +101,11 @@ def row_settings(row: str, w: dict[str, Any]) -> dict[str, Any]:
         "strategy": "fsdp2" if row.startswith("flowrl_fsdp2") else "ddp",
         "shape": "tiny" if row in BASELINE_ROWS else w["shape"],
         # the reference copy in bf16 (what a GPU run gets by default; on CPU the policy's dtype is)
-        "ref_dtype": "bfloat16" if row.endswith(("_bf16_ref", "_bf16")) else None,
+        "ref_dtype": "bfloat16" if row.endswith(("_bf16_ref", "_bf16", "_in_backward")) else None,
         # bf16 compute (train.bf16, a GPU run's default): under fsdp2, bf16 gathered parameters
         "bf16_compute": row.endswith("_bf16"),
+        # each parameter stepped as its gradient completes (no clipping; the workload is one micro-batch)
+        "in_backward": row.endswith("_in_backward"),
     }
 
 
@@ -119,6 +125,9 @@ def overrides(
         extra["model.ref_dtype"] = s["ref_dtype"]
     if s["bf16_compute"]:
         extra["train.bf16"] = True
+    if s["in_backward"]:
+        extra["train.optimizer_in_backward"] = True
+        extra["optim.max_grad_norm"] = 0
     return _common.trainer_overrides(
         model_dir=model_dir,
         data_file=data_file,

@@ -36,7 +36,9 @@ Components (bytes on one device; the phases they live in follow in brackets):
     checkpoint being converted   CPU load of a checkpoint stored in another dtype: P * its bytes
     gradients        (P_t * b_t + Z * 4) * s, b_t = b_w (full) or 4 (adapters); released after each
                      optimizer step. In the update only those that exist while activations peak: all
-                     when a mini-batch has several micro-batches (accumulation), else the output head's
+                     when a mini-batch has several micro-batches (accumulation), else the output head's.
+                     With train.optimizer_in_backward each is stepped and freed as it completes: at the
+                     end of backward only the input embedding's, V * H * b_w (full fine-tuning)
     optimizer states 2 * (P_t * b_t + Z * 4) * s: AdamW's moments in the parameter's dtype; on the
                      host with train.offload_optimizer (then, on CPU, 12 * P_t + 4 * P_t at the step)
     end-of-backward temporaries   [optimizer step] the largest of: FSDP2's root gathered with its
@@ -559,6 +561,7 @@ class Setup:
     log_z_layers: int
     adamw: str  # "fused", "foreach" or "for-loop"
     offload_optimizer: bool
+    optimizer_in_backward: bool
     engine: str
     old_logprob_pass: bool
     attn_implementation: str
@@ -611,6 +614,7 @@ def resolve_setup(cfg: Any, shape: ModelShape, *, device: str, gpus: int) -> Set
         log_z_layers=cfg.log_z.num_layers if objective.uses_log_z and group_free else 0,
         adamw=TRAINER_ADAMW[device],
         offload_optimizer=bool(t.offload_optimizer),
+        optimizer_in_backward=bool(t.optimizer_in_backward),
         engine=cfg.rollout.engine,
         old_logprob_pass=updates > 1 or objective.advantage_uses_ref_logprobs or not group_free,
         attn_implementation=m.attn_implementation,
@@ -738,7 +742,8 @@ class MemoryPlan:
             f"policy {s['policy_dtype']}, compute {s['compute_dtype']}, reference "
             f"{s['reference_dtype'] or 'none'}, gradient checkpointing "
             f"{'on' if s['gradient_checkpointing'] else 'off'}, AdamW {s['adamw']}"
-            f"{', states offloaded' if s['offload_optimizer'] else ''}, rollout {s['engine']}",
+            f"{', states offloaded' if s['offload_optimizer'] else ''}"
+            f"{', stepped in backward' if s['optimizer_in_backward'] else ''}, rollout {s['engine']}",
             f"{'component':<{width}}" + "".join(f"{h:>{w}}" for h, w in zip(heads, cols, strict=True)),
         ]
         for c in self.components:
@@ -965,7 +970,17 @@ def _plan(
         grads_in_backward = V * H * bw  # the output head's, formed first
     else:
         grads_in_backward = 0  # FSDP2: in the gathered column until reduce-scattered
-    add("gradients", "(P_t*b_t + Z*4)*s", {"update": grads_in_backward, "optimizer step": grads})
+    if st.optimizer_in_backward:
+        # each gradient is stepped and freed as soon as it is complete; the input embedding's rows
+        # arrive after autograd's last gradient, so its gradient is the one held to the end of backward
+        grads_at_step = V * H * bw if head_trainable and not fsdp else 0
+        add(
+            "gradients",
+            "stepped in backward: V*H*b_w",
+            {"update": grads_in_backward, "optimizer step": grads_at_step},
+        )
+    else:
+        add("gradients", "(P_t*b_t + Z*4)*s", {"update": grads_in_backward, "optimizer step": grads})
     if not st.offload_optimizer:
         add("optimizer states", "2*(P_t*b_t + Z*4)*s", everywhere(2 * state_params * shard))
     elif st.device == "cpu":  # HostAdamW's host is this memory: fp32 master weights, moments, gradients
@@ -1253,8 +1268,21 @@ def _suggestions(
     structural: list[tuple[str, list[str]]] = []
     if gpus > 1 and cfg.train.strategy != "fsdp2" and cfg.model.lora.rank == 0:
         structural.append((f"fsdp2 over {gpus} ranks", ["train.strategy=fsdp2"]))
-    if gpus == 1 and device == "cuda" and cfg.model.lora.rank == 0 and not cfg.train.offload_optimizer:
+    one_full = gpus == 1 and cfg.model.lora.rank == 0
+    if (
+        one_full
+        and device == "cuda"
+        and not cfg.train.offload_optimizer
+        and not cfg.train.optimizer_in_backward
+    ):
         structural.append(("AdamW states in host memory", ["train.offload_optimizer=true"]))
+    if one_full and not cfg.train.optimizer_in_backward:  # no clipping, no accumulation: results change
+        in_backward = ["train.optimizer_in_backward=true", "optim.max_grad_norm=0"]
+        in_backward += [
+            f"train.micro_batch_size={cfg.train.mini_batch_size}",
+            "train.offload_optimizer=false",
+        ]
+        structural.append(("optimizer steps in backward (no clipping, one micro-batch a step)", in_backward))
     if cfg.model.lora.rank == 0:
         lora = [f"model.lora.rank={SUGGESTED_LORA_RANK}"]
         if device == "cuda":
