@@ -1279,10 +1279,10 @@ def _suggestions(
     if one_full and not cfg.train.optimizer_in_backward:  # no clipping, no accumulation: results change
         in_backward = ["train.optimizer_in_backward=true", "optim.max_grad_norm=0"]
         in_backward += [
-            f"train.micro_batch_size={cfg.train.mini_batch_size}",
+            f"train.mini_batch_size={cfg.train.micro_batch_size}",
             "train.offload_optimizer=false",
         ]
-        structural.append(("optimizer steps in backward (no clipping, one micro-batch a step)", in_backward))
+        structural.append(("optimizer steps in backward (no clipping, a step per micro-batch)", in_backward))
     if cfg.model.lora.rank == 0:
         lora = [f"model.lora.rank={SUGGESTED_LORA_RANK}"]
         if device == "cuda":
