@@ -85,7 +85,15 @@ def test_memory_smoke(tmp_path: Path) -> None:
 
 def test_memory_smoke_every_row(tmp_path: Path) -> None:
     report = run_script("memory", "--preset", "smoke", tmp_path=tmp_path)
-    rows = ["flowrl", "grpo", "flowrl_lora", "flowrl_fsdp2", "trl_grpo", "trl_grpo_peft"]
+    rows = [
+        "flowrl",
+        "flowrl_in_backward",
+        "grpo",
+        "flowrl_lora",
+        "flowrl_fsdp2",
+        "trl_grpo",
+        "trl_grpo_peft",
+    ]
     _memory_rows_check(report, rows)
     assert len(report["rows"]["flowrl_fsdp2"]["processes"]) == 2  # one report per rank
     assert set(report["baselines_gb"]) == {"baseline", "trl_baseline"}

@@ -412,6 +412,31 @@ def test_offloaded_optimizer_leaves_the_gpu() -> None:
     assert drop == _component(plain, "optimizer states", "update")
 
 
+def test_optimizer_in_backward_holds_only_the_input_embeddings_gradient_at_the_step() -> None:
+    one_step = ["optim.max_grad_norm=0", "train.mini_batch_size=4"]  # the preset's micro-batch of 4
+    plain = _plan(PRESET_7B, QWEN7B, *one_step, gpus=1)
+    stepped = _plan(PRESET_7B, QWEN7B, *one_step, "train.optimizer_in_backward=true", gpus=1)
+    vocab, hidden = 152_064, 3_584  # Qwen2.5-7B: an untied output head, float32 weights
+    assert _component(stepped, "gradients", "optimizer step") == vocab * hidden * 4
+    all_grads = _component(plain, "gradients", "optimizer step")
+    drop = plain.phase_bytes()["optimizer step"] - stepped.phase_bytes()["optimizer step"]
+    assert drop == all_grads - vocab * hidden * 4 > 25 * P.GiB
+    assert plain.phase_bytes()["update"] == stepped.phase_bytes()["update"]  # one micro-batch: unchanged
+    assert stepped.setup["optimizer_in_backward"] and "stepped in backward" in stepped.summary()
+
+
+def test_one_gpu_full_fine_tuning_is_offered_the_steps_in_backward() -> None:
+    plan = _plan(PRESET_7B, QWEN7B, gpus=1, gpu_memory_gb=200, budget_gb=160)  # the preset: 181.7 GB
+    offered = next(s for s in plan.suggestions if s.change.startswith("optimizer steps in backward"))
+    assert {"train.optimizer_in_backward=true", "optim.max_grad_norm=0", "train.mini_batch_size=4"} <= set(
+        offered.overrides
+    )
+    replanned = _plan(PRESET_7B, QWEN7B, *offered.overrides, gpus=1)  # a config the trainer accepts
+    assert offered.fits and offered.peak_gb_per_device == round(replanned.peak_gb_per_device, 2) < 160
+    sharded = _plan(PRESET_7B, QWEN7B, gpus=8, gpu_memory_gb=200, budget_gb=160)  # one process only
+    assert not any(s.change.startswith("optimizer steps in backward") for s in sharded.suggestions)
+
+
 def test_group_log_z_has_no_head_and_always_the_old_log_prob_pass() -> None:
     head = _plan(PRESET_7B, QWEN7B, "train.mini_batch_size=4096", gpus=1)
     group = _plan(PRESET_7B, QWEN7B, "train.mini_batch_size=4096", "log_z.mode=group", gpus=1)
