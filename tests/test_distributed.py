@@ -259,6 +259,20 @@ def test_torchrun_reinforce_pp_failed_rewards_and_stop(
     assert_same_weights(run / "checkpoints" / "step_000002", tmp_path / "single/checkpoints/step_000002")
 
 
+@pytest.mark.slow  # torchrun: several processes
+def test_torchrun_refuses_optimizer_steps_in_backward(
+    model_dir: Path, data_file: Path, tmp_path: Path
+) -> None:
+    extra = {"train.optimizer_in_backward": "true", "optim.max_grad_norm": 0, "train.micro_batch_size": 4}
+    config = write_config(tmp_path / "dp.yaml", overrides(model_dir, data_file, tmp_path / "dp", **extra))
+    result = torchrun(config)
+    assert result.returncode != 0
+    assert "run it in one process" in result.stderr and "train.strategy=fsdp2" in result.stderr, (
+        result.stderr[-3000:]
+    )
+    assert not (tmp_path / "dp" / "checkpoints").exists()  # refused before any step
+
+
 def test_rollout_does_not_depend_on_how_prompts_are_split(
     model_dir: Path, data_file: Path, tmp_path: Path
 ) -> None:
