@@ -566,21 +566,22 @@ def _row_line(row: str, e: dict[str, Any], device: str) -> str:
 
 def _table(results: dict[str, Any], device: str) -> str:
     what = "peak RSS" if device == "cpu" else "max allocated"
+    w = max(map(len, [*results, "row"])) + 2  # the row names' column
     lines = [
-        f"{'row':<16}{what + ' GB':>16}{'B/param':>9}{'planned GB':>12}{'B/param':>9}{'error':>8}"
+        f"{'row':<{w}}{what + ' GB':>16}{'B/param':>9}{'planned GB':>12}{'B/param':>9}{'error':>8}"
         "  plan's peak phase"
     ]
     for row, e in results.items():
         if "error" in e:
-            lines.append(f"{row:<16}{'FAILED: ' + e['error'].splitlines()[0][:90]}")
+            lines.append(f"{row:<{w}}{'FAILED: ' + e['error'].splitlines()[0][:90]}")
         elif "relative_error" in e:
             lines.append(
-                f"{row:<16}{e['measured_gb']:>16.2f}{e['bytes_per_parameter']:>9.2f}{e['planned_gb']:>12.2f}"
+                f"{row:<{w}}{e['measured_gb']:>16.2f}{e['bytes_per_parameter']:>9.2f}{e['planned_gb']:>12.2f}"
                 f"{e['planned_bytes_per_parameter']:>9.2f}{e['relative_error']:>+8.1%}"
                 f"  {e['plan']['peak_phase']}"
             )
         else:
-            lines.append(f"{row:<16}{e['peak_rss_gb']:>16.2f}{'':>9}{'(process baseline)':>21}")
+            lines.append(f"{row:<{w}}{e['peak_rss_gb']:>16.2f}{'':>9}{'(process baseline)':>21}")
     return "\n".join(lines)
 
 
