@@ -437,6 +437,29 @@ def test_one_gpu_full_fine_tuning_is_offered_the_steps_in_backward() -> None:
     assert not any(s.change.startswith("optimizer steps in backward") for s in sharded.suggestions)
 
 
+def _documented_preset_rows() -> list[list[str]]:
+    text = (REPO / "docs" / "memory.md").read_text()
+    table = text.split("## The paper's presets", 1)[1].split("\n\n")[2]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+
+
+@pytest.mark.parametrize("row", _documented_preset_rows(), ids=lambda r: f"{r[0]} {r[1]} {r[2]}")
+def test_the_documented_preset_plans_are_the_plans(row: list[str]) -> None:
+    preset, changes, gpus, *phases, peak, fits = row
+    config, fixture = {
+        "Qwen2.5-7B math": (PRESET_7B, QWEN7B),
+        "R1-Distill-Qwen-7B code": (PRESET_CODE, R1_7B),
+        "Qwen2.5-32B math": (PRESET_32B, QWEN32B),
+    }[preset]
+    count, memory = gpus.removesuffix(" GB").split(" x ")
+    overrides = [c.strip("`") for c in changes.split() if c.startswith("`")]
+    plan = _plan(config, fixture, *overrides, gpus=int(count), gpu_memory_gb=float(memory))
+    planned = [v / P.GiB for v in plan.phase_bytes().values()]
+    assert [float(v) for v in phases] == pytest.approx(planned, abs=0.051)
+    assert float(peak.split("**")[1]) == pytest.approx(plan.peak_gb_per_device, abs=0.051)
+    assert f"({plan.peak_phase})" in peak and (fits == "yes") == plan.fits
+
+
 def test_group_log_z_has_no_head_and_always_the_old_log_prob_pass() -> None:
     head = _plan(PRESET_7B, QWEN7B, "train.mini_batch_size=4096", gpus=1)
     group = _plan(PRESET_7B, QWEN7B, "train.mini_batch_size=4096", "log_z.mode=group", gpus=1)
