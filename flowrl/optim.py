@@ -142,14 +142,13 @@ class StepInBackward:
         later = {id(p) for p in after_backward}
         self._norms: dict[int, Tensor] = {}
         self._armed = False
-        self._single: dict[int, tuple[torch.optim.Optimizer, dict[str, Any]]] = {}
+        self._single: dict[int, tuple[torch.optim.Optimizer, int]] = {}  # with its group's index
         self._handles = []
-        for group in optimizer.param_groups:
+        for index, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
                 if id(p) in later:
                     continue
-                single = type(optimizer)([{**group, "params": [p]}])
-                self._single[id(p)] = (single, group)
+                self._single[id(p)] = (type(optimizer)([{**group, "params": [p]}]), index)
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_gradient))
 
     @contextmanager
@@ -179,9 +178,12 @@ class StepInBackward:
                 "the first: set train.optimizer_in_backward=false for this model"
             )
         self._norms[id(p)] = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
-        single, group = self._single[id(p)]
+        single, index = self._single[id(p)]
+        # read now: the scheduler sets the group's learning rate, and load_state_dict replaces the
+        # optimizer's groups and state with new objects
+        group = self.optimizer.param_groups[index]
         single.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
-        single.state = self.optimizer.state  # read now: load_state_dict replaces the optimizer's dict
+        single.state = self.optimizer.state
         single.step()
         p.grad = None
 

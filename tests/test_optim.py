@@ -186,7 +186,9 @@ def test_trainer_in_backward_equals_the_plain_step(
 
 
 def test_resume_in_backward_equals_straight_run(model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    # a learning rate that changes every step (warm-up, then cosine), a head with its own
     common = {**IN_BACKWARD, "train.optimizer_in_backward": "true", "train.save_every": 2}
+    common |= {"optim.warmup_steps": 2, "optim.schedule": "cosine"}
 
     def run(out: Path, steps: int, resume: bool = False) -> None:
         items = overrides(model_dir, data_file, out, **common, **{"train.total_steps": steps})
