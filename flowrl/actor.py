@@ -219,16 +219,14 @@ class Actor:
             for mini in plan:
                 local = mini[(mini >= offset) & (mini < offset + num_local)] - offset
                 self.optimizer.zero_grad(set_to_none=True)
-                if self.stepper is not None:  # stepped in backward, parameter by parameter
-                    with self.stepper.backward():
-                        loss = self._accumulate(
-                            local, rollout, advantages, old_logprobs, ref_logprobs, keys, sums, log_z
-                        )
-                    grad_norm, head_norm = self.stepper.grad_norm(params), self.stepper.grad_norm(head_params)
-                else:
+                # with a stepper, each parameter is stepped in backward as its gradient completes
+                with self.stepper.backward() if self.stepper is not None else nullcontext():
                     loss = self._accumulate(
                         local, rollout, advantages, old_logprobs, ref_logprobs, keys, sums, log_z
                     )
+                if self.stepper is not None:
+                    grad_norm, head_norm = self.stepper.grad_norm(params), self.stepper.grad_norm(head_params)
+                else:
                     if not self.sharded:  # FSDP has reduce-scattered them already, in backward
                         dp.all_reduce_grads(params)
                     # before clipping: how hard the loss pulls on the head itself

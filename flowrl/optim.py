@@ -143,13 +143,12 @@ class StepInBackward:
         self._norms: dict[int, Tensor] = {}
         self._armed = False
         self._single: dict[int, tuple[torch.optim.Optimizer, int]] = {}  # with its group's index
-        self._handles = []
         for index, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
                 if id(p) in later:
                     continue
                 self._single[id(p)] = (type(optimizer)([{**group, "params": [p]}]), index)
-                self._handles.append(p.register_post_accumulate_grad_hook(self._on_gradient))
+                p.register_post_accumulate_grad_hook(self._on_gradient)
 
     @contextmanager
     def backward(self) -> Iterator[None]:
@@ -191,12 +190,6 @@ class StepInBackward:
         """The global L2 norm of the gradients of ``params`` stepped in the last backward: () float32."""
         norms = [self._norms[id(p)] for p in params if id(p) in self._norms]
         return torch.stack(norms).square().sum().sqrt() if norms else torch.zeros(())
-
-    def remove(self) -> None:
-        """Take the hooks off the parameters."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
 
 def lr_factor(warmup_steps: int, total_steps: int, schedule: str) -> Any:

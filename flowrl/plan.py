@@ -973,7 +973,7 @@ def _plan(
     if st.optimizer_in_backward:
         # each gradient is stepped and freed as soon as it is complete; the input embedding's rows
         # arrive after autograd's last gradient, so its gradient is the one held to the end of backward
-        grads_at_step = V * H * bw if head_trainable and not fsdp else 0
+        grads_at_step = V * H * bw if head_trainable else 0  # (never sharded: the config refuses fsdp2)
         add(
             "gradients",
             "stepped in backward: V*H*b_w",

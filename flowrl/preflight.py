@@ -180,6 +180,20 @@ def check_run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> 
     return Checked(rows, origin, reward_fn)
 
 
+def check_processes(cfg: Config, *, world_size: int) -> None:
+    """What the config cannot do over ``world_size`` processes (known only at launch).
+
+    Raises:
+        InputError: ``train.optimizer_in_backward`` under more than one process.
+    """
+    if cfg.train.optimizer_in_backward and world_size > 1:
+        raise InputError(
+            "train.optimizer_in_backward steps each parameter before the processes have summed its "
+            f"gradient: run it in one process, or over {world_size} use train.strategy=fsdp2 "
+            "(sharded gradients) with train.optimizer_in_backward=false"
+        )
+
+
 def check_memory(cfg: Config, *, world_size: int, device: Any, force: bool, report: Any = print) -> None:
     """Give ``report`` the run's memory plan on its device (:func:`flowrl.plan.plan_memory`).
 

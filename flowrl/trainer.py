@@ -112,12 +112,7 @@ class Trainer:
             f"flowrl train | {cfg.algorithm.name} | device {self.device}{processes} | run dir {self.run_dir}"
         )
         self._print(to_yaml(cfg))
-        if cfg.train.optimizer_in_backward and self.dp.world_size > 1:
-            raise preflight.InputError(
-                "train.optimizer_in_backward steps each parameter before the processes have summed its "
-                f"gradient: run it in one process, or over {self.dp.world_size} use train.strategy=fsdp2 "
-                "(sharded gradients) with train.optimizer_in_backward=false"
-            )
+        preflight.check_processes(cfg, world_size=self.dp.world_size)
         preflight.check_memory(
             cfg, world_size=self.dp.world_size, device=self.device, force=force, report=self._print
         )
