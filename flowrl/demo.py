@@ -71,6 +71,12 @@ def answer_distribution(model: Any, tokenizer: Any, total: int) -> dict[str, flo
     return dict(zip(answers, logprobs.exp().tolist(), strict=True))
 
 
+def well_formed_ids(tokenizer: Any) -> set[tuple[int, ...]]:
+    """Token ids of every well-formed response, EOS included: the set :func:`answer_distribution` covers."""
+    pairs = [("", synthetic.response_for(a)) for a in synthetic.candidate_answers()]
+    return {tuple(response) for _, response in encode_pairs(tokenizer, pairs)}
+
+
 def evaluate(model: Any, tokenizer: Any, ref: dict[int, dict[str, float]], *, seed: int) -> dict[str, float]:
     """Sampled and exact metrics of ``model`` on every demo prompt (``ref``: the reference's answers)."""
     torch.manual_seed(seed)
@@ -84,10 +90,9 @@ def evaluate(model: Any, tokenizer: Any, ref: dict[int, dict[str, float]], *, se
     examples = synthetic.rows()
     prompts = [tokenizer(e["prompt"][0]["content"], add_special_tokens=False)["input_ids"] for e in examples]
     batch = engine.generate(prompts, SamplingParams(n=EVAL_SAMPLES, temperature=1.0, max_new_tokens=8))
-    texts = tokenizer.batch_decode(
-        [r[m.bool()] for r, m in zip(batch.response_ids, batch.response_mask, strict=True)],
-        skip_special_tokens=True,
-    )
+    responses = [r[m.bool()] for r, m in zip(batch.response_ids, batch.response_mask, strict=True)]
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    well_formed = well_formed_ids(tokenizer)
     ks = [1, 4, 16]
     out: dict[str, list[float]] = {
         "accuracy": [],
@@ -95,6 +100,7 @@ def evaluate(model: Any, tokenizer: Any, ref: dict[int, dict[str, float]], *, se
         "mass_correct": [],
         "kl_to_target": [],
         "modes_covered": [],
+        "off_format": [],
         **{f"pass@{k}": [] for k in ks},
     }
     for i, example in enumerate(examples):
@@ -103,6 +109,11 @@ def evaluate(model: Any, tokenizer: Any, ref: dict[int, dict[str, float]], *, se
         correct = [safe_score(synthetic.reward, t, example).score > 0 for t in group]
         c = sum(correct)
         out["accuracy"].append(c / EVAL_SAMPLES)
+        # rewarded, yet outside the set the exact rows are computed over (e.g. `` \boxed{72}}}}`` cut at
+        # the token limit, no EOS): the sampled rows count these, the exact ones cannot
+        ids = responses[i * EVAL_SAMPLES : (i + 1) * EVAL_SAMPLES]
+        off = sum(ok and tuple(r.tolist()) not in well_formed for r, ok in zip(ids, correct, strict=True))
+        out["off_format"].append(off / EVAL_SAMPLES)
         for k in ks:
             out[f"pass@{k}"].append(pass_at_k(EVAL_SAMPLES, c, k))
         out["distinct_correct"].append(
@@ -129,7 +140,13 @@ ROWS = (
     ("modes_covered", "correct answers covered (exact, share)"),
     ("mass_correct", "mass on correct answers (exact)"),
     ("kl_to_target", "KL(target || policy) (exact)"),
+    ("off_format", "correct, not well-formed (sampled share)"),
 )
+EXACT_SET_NOTE = (
+    "exact: over the well-formed responses ' \\boxed{dd}<eos>'; a correct answer written otherwise is in "
+    "the sampled rows only"
+)
+"""Printed under the table: what the exact rows cannot see, and the row that counts it."""
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:

@@ -12,6 +12,7 @@ import torch
 from flowrl import commands, demo
 from flowrl.data import synthetic
 from flowrl.policy import load_model, load_tokenizer
+from flowrl.sft import sft
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,35 @@ def test_exact_metrics_match_enumeration(compare_run) -> None:
     masses = [sum(ref[s][a] for a in synthetic.correct_answers(s)) for s in synthetic.SUMS]
     assert start["modes_covered"] == pytest.approx(sum(m >= 0.25 for m in masses) / len(masses))
     assert report["results"]["sft (start)"]["kl_to_target"] == pytest.approx(start["kl_to_target"], rel=1e-4)
+
+
+def test_correct_answers_off_the_format_are_counted_not_hidden(compare_run) -> None:
+    """A policy taught to close its box twice: the reward takes its answers, the exact rows cannot see them
+    (they cover `` \\boxed{dd}<eos>`` only), and the table's off-format row counts them."""
+    out, report, stdout = compare_run
+    assert demo.EXACT_SET_NOTE in stdout and "correct, not well-formed (sampled share)" in stdout
+    for metrics in report["results"].values():
+        assert 0 <= metrics["off_format"] <= metrics["accuracy"]
+    sft_dir = out / "demo" / "sft_model"
+    tokenizer, model = load_tokenizer(str(sft_dir)), load_model(str(sft_dir))
+    ref = {s: demo.answer_distribution(model, tokenizer, s) for s in synthetic.SUMS}
+    pairs = [
+        (synthetic.prompt_for(s), synthetic.response_for(a) + "}")
+        for s in synthetic.SUMS
+        for a in synthetic.correct_answers(s)
+    ]
+    sft(model, tokenizer, pairs, steps=60, seed=0, progress=False)
+    got = demo.evaluate(model, tokenizer, ref, seed=0)
+    # the correct samples are in the taught form, which the reward accepts and the exact rows do not see
+    assert got["accuracy"] > 0.05 and got["off_format"] >= 0.9 * got["accuracy"]
+    assert got["mass_correct"] < 0.01
+    # well-formed: the answer, its closing brace, EOS, token for token
+    well_formed = demo.well_formed_ids(tokenizer)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert len(well_formed) == len(synthetic.candidate_answers())
+    assert (*encode(synthetic.response_for("34")), tokenizer.eos_token_id) in well_formed
+    assert tuple(encode(synthetic.response_for("34"))) not in well_formed  # cut before EOS
+    assert (*encode(synthetic.response_for("34") + "}"), tokenizer.eos_token_id) not in well_formed
 
 
 # --- the plot ---------------------------------------------------------------------------------------------

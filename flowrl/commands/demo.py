@@ -30,6 +30,7 @@ from flowrl.data import synthetic
 from flowrl.demo import (
     DEMO_STEPS,
     EVAL_SAMPLES,
+    EXACT_SET_NOTE,
     LOG_Z_RUNS,
     PLOT_SUM,
     RUNS,
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.steps} RL steps per method (wall time {elapsed:.0f}s)\n"
     )
     print(format_table(results))
+    print(EXACT_SET_NOTE)
     if args.compare:
         print(
             f"grpo@{int(matched['step'])}: the GRPO checkpoint closest to {flowrl_runs[0]}'s final accuracy "
