@@ -114,9 +114,10 @@ def test_correct_answers_off_the_format_are_counted_not_hidden(compare_run) -> N
     ]
     sft(model, tokenizer, pairs, steps=60, seed=0, progress=False)
     got = demo.evaluate(model, tokenizer, ref, seed=0)
-    # the correct samples are in the taught form, which the reward accepts and the exact rows do not see
-    assert got["accuracy"] > 0.05 and got["off_format"] >= 0.9 * got["accuracy"]
+    # the taught form: the reward accepts it, the exact rows do not see it (their mass on correct answers
+    # is that of the well-formed ones, about 0.1 of the 320 samples here), the new row counts it
     assert got["mass_correct"] < 0.01
+    assert 0 < got["off_format"] <= got["accuracy"] <= got["off_format"] + 0.02
     # well-formed: the answer, its closing brace, EOS, token for token
     well_formed = demo.well_formed_ids(tokenizer)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
