@@ -146,7 +146,8 @@ EXACT_SET_NOTE = (
     "exact: over the well-formed responses ' \\boxed{dd}<eos>'; a correct answer written otherwise is in "
     "the sampled rows only"
 )
-"""Printed under the table: what the exact rows cannot see, and the row that counts it."""
+"""Printed under the table: the responses the exact rows are computed over (the last row counts the
+correct ones outside them)."""
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:

@@ -176,7 +176,8 @@ def assert_same_weights(got: Path, expected: Path) -> None:
     a, b = weights(got), weights(expected)
     assert a.keys() == b.keys() and a
     kept = list_checkpoints(expected.parent)
-    before = weights(kept[kept.index(expected) - 1]) if kept.index(expected) > 0 else {}
+    at = kept.index(expected)
+    before = weights(kept[at - 1]) if at > 0 else {}
     for key in a:
         moved = (b[key] - before[key]).abs().max().item() if key in before else 0.0
         torch.testing.assert_close(a[key], b[key], atol=1e-4 + 1e-2 * moved, rtol=1e-4, msg=key)
